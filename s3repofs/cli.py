@@ -1,0 +1,278 @@
+"""The ``s3repofs`` command: one subcommand per operator task, each with ``--help``.
+
+Errors print one line, ``s3repofs: <what went wrong>: <why>``, and exit with the error's status
+(2 for bad configuration or arguments); never a traceback unless ``--debug`` asks for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .errors import NotFoundError, RepoError
+from .repo import RepoFile, S3Repo
+
+log = logging.getLogger("s3repofs")
+
+STATE_CHOICES = ("unpublished", "published", "expired", "all")
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s3repofs",
+        description="A distributed file repository on S3 and SQL, with a publish/expire lifecycle.",
+        epilog="Configuration: --config FILE, else $S3REPO_CONFIG or $S3CACHE_CONFIG, else the embedded "
+               "default repository under $XDG_DATA_HOME/s3repofs (~/.local/share/s3repofs).")
+    parser.add_argument("--version", action="version", version=f"s3repofs {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="configuration file (JSON)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log what is done to stderr")
+    common.add_argument("--debug", action="store_true", help="log debugging detail, tracebacks included")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help, description=help)
+
+    add("init", "Create the repository's schema and directories (idempotent).")
+    add("status", "Show the configuration in use, the database, the store and counts of versions.")
+
+    p = add("add", "Add a local file as a new version of REPO_PATH (unpublished unless --publish).")
+    p.add_argument("local_file", metavar="LOCAL_FILE")
+    p.add_argument("repo_path", metavar="REPO_PATH", help="<type>/<dirs>/<name>; ending in / appends the file's name")
+    p.add_argument("--publish", action="store_true", help="publish it once uploaded and verified")
+
+    p = add("publish", "Publish the newest unpublished (else expired) version of each PATH.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--version", dest="version_id", type=int, metavar="ID",
+                   help="publish this version id (with a single PATH)")
+
+    p = add("expire", "Expire the published version of each PATH.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+
+    p = add("ls", "List versions under PREFIX (a type, a directory or a path).")
+    p.add_argument("prefix", nargs="?", default="", metavar="PREFIX")
+    p.add_argument("--state", choices=STATE_CHOICES, default="published", help="which versions (default: published)")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = add("cat", "Write the published version of PATH to standard output.")
+    p.add_argument("path", metavar="PATH")
+
+    p = add("get", "Copy the published version of PATH to the local file DEST.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("dest", metavar="DEST")
+
+    p = add("info", "Show every version of PATH and its metadata.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.debug)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except RepoError as exc:
+        log.debug("failed", exc_info=True)
+        print(f"s3repofs: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("s3repofs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug: say so in one line; --debug shows the traceback
+        log.debug("unexpected error", exc_info=True)
+        print(f"s3repofs: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+              file=sys.stderr)
+        return 70
+
+
+def configure_logging(verbose: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="s3repofs: %(levelname)s: %(message)s", stream=sys.stderr)
+    if not debug:  # boto's own debug chatter is not for operators
+        for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def open_repo(args: argparse.Namespace) -> S3Repo:
+    repo = S3Repo(args.config)
+    if args.command != "init":
+        repo.ensure_ready()
+    return repo
+
+
+@command("init")
+def cmd_init(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        repo.create_repository()
+        print(f"repository ready: {repo.db.describe()}; objects in {repo.store.describe_location()}; "
+              f"local root {repo.config.local_root}")
+    return 0
+
+
+@command("status")
+def cmd_status(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        counts = repo.meta.counts()
+        print(f"config:     {repo.config.source}")
+        print(f"database:   {repo.db.describe()} (schema version {repo.meta.schema_version()})")
+        print(f"objects:    {repo.store.describe_location()}")
+        print(f"local root: {repo.config.local_root}")
+        print(f"cache:      {repo.cache.count()} objects, {human(repo.cache.used_bytes())} "
+              f"of {human(repo.config.cache_max_bytes)}")
+        print("versions:   " + ", ".join(f"{counts.get(s, 0)} {s}" for s in
+                                         ("published", "unpublished", "expired", "discarded", "purged")))
+        print("hosts:      " + ", ".join(h["name"] for h in repo.meta.hosts()))
+    return 0
+
+
+@command("add")
+def cmd_add(args: argparse.Namespace) -> int:
+    source = Path(args.local_file)
+    if not source.is_file():
+        raise NotFoundError(f"{source}: no such local file")
+    repo_path = args.repo_path + source.name if args.repo_path.endswith("/") else args.repo_path
+    with open_repo(args) as repo:
+        rf = repo.add_file(path=repo_path, mode=source.stat().st_mode & 0o777)
+        try:
+            with open(source, "rb") as src, rf.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+        except OSError as exc:
+            raise RepoError(f"cannot read {source}: {exc.strerror or exc}") from None
+        rf.upload()
+        if args.publish:
+            rf.publish()
+        print(f"{rf.state} {rf.path} (version {rf.id}, {rf.file_size} bytes, md5 {rf.md5})")
+    return 0
+
+
+@command("publish")
+def cmd_publish(args: argparse.Namespace) -> int:
+    if args.version_id is not None and len(args.paths) != 1:
+        raise RepoError("--version takes a single PATH")
+    with open_repo(args) as repo:
+        for path in args.paths:
+            if args.version_id is not None:
+                rf = repo.get_version(args.version_id)
+                if rf.path != path.strip("/"):
+                    raise NotFoundError(f"{path}: version {args.version_id} is a version of {rf.path}")
+            else:
+                rf = repo.get_file(path, "unpublished") or repo.get_file(path, "expired")
+                if rf is None:
+                    current = repo.get_file(path)
+                    raise NotFoundError(f"{path}: already published (version {current.id})" if current
+                                        else f"{path}: no unpublished or expired version")
+            rf.publish()
+            print(f"published {rf.path} (version {rf.id})")
+    return 0
+
+
+@command("expire")
+def cmd_expire(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        for path in args.paths:
+            rf = repo.require_file(path).expire()
+            print(f"expired {rf.path} (version {rf.id})")
+    return 0
+
+
+@command("ls")
+def cmd_ls(args: argparse.Namespace) -> int:
+    states = ("unpublished", "published", "expired") if args.state == "all" else (args.state,)
+    with open_repo(args) as repo:
+        files = repo.list_files(args.prefix, states)
+        if args.json:
+            print(json.dumps([f.as_dict() for f in files], indent=2))
+            return 0
+        for f in files:
+            print(f"{f.state:<11} {f.id:>8} {human(f.file_size):>9} {timestamp(f.published_at or f.created_at)}  {f.path}")
+    return 0
+
+
+@command("cat")
+def cmd_cat(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo, repo.require_file(args.path).open("rb") as src:
+        shutil.copyfileobj(src, sys.stdout.buffer, 1024 * 1024)
+        sys.stdout.flush()
+    return 0
+
+
+@command("get")
+def cmd_get(args: argparse.Namespace) -> int:
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / args.path.rstrip("/").rpartition("/")[2]
+    with open_repo(args) as repo:
+        rf = repo.require_file(args.path)
+        tmp = dest.parent / f".{dest.name}.s3repofs-{os.getpid()}"
+        try:
+            with rf.open("rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            raise RepoError(f"cannot write {dest}: {exc.strerror or exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(f"{rf.path} (version {rf.id}, {rf.file_size} bytes) -> {dest}")
+    return 0
+
+
+@command("info")
+def cmd_info(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        from .paths import RepoPath
+
+        versions = [RepoFile(repo, v) for v in repo.meta.history(RepoPath.parse(args.path.strip("/")))]
+        if not versions:
+            raise NotFoundError(f"{args.path}: no such file in the repository")
+        records = [{**f.as_dict(), "tags": f.tags} for f in versions]
+        if args.json:
+            print(json.dumps(records, indent=2))
+            return 0
+        for record in records:
+            print(f"version {record['version']}:")
+            for key, value in record.items():
+                if key.endswith("_at"):
+                    value = timestamp(value)
+                print(f"  {key:<12} {value}")
+    return 0
+
+
+def human(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(size)
+
+
+def timestamp(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

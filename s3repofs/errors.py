@@ -1,0 +1,98 @@
+"""One hierarchy of errors, each knowing its errno (for the mount) and exit status (for the CLI).
+
+Callers catch ``RepoError``; the CLI prints ``s3repofs: <message>`` and exits with
+``exit_status``; the FUSE layer logs the message and returns ``errno``. Messages never contain
+secrets (keys, passwords): build them from names and paths only.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class RepoError(Exception):
+    """Base of every error the repository reports on purpose."""
+
+    errno: int = _errno.EIO
+    exit_status: int = 1
+
+
+class ConfigError(RepoError):
+    """The configuration is missing, unreadable or invalid (names the key and the file)."""
+
+    errno = _errno.EINVAL
+    exit_status = 2
+
+
+class InvalidPathError(RepoError):
+    """A repository path or name is not acceptable (escape attempt, empty, NUL, too long...)."""
+
+    errno = _errno.EINVAL
+    exit_status = 2
+
+
+class NameTooLongError(InvalidPathError):
+    errno = _errno.ENAMETOOLONG
+
+
+class NotFoundError(RepoError):
+    """No such file, version or directory."""
+
+    errno = _errno.ENOENT
+    exit_status = 3
+
+
+class AlreadyExistsError(RepoError):
+    errno = _errno.EEXIST
+    exit_status = 1
+
+
+class LifecycleError(RepoError):
+    """The operation is not allowed in the version's current state (e.g. publishing a discarded one)."""
+
+    errno = _errno.EPERM
+    exit_status = 4
+
+
+class ReadOnlyError(LifecycleError):
+    """Writes to something immutable (an expired version, a published version's bytes)."""
+
+    errno = _errno.EROFS
+
+
+class NotEmptyError(RepoError):
+    errno = _errno.ENOTEMPTY
+
+
+class UnavailableError(RepoError):
+    """A server (S3 or database) could not be reached or refused us; the cause is in the message."""
+
+    errno = _errno.EIO
+    exit_status = 5
+
+
+class StoreUnavailableError(UnavailableError):
+    pass
+
+
+class DatabaseUnavailableError(UnavailableError):
+    pass
+
+
+class VerificationError(RepoError):
+    """Bytes did not match the recorded size or md5: nothing was published or cached."""
+
+    errno = _errno.EIO
+    exit_status = 6
+
+
+class ObjectMissingError(VerificationError):
+    """The version's object is not in the store (fsck would report it missing)."""
+
+
+class ArchivedError(RepoError):
+    """The version is in Glacier-class storage; it must be restored (thawed) before reading."""
+
+    # EAGAIN tells a reader "not now, retry later": a restore request takes hours.
+    errno = _errno.EAGAIN
+    exit_status = 7

@@ -1,0 +1,438 @@
+"""The metadata store: the one place that knows the schema, its migrations and its queries.
+
+Every method is one transaction (``Database.run``). Lock order, to stay deadlock-free: a path's
+``path_locks`` row first, then the ``versions`` rows of that path. Publishing is atomic: lock the
+path, expire its published version, publish the new one, commit; the partial unique index
+``one_published_per_path`` makes "at most one published version per path" a fact of the database,
+not of this code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import Callable, Iterable
+
+from .db import Database, Tx
+from .errors import LifecycleError, NotFoundError, RepoError
+from .paths import DirPath, RepoPath
+
+SCHEMA_VERSION = 1
+
+STATES = ("unpublished", "published", "expired", "discarded", "purged")
+VISIBLE_STATES = ("unpublished", "published", "expired")
+
+# Each migration takes the schema from version N-1 to N. Never edit one that has shipped: add the next.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE hosts (
+            name       TEXT PRIMARY KEY,
+            first_seen {real} NOT NULL,
+            last_seen  {real} NOT NULL
+        )""",
+        """CREATE TABLE versions (
+            id           {id},
+            file_type    TEXT NOT NULL,
+            dir          TEXT NOT NULL,
+            name         TEXT NOT NULL,
+            state        TEXT NOT NULL CHECK (state IN
+                           ('unpublished', 'published', 'expired', 'discarded', 'purged')),
+            storage      TEXT NOT NULL CHECK (storage IN ('local', 'uploaded', 'missing')),
+            tier         TEXT NOT NULL DEFAULT 'fresh' CHECK (tier IN ('fresh', 'archived')),
+            bucket       TEXT NOT NULL,
+            s3_key       TEXT NOT NULL UNIQUE,
+            size         {bigint},
+            md5          TEXT,
+            origin_host  TEXT NOT NULL,
+            mode         INTEGER NOT NULL,
+            uid          INTEGER NOT NULL,
+            gid          INTEGER NOT NULL,
+            created_at   {real} NOT NULL,
+            uploaded_at  {real},
+            published_at {real},
+            expired_at   {real},
+            archived_at  {real},
+            purged_at    {real}
+        )""",
+        # The database, not the code, guarantees one published version per path.
+        """CREATE UNIQUE INDEX one_published_per_path ON versions (file_type, dir, name)
+            WHERE state = 'published'""",
+        # Listing a directory in one state is an equality lookup on this index.
+        "CREATE INDEX versions_by_dir ON versions (file_type, dir, state, name)",
+        "CREATE INDEX versions_by_state ON versions (state, created_at)",
+        """CREATE TABLE tags (
+            version_id {bigint} NOT NULL REFERENCES versions (id) ON DELETE CASCADE,
+            key        TEXT NOT NULL,
+            value      TEXT NOT NULL,
+            PRIMARY KEY (version_id, key)
+        )""",
+        # Directories: every ancestor of every version (implicit) and those made by mkdir (explicit).
+        # A type's top directory has dir = '' and parent NULL.
+        """CREATE TABLE directories (
+            file_type  TEXT NOT NULL,
+            dir        TEXT NOT NULL,
+            parent     TEXT,
+            explicit   INTEGER NOT NULL DEFAULT 0,
+            mode       INTEGER NOT NULL DEFAULT 493,
+            uid        INTEGER NOT NULL DEFAULT 0,
+            gid        INTEGER NOT NULL DEFAULT 0,
+            created_at {real} NOT NULL,
+            PRIMARY KEY (file_type, dir)
+        )""",
+        "CREATE INDEX directories_by_parent ON directories (parent, file_type)",
+        # One row per path that was ever published: publishers serialize on it (SELECT ... FOR UPDATE).
+        """CREATE TABLE path_locks (
+            file_type TEXT NOT NULL,
+            dir       TEXT NOT NULL,
+            name      TEXT NOT NULL,
+            PRIMARY KEY (file_type, dir, name)
+        )""",
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Version:
+    """One row of ``versions``: an immutable file version and its lifecycle facts."""
+
+    id: int
+    file_type: str
+    dir: str
+    name: str
+    state: str
+    storage: str
+    tier: str
+    bucket: str
+    s3_key: str
+    size: int | None
+    md5: str | None
+    origin_host: str
+    mode: int
+    uid: int
+    gid: int
+    created_at: float
+    uploaded_at: float | None
+    published_at: float | None
+    expired_at: float | None
+    archived_at: float | None
+    purged_at: float | None
+
+    @property
+    def path(self) -> RepoPath:
+        return RepoPath(self.file_type, self.dir, self.name)
+
+
+@dataclass(frozen=True)
+class Directory:
+    file_type: str
+    dir: str
+    explicit: bool
+    mode: int
+    uid: int
+    gid: int
+    created_at: float
+
+    @property
+    def name(self) -> str:
+        return (self.dir.rpartition("/")[2] if self.dir else self.file_type)
+
+
+_VERSION_COLUMNS = ", ".join(f.name for f in fields(Version))
+_DIR_COLUMNS = ", ".join(f.name for f in fields(Directory))
+
+
+def _version(row: dict | None) -> Version | None:
+    return Version(**row) if row else None
+
+
+def _directory(row: dict) -> Directory:
+    return Directory(**{**row, "explicit": bool(row["explicit"])})
+
+
+class MetaStore:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def create_schema(self) -> int:
+        """Create or migrate the schema to SCHEMA_VERSION; idempotent and safe to run concurrently."""
+
+        def migrate(tx: Tx) -> int:
+            if tx.kind == "postgresql":
+                tx.execute("SELECT pg_advisory_xact_lock(7303521)")  # one migrator at a time
+            tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            current = tx.scalar("SELECT MAX(version) FROM schema_version") or 0
+            if current > SCHEMA_VERSION:
+                raise RepoError(
+                    f"the database schema is version {current}, newer than this s3repofs "
+                    f"understands ({SCHEMA_VERSION}): upgrade s3repofs"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version]:
+                    tx.execute(self.db.dialect.ddl(statement))
+                tx.execute("DELETE FROM schema_version")
+                tx.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            return SCHEMA_VERSION
+
+        return self.db.run(migrate)
+
+    def schema_version(self) -> int:
+        """The schema version of the database, 0 if the repository was never created."""
+
+        def read(tx: Tx) -> int:
+            if tx.kind == "postgresql":
+                exists = tx.scalar("SELECT to_regclass('schema_version') IS NOT NULL")
+            else:
+                exists = tx.scalar("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'")
+            return (tx.scalar("SELECT MAX(version) FROM schema_version") or 0) if exists else 0
+
+        return self.db.run(read, write=False)
+
+    # -- hosts ----------------------------------------------------------------------------------
+
+    def register_host(self, name: str) -> None:
+        now = self.clock()
+        self.db.run(lambda tx: tx.execute(
+            """INSERT INTO hosts (name, first_seen, last_seen) VALUES (?, ?, ?)
+               ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen""",
+            (name, now, now),
+        ))
+
+    def hosts(self) -> list[dict]:
+        return self.db.run(lambda tx: tx.all("SELECT name, first_seen, last_seen FROM hosts ORDER BY name"),
+                           write=False)
+
+    # -- versions -------------------------------------------------------------------------------
+
+    def insert_version(self, path: RepoPath, *, bucket: str, s3_key: str, origin_host: str,
+                       mode: int, uid: int, gid: int) -> Version:
+        """Write the intent row of a new unpublished version, before any byte of it is uploaded."""
+        now = self.clock()
+
+        def insert(tx: Tx) -> Version:
+            self._ensure_dirs(tx, path.parent, now)
+            row = tx.one(
+                f"""INSERT INTO versions (file_type, dir, name, state, storage, bucket, s3_key,
+                        origin_host, mode, uid, gid, created_at)
+                    VALUES (?, ?, ?, 'unpublished', 'local', ?, ?, ?, ?, ?, ?, ?)
+                    RETURNING {_VERSION_COLUMNS}""",
+                (path.file_type, path.dir, path.name, bucket, s3_key, origin_host, mode, uid, gid, now),
+            )
+            return Version(**row)
+
+        return self.db.run(insert)
+
+    def get(self, version_id: int) -> Version:
+        row = self.db.run(lambda tx: tx.one(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE id = ?",
+                                            (version_id,)), write=False)
+        if row is None:
+            raise NotFoundError(f"no version {version_id}")
+        return Version(**row)
+
+    def find(self, path: RepoPath, state: str = "published") -> Version | None:
+        """The newest version of ``path`` in ``state`` (the only one, for published)."""
+        return self.db.run(lambda tx: _version(tx.one(
+            f"""SELECT {_VERSION_COLUMNS} FROM versions
+                WHERE file_type = ? AND dir = ? AND name = ? AND state = ?
+                ORDER BY id DESC LIMIT 1""",
+            (path.file_type, path.dir, path.name, state),
+        )), write=False)
+
+    def history(self, path: RepoPath) -> list[Version]:
+        rows = self.db.run(lambda tx: tx.all(
+            f"""SELECT {_VERSION_COLUMNS} FROM versions
+                WHERE file_type = ? AND dir = ? AND name = ? ORDER BY id""",
+            (path.file_type, path.dir, path.name),
+        ), write=False)
+        return [Version(**r) for r in rows]
+
+    def set_content(self, version_id: int, size: int, md5: str) -> Version:
+        """Record a staged version's size and md5 (known before upload, so its object can describe itself)."""
+
+        def update(tx: Tx) -> Version:
+            version = self._lock_version(tx, version_id)
+            if version.storage != "local" or version.state not in ("unpublished",):
+                raise LifecycleError(f"{version.path}: version {version_id} is {version.state} "
+                                     f"and {version.storage}; its content is immutable")
+            tx.execute("UPDATE versions SET size = ?, md5 = ? WHERE id = ?", (size, md5, version_id))
+            return self._lock_version(tx, version_id)
+
+        return self.db.run(update)
+
+    def mark_uploaded(self, version_id: int) -> Version:
+        now = self.clock()
+
+        def update(tx: Tx) -> Version:
+            version = self._lock_version(tx, version_id)
+            if version.md5 is None or version.size is None:
+                raise LifecycleError(f"{version.path}: version {version_id} has no recorded size and md5")
+            tx.execute("UPDATE versions SET storage = 'uploaded', uploaded_at = ? WHERE id = ?",
+                       (now, version_id))
+            return self._lock_version(tx, version_id)
+
+        return self.db.run(update)
+
+    def publish(self, version_id: int, path: RepoPath | None = None) -> tuple[Version, Version | None]:
+        """Publish a verified version (optionally at a new path), expiring the path's current one.
+
+        Returns ``(published, expired_or_None)``. Raises LifecycleError if the version is not
+        uploaded and verified, or was discarded or purged. Concurrent publishers of one path are
+        serialized on the path's lock row, so exactly one version ends published.
+        """
+        now = self.clock()
+
+        def run(tx: Tx) -> tuple[Version, Version | None]:
+            unlocked = tx.one(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE id = ?", (version_id,))
+            if unlocked is None:
+                raise NotFoundError(f"no version {version_id}")
+            target = path or Version(**unlocked).path
+            self._lock_path(tx, target)  # lock order: the path first, then its versions
+            version = self._lock_version(tx, version_id)  # re-read under the path lock
+            if version.state not in ("unpublished", "expired", "published"):
+                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; it cannot be published")
+            if version.storage != "uploaded":
+                raise LifecycleError(f"{version.path}: version {version_id} is not uploaded and verified; "
+                                     "it cannot be published")
+            if version.state == "published" and target == version.path:
+                return version, None
+            current = self._published(tx, target)
+            if current is not None:
+                tx.execute("UPDATE versions SET state = 'expired', expired_at = ? WHERE id = ?", (now, current.id))
+            if target != version.path:
+                self._ensure_dirs(tx, target.parent, now)
+            tx.execute(
+                """UPDATE versions SET state = 'published', published_at = ?, expired_at = NULL,
+                       file_type = ?, dir = ?, name = ? WHERE id = ?""",
+                (now, target.file_type, target.dir, target.name, version_id),
+            )
+            expired = self._lock_version(tx, current.id) if current is not None else None
+            return self._lock_version(tx, version_id), expired
+
+        return self.db.run(run)
+
+    def expire(self, version_id: int) -> Version:
+        now = self.clock()
+
+        def run(tx: Tx) -> Version:
+            version = self._lock_version(tx, version_id)
+            if version.state != "published":
+                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; only a published "
+                                     "version can be expired")
+            tx.execute("UPDATE versions SET state = 'expired', expired_at = ? WHERE id = ?", (now, version_id))
+            return self._lock_version(tx, version_id)
+
+        return self.db.run(run)
+
+    def list_dir(self, directory: DirPath, state: str) -> list[Version]:
+        """The versions visible in one directory of one state's tree (newest per name), by name."""
+        if state == "published":
+            sql = f"""SELECT {_VERSION_COLUMNS} FROM versions
+                      WHERE file_type = ? AND dir = ? AND state = 'published' ORDER BY name"""
+            params: tuple = (directory.file_type, directory.dir)
+        else:
+            sql = f"""SELECT {_VERSION_COLUMNS} FROM versions WHERE id IN (
+                          SELECT MAX(id) FROM versions WHERE file_type = ? AND dir = ? AND state = ?
+                          GROUP BY name)
+                      ORDER BY name"""
+            params = (directory.file_type, directory.dir, state)
+        return [Version(**r) for r in self.db.run(lambda tx: tx.all(sql, params), write=False)]
+
+    def search(self, file_type: str | None = None, dir_prefix: str | None = None,
+               states: Iterable[str] = VISIBLE_STATES, limit: int | None = None) -> list[Version]:
+        """Versions under a type and directory prefix, for reports (ls, gc, fsck); ordered by path and id."""
+        states = tuple(states)
+        clauses = [f"state IN ({', '.join('?' * len(states))})"]
+        params: list = list(states)
+        if file_type is not None:
+            clauses.append("file_type = ?")
+            params.append(file_type)
+        if dir_prefix:
+            # substr, not LIKE: no wildcard escaping, and no dependence on the database's collation
+            clauses.append("(dir = ? OR substr(dir, 1, ?) = ?)")
+            params += [dir_prefix, len(dir_prefix) + 1, dir_prefix + "/"]
+        sql = (f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {' AND '.join(clauses)} "
+               "ORDER BY file_type, dir, name, id")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [Version(**r) for r in self.db.run(lambda tx: tx.all(sql, params), write=False)]
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.run(lambda tx: tx.all("SELECT state, COUNT(*) AS n FROM versions GROUP BY state"),
+                           write=False)
+        return {r["state"]: r["n"] for r in rows}
+
+    # -- tags -----------------------------------------------------------------------------------
+
+    def set_tag(self, version_id: int, key: str, value: str) -> None:
+        self.db.run(lambda tx: tx.execute(
+            """INSERT INTO tags (version_id, key, value) VALUES (?, ?, ?)
+               ON CONFLICT (version_id, key) DO UPDATE SET value = excluded.value""",
+            (version_id, key, value),
+        ))
+
+    def tags(self, version_id: int) -> dict[str, str]:
+        rows = self.db.run(lambda tx: tx.all("SELECT key, value FROM tags WHERE version_id = ? ORDER BY key",
+                                             (version_id,)), write=False)
+        return {r["key"]: r["value"] for r in rows}
+
+    # -- directories ----------------------------------------------------------------------------
+
+    def list_types(self) -> list[Directory]:
+        rows = self.db.run(lambda tx: tx.all(
+            f"SELECT {_DIR_COLUMNS} FROM directories WHERE parent IS NULL ORDER BY file_type"), write=False)
+        return [_directory(r) for r in rows]
+
+    def list_subdirs(self, directory: DirPath) -> list[Directory]:
+        rows = self.db.run(lambda tx: tx.all(
+            f"SELECT {_DIR_COLUMNS} FROM directories WHERE parent = ? AND file_type = ? ORDER BY dir",
+            (directory.dir, directory.file_type)), write=False)
+        return [_directory(r) for r in rows]
+
+    def get_dir(self, directory: DirPath) -> Directory | None:
+        row = self.db.run(lambda tx: tx.one(
+            f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
+            (directory.file_type, directory.dir)), write=False)
+        return _directory(row) if row else None
+
+    def make_dir(self, directory: DirPath, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Directory:
+        now = self.clock()
+
+        def run(tx: Tx) -> Directory:
+            self._ensure_dirs(tx, directory, now)
+            tx.execute("UPDATE directories SET explicit = 1, mode = ?, uid = ?, gid = ? WHERE file_type = ? AND dir = ?",
+                       (mode, uid, gid, directory.file_type, directory.dir))
+            return _directory(tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
+                                     (directory.file_type, directory.dir)))
+
+        return self.db.run(run)
+
+    # -- helpers (inside a transaction) ---------------------------------------------------------
+
+    def _ensure_dirs(self, tx: Tx, directory: DirPath, now: float) -> None:
+        tx.executemany(
+            """INSERT INTO directories (file_type, dir, parent, created_at) VALUES (?, ?, ?, ?)
+               ON CONFLICT (file_type, dir) DO NOTHING""",
+            [(d.file_type, d.dir, d.parent_dir, now) for d in directory.ancestors()],
+        )
+
+    def _lock_path(self, tx: Tx, path: RepoPath) -> None:
+        key = (path.file_type, path.dir, path.name)
+        tx.execute("INSERT INTO path_locks (file_type, dir, name) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", key)
+        tx.execute("SELECT 1 FROM path_locks WHERE file_type = ? AND dir = ? AND name = ?"
+                   + self.db.dialect.for_update, key)
+
+    def _lock_version(self, tx: Tx, version_id: int) -> Version:
+        row = tx.one(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE id = ?" + self.db.dialect.for_update,
+                     (version_id,))
+        if row is None:
+            raise NotFoundError(f"no version {version_id}")
+        return Version(**row)
+
+    def _published(self, tx: Tx, path: RepoPath) -> Version | None:
+        return _version(tx.one(
+            f"""SELECT {_VERSION_COLUMNS} FROM versions
+                WHERE file_type = ? AND dir = ? AND name = ? AND state = 'published'""" + self.db.dialect.for_update,
+            (path.file_type, path.dir, path.name),
+        ))

@@ -1,0 +1,305 @@
+"""The repository: lifecycle of file versions over metadata (meta), objects (store) and the local cache.
+
+This is the domain API, with the names of the original S3Repo::
+
+    repo = S3Repo()                                # config from $S3REPO_CONFIG, or the embedded default
+    rf = repo.add_file(path="story_data/2026/11/a.json")
+    rf.touch("contents")
+    rf.publish()                                   # upload + verify, then publish atomically
+    cur = repo.get_file("story_data/2026/11/a.json")
+
+Every operation commits as it completes: a version whose ``publish()`` returned is durable and
+visible to every host. Order of a publish: the intent row exists (``add_file``), the bytes are
+staged locally, their size and md5 are recorded, the object is uploaded and verified, the row is
+marked uploaded, and only then is the version published in one transaction.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import IO, BinaryIO, Callable, Mapping
+
+from .cache import LocalCache
+from .config import EMBEDDED, Config, load_config
+from .db import Database
+from .errors import LifecycleError, NotFoundError, ReadOnlyError, RepoError
+from .meta import VISIBLE_STATES, MetaStore, Version
+from .paths import DirPath, RepoPath, validate_type
+from .store import ObjectStore, S3Store, describe, file_md5, open_store
+
+log = logging.getLogger(__name__)
+
+
+class RepoNotInitializedError(RepoError):
+    exit_status = 3
+
+
+class S3Repo:
+    """A repository: one database, one object store, this host's cache.
+
+    ``config`` is a path to the JSON file, a dict of its keys, a Config, or None (environment,
+    then the embedded default). Thread-safe: one S3Repo may serve many threads.
+    """
+
+    def __init__(self, config: str | os.PathLike | Mapping | Config | None = None, *,
+                 host_name: str | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.host = host_name or self.config.host_name or socket.gethostname()
+        self.db = Database(self.config.database_url)
+        self.meta = MetaStore(self.db, clock)
+        self.store: ObjectStore = open_store(self.config)
+        self.cache = LocalCache(self.config.local_root, self.config.cache_max_bytes)
+        self._checked = False
+
+    # -- repository -----------------------------------------------------------------------------
+
+    def create_repository(self) -> None:
+        """Create (or migrate) the schema and the local directories; idempotent."""
+        self.config.local_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if isinstance(self.store, S3Store):
+            self.store.check_access()
+        self.meta.create_schema()
+        self.meta.register_host(self.host)
+        self.cache.prepare()
+        self._checked = True
+        log.info("repository ready: %s, %s", self.db.describe(), self.store.describe_location())
+
+    def ensure_ready(self) -> None:
+        """Fail with a clear message unless the repository exists (the embedded default creates itself)."""
+        if self._checked:
+            return
+        if self.config.source == EMBEDDED:
+            self.create_repository()
+            return
+        version = self.meta.schema_version()
+        if version == 0:
+            raise RepoNotInitializedError(f"no repository in {self.db.describe()}: run `s3repofs init` first")
+        self.cache.prepare()
+        self._checked = True
+
+    def commit(self) -> None:
+        """Kept for the original S3Repo's callers: every operation already commits when it returns."""
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "S3Repo":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def add_file(self, path: str | None = None, file_type: str | None = None, *, mode: int = 0o644,
+                 uid: int | None = None, gid: int | None = None) -> "RepoFile":
+        """A new, empty, unpublished version at ``path`` (or a generated name under ``file_type``)."""
+        self.ensure_ready()
+        if path is None:
+            if file_type is None:
+                raise RepoError("add_file needs a path or a file_type")
+            validate_type(file_type)
+            path = f"{file_type}/{uuid.uuid4().hex}"
+        repo_path = RepoPath.parse(path)
+        if file_type is not None and file_type != repo_path.file_type:
+            raise RepoError(f"path {path!r} is not under file type {file_type!r}")
+        key = f"{repo_path.file_type}/{uuid.uuid4().hex}"
+        staged = self.cache.staging_path(key)
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        version = self.meta.insert_version(
+            repo_path, bucket=self.store.bucket, s3_key=key, origin_host=self.host, mode=mode & 0o7777,
+            uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid)
+        _create_empty(staged)
+        log.info("added %s (version %d, key %s)", repo_path, version.id, key)
+        return RepoFile(self, version)
+
+    def get_file(self, path: str, state: str = "published") -> "RepoFile | None":
+        """The published version of ``path`` (or the newest in ``state``), or None."""
+        self.ensure_ready()
+        if state not in VISIBLE_STATES:
+            raise RepoError(f"unknown state {state!r} (one of {', '.join(VISIBLE_STATES)})")
+        version = self.meta.find(RepoPath.parse(path), state)
+        return RepoFile(self, version) if version else None
+
+    def get_version(self, version_id: int) -> "RepoFile":
+        self.ensure_ready()
+        return RepoFile(self, self.meta.get(version_id))
+
+    def require_file(self, path: str, state: str = "published") -> "RepoFile":
+        found = self.get_file(path, state)
+        if found is None:
+            raise NotFoundError(f"{path}: no {state} version")
+        return found
+
+    def list_files(self, prefix: str = "", states=VISIBLE_STATES) -> list["RepoFile"]:
+        """Versions under ``prefix`` (``type`` or ``type/dirs``, or a whole file path), by path."""
+        self.ensure_ready()
+        prefix = prefix.strip("/")
+        if not prefix:
+            return [RepoFile(self, v) for v in self.meta.search(states=states)]
+        parts = DirPath.parse(prefix)
+        versions = self.meta.search(parts.file_type, parts.dir or None, states)
+        if parts.dir:  # the prefix may also name a file exactly
+            exact = RepoPath.parse(prefix)
+            versions += [v for v in self.meta.history(exact) if v.state in states]
+            versions.sort(key=lambda v: (v.file_type, v.dir, v.name, v.id))
+        return [RepoFile(self, v) for v in versions]
+
+    # -- version operations (RepoFile delegates here) ---------------------------------------------
+
+    def upload(self, version: Version) -> Version:
+        """Record size and md5 of a staged version, upload and verify it, mark it uploaded."""
+        if version.storage == "uploaded":
+            return version
+        if version.state != "unpublished" or version.storage != "local":
+            raise LifecycleError(f"{version.path}: version {version.id} is {version.state}/{version.storage}; "
+                                 "nothing to upload")
+        staged = self.cache.staging_path(version.s3_key)
+        if not staged.exists():
+            raise LifecycleError(f"{version.path}: the staged bytes of version {version.id} are not on this host "
+                                 f"({version.origin_host} staged them)")
+        size, md5 = file_md5(staged)
+        version = self.meta.set_content(version.id, size, md5)
+        self.store.put(version.s3_key, staged, size, md5, describe(
+            path=str(version.path), file_type=version.file_type, version_id=version.id, md5=md5, size=size,
+            origin_host=version.origin_host))
+        version = self.meta.mark_uploaded(version.id)
+        self.cache.adopt(version.s3_key, staged, size)
+        log.info("uploaded %s (version %d, %d bytes, md5 %s)", version.path, version.id, size, md5)
+        return version
+
+    def publish(self, version: Version, path: RepoPath | None = None) -> Version:
+        """Upload if needed, then publish atomically (at ``path`` if given); expires the previous one."""
+        if version.storage == "local":
+            version = self.upload(version)
+        published, expired = self.meta.publish(version.id, path)
+        if expired is not None:
+            log.info("expired %s (version %d, superseded by %d)", expired.path, expired.id, published.id)
+        log.info("published %s (version %d)", published.path, published.id)
+        return published
+
+    def expire(self, version: Version) -> Version:
+        expired = self.meta.expire(version.id)
+        log.info("expired %s (version %d)", expired.path, expired.id)
+        return expired
+
+    def local_file(self, version: Version) -> Path:
+        """A local file holding the version's verified bytes: staged, or fetched into the cache."""
+        if version.storage == "local":
+            staged = self.cache.staging_path(version.s3_key)
+            if staged.exists():
+                return staged
+            raise NotFoundError(f"{version.path}: version {version.id} is staged on {version.origin_host}, "
+                                "not uploaded yet")
+        if version.state in ("discarded", "purged"):
+            raise NotFoundError(f"{version.path}: version {version.id} is {version.state}")
+        if version.tier == "archived":
+            from .errors import ArchivedError
+
+            raise ArchivedError(f"{version.path}: version {version.id} is archived; thaw it first")
+        size, md5 = version.size, version.md5
+        if size is None or md5 is None:
+            raise LifecycleError(f"{version.path}: version {version.id} has no recorded size and md5")
+        return self.cache.fetch(version.s3_key, size,
+                                lambda f: self.store.download(version.s3_key, f, size, md5))
+
+
+class RepoFile:
+    """One version of a repository file. Properties reflect the last read of its row (``refresh()``)."""
+
+    def __init__(self, repo: S3Repo, version: Version) -> None:
+        self.repo = repo
+        self.version = version
+
+    def __repr__(self) -> str:
+        return f"<RepoFile {self.path} version={self.id} state={self.state}>"
+
+    # properties of the original API
+    id = property(lambda self: self.version.id)
+    path = property(lambda self: str(self.version.path))
+    file_type = property(lambda self: self.version.file_type)
+    state = property(lambda self: self.version.state)
+    storage = property(lambda self: self.version.storage)
+    tier = property(lambda self: self.version.tier)
+    md5 = property(lambda self: self.version.md5)
+    file_size = property(lambda self: self.version.size)
+    s3_key = property(lambda self: self.version.s3_key)
+    bucket = property(lambda self: self.version.bucket)
+    origin_host = property(lambda self: self.version.origin_host)
+    created_at = property(lambda self: self.version.created_at)
+    uploaded_at = property(lambda self: self.version.uploaded_at)
+    published_at = property(lambda self: self.version.published_at)
+    expired_at = property(lambda self: self.version.expired_at)
+
+    def refresh(self) -> "RepoFile":
+        self.version = self.repo.meta.get(self.id)
+        return self
+
+    def touch(self, content: str | bytes = b"") -> "RepoFile":
+        """Replace the staged content of this unpublished version."""
+        with self.open("wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        return self
+
+    def open(self, mode: str = "r") -> IO:
+        """Open for reading (any version with bytes) or writing ("w"/"wb": unpublished, not yet uploaded)."""
+        if mode not in ("r", "rb", "w", "wb"):
+            raise ValueError(f"unsupported mode {mode!r}: use r, rb, w or wb")
+        if mode.startswith("w"):
+            self.refresh()
+            if self.state != "unpublished" or self.storage != "local":
+                raise ReadOnlyError(f"{self.path}: version {self.id} is {self.state}/{self.storage}; "
+                                    "its content is immutable (add a new version)")
+            staged = self.repo.cache.staging_path(self.s3_key)
+            if not staged.exists():
+                raise NotFoundError(f"{self.path}: version {self.id} was staged on {self.origin_host}")
+            raw: BinaryIO = open(staged, "wb")
+            return raw if mode == "wb" else io.TextIOWrapper(raw, encoding="utf-8")
+        local = self.repo.local_file(self.version)
+        return open(local, "rb") if mode == "rb" else open(local, "r", encoding="utf-8")
+
+    def read_bytes(self) -> bytes:
+        with self.open("rb") as f:
+            return f.read()
+
+    def local_path(self) -> Path:
+        return self.repo.local_file(self.version)
+
+    def upload(self) -> "RepoFile":
+        self.version = self.repo.upload(self.refresh().version)
+        return self
+
+    def publish(self, path: str | None = None) -> "RepoFile":
+        target = RepoPath.parse(path) if path is not None else None
+        self.version = self.repo.publish(self.refresh().version, target)
+        return self
+
+    def expire(self) -> "RepoFile":
+        self.version = self.repo.expire(self.version)
+        return self
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self.repo.meta.tags(self.id)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.repo.meta.set_tag(self.id, key, value)
+
+    def as_dict(self) -> dict:
+        v = self.version
+        return {"path": self.path, "version": v.id, "state": v.state, "storage": v.storage, "tier": v.tier,
+                "size": v.size, "md5": v.md5, "bucket": v.bucket, "s3_key": v.s3_key,
+                "origin_host": v.origin_host, "mode": v.mode, "uid": v.uid, "gid": v.gid,
+                "created_at": v.created_at, "uploaded_at": v.uploaded_at, "published_at": v.published_at,
+                "expired_at": v.expired_at}
+
+
+def _create_empty(path: Path) -> None:
+    with open(path, "wb") as f:
+        os.fsync(f.fileno())

@@ -1,0 +1,364 @@
+"""Object stores: where version bytes live. One small interface, two implementations.
+
+``put`` verifies what the store holds afterwards (size; S3 checks each body's Content-MD5 itself);
+``download`` verifies size and md5 of what it wrote before returning. Every object carries its own
+description (path, type, version id, md5, size, origin host) so the metadata could be rebuilt from
+the store alone. Errors are RepoErrors: ObjectMissingError, VerificationError,
+StoreUnavailableError (with the cause, never a secret), ArchivedError.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+from urllib.parse import quote, unquote
+
+from .errors import (ArchivedError, ObjectMissingError, RepoError, StoreUnavailableError,
+                     VerificationError)
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+META_PREFIX = "s3repo-"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    description: dict[str, str]  # the object's self-description (empty if it has none)
+    storage_class: str = "STANDARD"
+
+
+def describe(*, path: str, file_type: str, version_id: int, md5: str, size: int, origin_host: str) -> dict[str, str]:
+    """An object's self-description. Values are percent-encoded: S3 user metadata must be ASCII."""
+    values = {"path": path, "type": file_type, "version": str(version_id), "md5": md5, "size": str(size),
+              "origin-host": origin_host}
+    return {k: quote(v, safe="/") for k, v in values.items()}
+
+
+def read_description(metadata: dict[str, str]) -> dict[str, str]:
+    return {k: unquote(v) for k, v in metadata.items()}
+
+
+def file_md5(path: Path) -> tuple[int, str]:
+    """Size and hex md5 of a local file."""
+    digest = hashlib.md5()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def copy_verified(source: BinaryIO, dest: BinaryIO, what: str, size: int, md5: str) -> None:
+    """Copy a stream, then check that exactly ``size`` bytes with ``md5`` went through."""
+    digest = hashlib.md5()
+    copied = 0
+    while chunk := source.read(CHUNK):
+        digest.update(chunk)
+        dest.write(chunk)
+        copied += len(chunk)
+    check_content(what, copied, digest.hexdigest(), size, md5)
+
+
+def check_content(what: str, size: int, md5: str, expected_size: int, expected_md5: str) -> None:
+    if size != expected_size:
+        raise VerificationError(f"{what}: size {size} does not match the recorded {expected_size}")
+    if md5 != expected_md5:
+        raise VerificationError(f"{what}: md5 {md5} does not match the recorded {expected_md5}")
+
+
+class ObjectStore(ABC):
+    """Where objects live. Keys are unique per version and never reused."""
+
+    bucket: str
+
+    @abstractmethod
+    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> None:
+        """Store ``source`` under ``key``; raises VerificationError if the stored object is not ``size`` bytes."""
+
+    @abstractmethod
+    def download(self, key: str, dest: BinaryIO, size: int, md5: str) -> None:
+        """Write the object's bytes to ``dest``, verified against ``size`` and ``md5``."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``start`` (fewer at the end of the object)."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's size and description, or None if it does not exist."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete the object; deleting a missing object is not an error."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under ``prefix`` (descriptions may be empty: listing does not fetch them)."""
+
+    def describe_location(self) -> str:
+        return self.bucket
+
+
+class LocalStore(ObjectStore):
+    """Objects as files under a directory: ``data/<key>`` and ``meta/<key>.json``.
+
+    The embedded default, and a fast stand-in for S3 in tests. Writes are atomic (temp + fsync + rename).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.bucket = "local"
+
+    def describe_location(self) -> str:
+        return f"local object directory {self.root}"
+
+    def _data(self, key: str) -> Path:
+        return self.root / "data" / key
+
+    def _meta(self, key: str) -> Path:
+        return self.root / "meta" / (key + ".json")
+
+    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> None:
+        with self._errors(key):
+            with open(source, "rb") as src:
+                _atomic_write(self._data(key), lambda f: copy_verified(src, f, f"upload of {key}", size, md5))
+            _atomic_write(self._meta(key), lambda f: f.write(json.dumps(description).encode()))
+            stored = self._data(key).stat().st_size
+        if stored != size:
+            raise VerificationError(f"upload of {key}: stored {stored} bytes, expected {size}")
+
+    def download(self, key: str, dest: BinaryIO, size: int, md5: str) -> None:
+        with self._errors(key), open(self._data(key), "rb") as src:
+            copy_verified(src, dest, f"download of {key}", size, md5)
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with self._errors(key), open(self._data(key), "rb") as src:
+            src.seek(start)
+            return src.read(length)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            size = self._data(key).stat().st_size
+        except FileNotFoundError:
+            return None
+        with self._errors(key):
+            try:
+                description = json.loads(self._meta(key).read_text())
+            except FileNotFoundError:
+                description = {}
+        return ObjectInfo(key, size, read_description(description))
+
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            for path in (self._data(key), self._meta(key)):
+                path.unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        data = self.root / "data"
+        for dirpath, _dirs, files in os.walk(data):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(data).as_posix()
+                if key.startswith(prefix):
+                    yield ObjectInfo(key, full.stat().st_size, {})
+
+    @contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        try:
+            yield
+        except RepoError:
+            raise
+        except FileNotFoundError:
+            raise ObjectMissingError(f"object {key} is missing from {self.describe_location()}") from None
+        except OSError as exc:
+            raise StoreUnavailableError(f"{self.describe_location()}: {key}: {exc.strerror or exc}") from None
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class S3Store(ObjectStore):
+    """Objects in an S3 bucket through boto3, on AWS or any S3-compatible endpoint."""
+
+    def __init__(self, bucket: str, *, endpoint_url: str | None = None, region: str | None = None,
+                 access_key: str | None = None, secret_key: str | None = None,
+                 multipart_threshold: int = 16 * 1024**2, multipart_chunksize: int = 16 * 1024**2,
+                 concurrency: int = 8) -> None:
+        import boto3
+        import botocore.config
+
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url
+        self.multipart_threshold = multipart_threshold
+        self.multipart_chunksize = multipart_chunksize
+        self.concurrency = concurrency
+        session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                                        region_name=region or "us-east-1")
+        # One client per store, shared by every thread (boto3 clients are thread-safe).
+        self.client = session.client("s3", endpoint_url=endpoint_url, config=botocore.config.Config(
+            connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=max(10, 2 * concurrency)))
+
+    def describe_location(self) -> str:
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return f"S3 bucket {self.bucket}{where}"
+
+    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> None:
+        metadata = {META_PREFIX + k: v for k, v in description.items()}
+        with self._errors(key, "upload"):
+            if size >= self.multipart_threshold:
+                self._put_multipart(key, source, metadata)
+            else:
+                with open(source, "rb") as body:
+                    data = body.read()
+                check_content(f"upload of {key}", len(data), hashlib.md5(data).hexdigest(), size, md5)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=metadata,
+                                       ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode())
+            stored = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+        if stored != size:
+            raise VerificationError(f"upload of {key}: {self.bucket} holds {stored} bytes, expected {size}")
+
+    def _put_multipart(self, key: str, source: Path, metadata: dict[str, str]) -> None:
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata)["UploadId"]
+        size = source.stat().st_size
+        offsets = range(0, size, self.multipart_chunksize)
+
+        def upload_part(number_offset: tuple[int, int]) -> dict:
+            number, offset = number_offset
+            with open(source, "rb") as f:
+                f.seek(offset)
+                data = f.read(self.multipart_chunksize)
+            part_md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+            etag = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                           Body=data, ContentMD5=part_md5)["ETag"]
+            return {"PartNumber": number, "ETag": etag}
+
+        try:
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                parts = list(pool.map(upload_part, enumerate(offsets, start=1)))
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": parts})
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except Exception as exc:  # the original failure matters more; gc cleans leftovers
+                log.warning("could not abort multipart upload of %s: %s", key, exc)
+            raise
+
+    def download(self, key: str, dest: BinaryIO, size: int, md5: str) -> None:
+        with self._errors(key, "download"):
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                copy_verified(body, dest, f"download of {key}", size, md5)
+            finally:
+                body.close()
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        with self._errors(key, "download"):
+            response = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
+            return response["Body"].read()
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            with self._errors(key, "head"):
+                response = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ObjectMissingError:
+            return None
+        description = {k[len(META_PREFIX):]: v for k, v in response.get("Metadata", {}).items()
+                       if k.startswith(META_PREFIX)}
+        return ObjectInfo(key, response["ContentLength"], read_description(description),
+                          response.get("StorageClass", "STANDARD"))
+
+    def delete(self, key: str) -> None:
+        with self._errors(key, "delete"):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        with self._errors(prefix or "(all)", "list"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(item["Key"], item["Size"], {}, item.get("StorageClass", "STANDARD"))
+
+    def check_access(self) -> None:
+        """Fail with a clear StoreUnavailableError unless the bucket exists and our credentials work."""
+        with self._errors("(bucket)", "access"):
+            self.client.head_bucket(Bucket=self.bucket)
+
+    @contextmanager
+    def _errors(self, key: str, action: str) -> Iterator[None]:
+        """The one table from boto3's failures to repository errors."""
+        import botocore.exceptions as bex
+
+        where = self.describe_location()
+        try:
+            yield
+        except RepoError:
+            raise
+        except bex.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                if action == "access":
+                    raise StoreUnavailableError(f"{where} does not exist") from None
+                raise ObjectMissingError(f"object {key} is missing from {where}") from None
+            if code == "NoSuchBucket":
+                raise StoreUnavailableError(f"{where} does not exist") from None
+            if code in ("BadDigest", "InvalidDigest", "EntityTooSmall"):
+                raise VerificationError(f"{action} of {key} to {where} failed verification: {code}") from None
+            if code == "InvalidObjectState":
+                raise ArchivedError(f"object {key} is archived in {where}; restore (thaw) it first") from None
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise StoreUnavailableError(f"{where} refused the {action} of {key}: {code} "
+                                            "(check the S3 credentials and permissions)") from None
+            raise StoreUnavailableError(f"{action} of {key} failed at {where}: {code} {error.get('Message', '')}".rstrip()) from None
+        except bex.NoCredentialsError:
+            raise StoreUnavailableError(f"no S3 credentials for {where}: set s3_access_key/s3_secret_key "
+                                        "or configure boto3's credential chain") from None
+        except (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
+                bex.ConnectionClosedError) as exc:
+            raise StoreUnavailableError(f"cannot reach {where}: {exc}") from None
+        except bex.BotoCoreError as exc:
+            raise StoreUnavailableError(f"{action} of {key} failed at {where}: {exc}") from None
+        except OSError as exc:
+            raise StoreUnavailableError(f"{action} of {key} at {where}: {exc.strerror or exc}") from None
+
+
+def open_store(config) -> ObjectStore:
+    if config.object_dir is not None:
+        return LocalStore(config.object_dir)
+    return S3Store(config.default_s3_bucket, endpoint_url=config.s3_endpoint_url, region=config.s3_region,
+                   access_key=config.s3_access_key, secret_key=config.s3_secret_key,
+                   multipart_threshold=config.multipart_threshold,
+                   multipart_chunksize=config.multipart_chunksize, concurrency=config.transfer_concurrency)
+
+

@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="s3repofs",
+    version="0.1.0",
+    description="An S3 bucket and a SQL database as a distributed file repository, mountable with FUSE",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["s3repofs", "s3repofs.*"]),
+    install_requires=[
+        "boto3>=1.28,<2",
+        "psycopg2-binary>=2.9,<3",
+        "cachetools>=5.3,<9",
+        # mfusepy: the maintained continuation of fusepy (same high-level API, libfuse 2 and 3).
+        "mfusepy>=3.0,<4",
+    ],
+    extras_require={
+        "test": ["pytest>=7,<10", "moto[server]>=5,<6"],
+    },
+    entry_points={"console_scripts": ["s3repofs=s3repofs.cli:main"]},
+)

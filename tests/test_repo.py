@@ -1,0 +1,184 @@
+"""The domain API, against SQLite and PostgreSQL, a local object directory and an S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import threading
+
+import pytest
+
+import s3repofs
+from s3repofs import S3Repo
+from s3repofs.errors import LifecycleError, ReadOnlyError, RepoError, VerificationError
+from s3repofs.store import S3Store
+
+
+def test_the_readme_example_round_trips(repo_config):
+    repo = s3repofs.S3Repo(config=repo_config)
+    repo.create_repository()
+    rf = repo.add_file(file_type="story_data")
+    assert rf.state == "unpublished" and rf.path.startswith("story_data/")
+    rf = repo.add_file(path="story_data/2026/11/a.json")
+    rf.touch("contents")
+    rf.publish()
+    repo.commit()
+    cur = repo.get_file("story_data/2026/11/a.json")
+    with cur.open() as f:
+        assert f.read() == "contents"
+    assert cur.md5 == hashlib.md5(b"contents").hexdigest() and cur.file_size == 8
+    assert cur.origin_host == "test-host" and cur.published_at is not None
+    stored = repo.store.head(cur.s3_key)
+    assert stored.size == 8
+    assert stored.description["md5"] == cur.md5 and stored.description["path"] == "story_data/2026/11/a.json"
+    cur.expire()
+    assert repo.get_file("story_data/2026/11/a.json") is None
+    repo.close()
+
+
+def test_s3_object_holds_exactly_the_bytes_written(repo_config):
+    if "default_s3_bucket" not in repo_config:
+        pytest.skip("S3 only")
+    with S3Repo(repo_config) as repo:
+        repo.create_repository()
+        data = bytes(range(256)) * 1000
+        rf = repo.add_file(path="raw/blob.bin")
+        rf.touch(data)
+        rf.publish()
+        assert isinstance(repo.store, S3Store)
+        body = repo.store.client.get_object(Bucket=rf.bucket, Key=rf.s3_key)["Body"].read()
+        assert body == data and hashlib.md5(body).hexdigest() == rf.md5
+
+
+def test_publish_expires_the_previous_version(repo):
+    first = repo.add_file(path="t/a.txt").touch("one").publish()
+    second = repo.add_file(path="t/a.txt").touch("two").publish()
+    assert first.refresh().state == "expired" and first.expired_at is not None
+    assert second.state == "published"
+    assert repo.get_file("t/a.txt").id == second.id
+    assert repo.get_file("t/a.txt").read_bytes() == b"two"
+    assert first.read_bytes() == b"one"  # an expired version is still readable
+
+
+def test_expired_version_can_be_republished(repo):
+    first = repo.add_file(path="t/a.txt").touch("one").publish()
+    second = repo.add_file(path="t/a.txt").touch("two").publish()
+    first.publish()
+    assert first.state == "published" and second.refresh().state == "expired"
+
+
+def test_a_version_not_uploaded_cannot_be_published_by_the_metadata_layer(repo):
+    rf = repo.add_file(path="t/a.txt").touch("x")
+    with pytest.raises(LifecycleError, match="not uploaded"):
+        repo.meta.publish(rf.id)
+    assert rf.refresh().state == "unpublished"
+
+
+def test_published_content_is_immutable(repo):
+    rf = repo.add_file(path="t/a.txt").touch("x").publish()
+    with pytest.raises(ReadOnlyError):
+        rf.touch("y")
+    assert rf.read_bytes() == b"x"
+
+
+def test_publish_under_a_new_path_moves_the_version(repo):
+    rf = repo.add_file(path="t/draft.txt").touch("x")
+    rf.publish("t/final/report.txt")
+    assert repo.get_file("t/final/report.txt").id == rf.id
+    assert repo.get_file("t/draft.txt", "unpublished") is None
+
+
+def test_listing_shows_published_versions_by_directory(repo):
+    for name in ("b", "a", "c"):
+        repo.add_file(path=f"t/d/{name}").touch(name).publish()
+    repo.add_file(path="t/d/unpub").touch("u")
+    repo.add_file(path="t/other/x").touch("x").publish()
+    from s3repofs.paths import DirPath
+
+    listed = repo.meta.list_dir(DirPath("t", "d"), "published")
+    assert [v.name for v in listed] == ["a", "b", "c"]
+    assert [v.name for v in repo.meta.list_subdirs(DirPath("t", ""))] == ["d", "other"]
+    assert [f.path for f in repo.list_files("t/d", ("unpublished",))] == ["t/d/unpub"]
+
+
+def test_a_corrupt_object_is_refused_and_never_cached(repo):
+    rf = repo.add_file(path="t/a.txt").touch("good bytes").publish()
+    repo.cache.clear()
+    tampered = repo.store.head(rf.s3_key)
+    staged = repo.config.local_root / "evil"
+    staged.write_bytes(b"evil bytes")
+    import hashlib as h
+
+    repo.store.put(rf.s3_key, staged, 10, h.md5(b"evil bytes").hexdigest(), tampered.description)
+    with pytest.raises(VerificationError, match="md5"):
+        repo.get_file("t/a.txt").read_bytes()
+    assert not repo.cache.has(rf.s3_key)
+
+
+def test_reading_fetches_into_the_cache_once(repo):
+    rf = repo.add_file(path="t/a.txt").touch("abc").publish()
+    repo.cache.clear()
+    assert not repo.cache.has(rf.s3_key)
+    assert repo.get_file("t/a.txt").read_bytes() == b"abc"
+    assert repo.cache.has(rf.s3_key)
+
+
+def test_tags_are_stored_per_version(repo):
+    rf = repo.add_file(path="t/a.txt").touch("abc")
+    rf.set_tag("source", "crawler")
+    assert rf.tags == {"source": "crawler"}
+
+
+def test_schema_creation_is_idempotent(repo):
+    repo.create_repository()
+    assert repo.meta.schema_version() == 1
+
+
+def test_an_uninitialized_repository_says_so(repo_config):
+    with S3Repo(repo_config) as repo:
+        with pytest.raises(RepoError, match="s3repofs init"):
+            repo.get_file("t/a.txt")
+
+
+def _publish_many(config: dict, worker: int, count: int, barrier) -> None:
+    repo = S3Repo(config, host_name=f"worker-{worker}")
+    files = [repo.add_file(path="race/same.txt").touch(f"{worker}-{i}") for i in range(count)]
+    for rf in files:
+        rf.upload()
+    barrier.wait()
+    errors = []
+
+    def publish(rf):
+        try:
+            rf.publish()
+        except Exception as exc:  # collected: the test asserts there are none
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(rf,)) for rf in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    repo.close()
+    if errors:
+        raise errors[0]
+
+
+def test_concurrent_publishes_of_one_path_leave_exactly_one_published(repo_config_pair):
+    """2 processes x 50 threads publish versions of one path: 1 published, 99 expired, no errors."""
+    with S3Repo(repo_config_pair) as repo:
+        repo.create_repository()
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    workers = [ctx.Process(target=_publish_many, args=(repo_config_pair, w, 50, barrier)) for w in range(2)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(timeout=300)
+    assert [p.exitcode for p in workers] == [0, 0]
+    with S3Repo(repo_config_pair) as repo:
+        from s3repofs.paths import RepoPath
+
+        states = [v.state for v in repo.meta.history(RepoPath.parse("race/same.txt"))]
+        assert len(states) == 100
+        assert states.count("published") == 1 and states.count("expired") == 99
