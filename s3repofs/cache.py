@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import RepoError
 

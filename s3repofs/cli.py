@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print a JSON array")
 
+    from . import mount  # the mount's commands live with the mount
+
+    mount.add_commands(add, COMMANDS)
     return parser
 
 

@@ -64,6 +64,32 @@ class NotEmptyError(RepoError):
     errno = _errno.ENOTEMPTY
 
 
+class IsDirectoryError(RepoError):
+    errno = _errno.EISDIR
+
+
+class NotDirectoryError(RepoError):
+    errno = _errno.ENOTDIR
+
+
+class CrossDeviceError(RepoError):
+    """A rename that cannot be done in place (a directory); ``mv`` then copies and deletes instead."""
+
+    errno = _errno.EXDEV
+
+
+class NoAttributeError(RepoError):
+    errno = _errno.ENODATA
+
+
+class NotSupportedError(RepoError):
+    errno = _errno.ENOTSUP
+
+
+class BadHandleError(RepoError):
+    errno = _errno.EBADF
+
+
 class UnavailableError(RepoError):
     """A server (S3 or database) could not be reached or refused us; the cause is in the message."""
 

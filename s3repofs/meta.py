@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Iterable
 
 from .db import Database, Tx
-from .errors import LifecycleError, NotFoundError, RepoError
+from .errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
 from .paths import DirPath, RepoPath
 
 SCHEMA_VERSION = 1
@@ -47,6 +47,8 @@ MIGRATIONS: dict[int, list[str]] = {
             mode         INTEGER NOT NULL,
             uid          INTEGER NOT NULL,
             gid          INTEGER NOT NULL,
+            -- set when a writer asked for publication but the upload failed: retried, then published
+            publish_pending INTEGER NOT NULL DEFAULT 0,
             created_at   {real} NOT NULL,
             uploaded_at  {real},
             published_at {real},
@@ -110,6 +112,7 @@ class Version:
     mode: int
     uid: int
     gid: int
+    publish_pending: int
     created_at: float
     uploaded_at: float | None
     published_at: float | None
@@ -304,7 +307,7 @@ class MetaStore:
                 self._ensure_dirs(tx, target.parent, now)
             tx.execute(
                 """UPDATE versions SET state = 'published', published_at = ?, expired_at = NULL,
-                       file_type = ?, dir = ?, name = ? WHERE id = ?""",
+                       publish_pending = 0, file_type = ?, dir = ?, name = ? WHERE id = ?""",
                 (now, target.file_type, target.dir, target.name, version_id),
             )
             expired = self._lock_version(tx, current.id) if current is not None else None
@@ -321,6 +324,61 @@ class MetaStore:
                 raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; only a published "
                                      "version can be expired")
             tx.execute("UPDATE versions SET state = 'expired', expired_at = ? WHERE id = ?", (now, version_id))
+            return self._lock_version(tx, version_id)
+
+        return self.db.run(run)
+
+    def discard(self, version_id: int) -> Version:
+        """Throw away an unpublished version (gc deletes its object later)."""
+        now = self.clock()
+
+        def run(tx: Tx) -> Version:
+            version = self._lock_version(tx, version_id)
+            if version.state != "unpublished":
+                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; only an unpublished "
+                                     "version can be discarded")
+            tx.execute("UPDATE versions SET state = 'discarded', expired_at = ?, publish_pending = 0 WHERE id = ?",
+                       (now, version_id))
+            return self._lock_version(tx, version_id)
+
+        return self.db.run(run)
+
+    def move_unpublished(self, version_id: int, path: RepoPath) -> Version:
+        """Give an unpublished version another path (a rename inside ``unpublished/``)."""
+        now = self.clock()
+
+        def run(tx: Tx) -> Version:
+            version = self._lock_version(tx, version_id)
+            if version.state != "unpublished":
+                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; it cannot be moved")
+            self._ensure_dirs(tx, path.parent, now)
+            tx.execute("UPDATE versions SET file_type = ?, dir = ?, name = ? WHERE id = ?",
+                       (path.file_type, path.dir, path.name, version_id))
+            return self._lock_version(tx, version_id)
+
+        return self.db.run(run)
+
+    def set_publish_pending(self, version_id: int, pending: bool) -> None:
+        self.db.run(lambda tx: tx.execute("UPDATE versions SET publish_pending = ? WHERE id = ?",
+                                          (int(pending), version_id)))
+
+    def staged_on(self, host: str) -> list[Version]:
+        """Unpublished versions staged on ``host`` and not yet uploaded (uploads to retry)."""
+        rows = self.db.run(lambda tx: tx.all(
+            f"""SELECT {_VERSION_COLUMNS} FROM versions
+                WHERE state = 'unpublished' AND storage = 'local' AND origin_host = ? ORDER BY id""",
+            (host,)), write=False)
+        return [Version(**r) for r in rows]
+
+    def set_attrs(self, version_id: int, mode: int | None = None, uid: int | None = None,
+                  gid: int | None = None) -> Version:
+        """chmod/chown of a version (permission bits only; content stays immutable)."""
+
+        def run(tx: Tx) -> Version:
+            version = self._lock_version(tx, version_id)
+            tx.execute("UPDATE versions SET mode = ?, uid = ?, gid = ? WHERE id = ?",
+                       (version.mode if mode is None else mode & 0o7777, version.uid if uid is None else uid,
+                        version.gid if gid is None else gid, version_id))
             return self._lock_version(tx, version_id)
 
         return self.db.run(run)
@@ -407,6 +465,40 @@ class MetaStore:
                                      (directory.file_type, directory.dir)))
 
         return self.db.run(run)
+
+    def set_dir_attrs(self, directory: DirPath, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None) -> Directory:
+        def run(tx: Tx) -> Directory:
+            current = tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
+                             (directory.file_type, directory.dir))
+            if current is None:
+                raise NotFoundError(f"{directory}: no such directory")
+            tx.execute("UPDATE directories SET mode = ?, uid = ?, gid = ? WHERE file_type = ? AND dir = ?",
+                       (current["mode"] if mode is None else mode & 0o7777, current["uid"] if uid is None else uid,
+                        current["gid"] if gid is None else gid, directory.file_type, directory.dir))
+            return _directory(tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
+                                     (directory.file_type, directory.dir)))
+
+        return self.db.run(run)
+
+    def remove_dir(self, directory: DirPath) -> None:
+        """Remove an empty directory: no subdirectory and no visible version in any state."""
+
+        def run(tx: Tx) -> None:
+            if tx.one("SELECT 1 FROM directories WHERE file_type = ? AND dir = ?",
+                      (directory.file_type, directory.dir)) is None:
+                raise NotFoundError(f"{directory}: no such directory")
+            child = tx.one("SELECT 1 FROM directories WHERE parent = ? AND file_type = ? LIMIT 1",
+                           (directory.dir, directory.file_type))
+            version = tx.one(
+                """SELECT 1 FROM versions WHERE file_type = ? AND dir = ?
+                   AND state IN ('unpublished', 'published', 'expired') LIMIT 1""",
+                (directory.file_type, directory.dir))
+            if child or version:
+                raise NotEmptyError(f"{directory}: directory not empty")
+            tx.execute("DELETE FROM directories WHERE file_type = ? AND dir = ?", (directory.file_type, directory.dir))
+
+        self.db.run(run)
 
     # -- helpers (inside a transaction) ---------------------------------------------------------
 

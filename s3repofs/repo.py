@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -188,6 +189,44 @@ class S3Repo:
         expired = self.meta.expire(version.id)
         log.info("expired %s (version %d)", expired.path, expired.id)
         return expired
+
+    def discard(self, version: Version) -> Version:
+        discarded = self.meta.discard(version.id)
+        self.cache.staging_path(version.s3_key).unlink(missing_ok=True)
+        log.info("discarded %s (version %d)", discarded.path, discarded.id)
+        return discarded
+
+    def copy_on_write(self, source: Version | None, path: RepoPath, *, mode: int, uid: int, gid: int,
+                      keep_content: bool) -> Version:
+        """A new unpublished version at ``path``, starting empty or with ``source``'s bytes."""
+        rf = self.add_file(str(path), mode=mode, uid=uid, gid=gid)
+        if keep_content and source is not None:
+            staged = self.cache.staging_path(rf.s3_key)
+            shutil.copyfile(self.local_file(source), staged)
+        return rf.version
+
+    def retry_staged_uploads(self) -> int:
+        """Upload what this host staged but could not upload (S3 was down, say); publish what was meant
+        to be published unless a newer version was published meanwhile. Returns how many were uploaded."""
+        done = 0
+        for version in self.meta.staged_on(self.host):
+            if not self.cache.staging_path(version.s3_key).exists():
+                continue
+            try:
+                version = self.upload(version)
+            except RepoError as exc:
+                log.warning("upload of %s (version %d) failed again: %s", version.path, version.id, exc)
+                continue
+            done += 1
+            if version.publish_pending:
+                current = self.meta.find(version.path)
+                if current is not None and current.created_at > version.created_at:
+                    log.warning("not publishing %s (version %d): newer version %d is published",
+                                version.path, version.id, current.id)
+                    self.meta.set_publish_pending(version.id, False)
+                else:
+                    self.publish(version)
+        return done
 
     def local_file(self, version: Version) -> Path:
         """A local file holding the version's verified bytes: staged, or fetched into the cache."""

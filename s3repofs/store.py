@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import quote, unquote
 
-from .errors import (ArchivedError, ObjectMissingError, RepoError, StoreUnavailableError,
-                     VerificationError)
+from .errors import ArchivedError, ObjectMissingError, RepoError, StoreUnavailableError, VerificationError
 
 log = logging.getLogger(__name__)
 

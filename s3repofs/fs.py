@@ -1,0 +1,193 @@
+"""Links FUSE calls (mfusepy's high-level API) to the mounted tree in ``tree.py``.
+
+This layer decides nothing: it converts arguments, reports errors as errno, and logs each refused
+operation once, with its reason. Any unexpected exception is logged with its traceback and becomes
+EIO (fusepy would otherwise answer EINVAL, "Invalid argument", which misleads users).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+
+# libfuse3: 1 MiB reads once read_ahead_kb is raised, atomic O_TRUNC, and the maintained library.
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+
+import mfusepy  # noqa: E402  (must be imported after choosing the library)
+
+from .errors import NotFoundError, RepoError  # noqa: E402
+from .tree import Tree  # noqa: E402
+
+log = logging.getLogger("s3repofs.mount")
+
+# Expected misses: not worth a log line (the kernel probes for these all the time).
+_QUIET = (errno.ENOENT, errno.ENODATA)
+
+
+def translated(method):
+    """Run a FUSE operation, turning repository errors into FuseOSError(errno) with one log line."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except RepoError as exc:
+            if exc.errno not in _QUIET:
+                log.warning("%s: %s (%s)", method.__name__, exc, errno.errorcode.get(exc.errno, exc.errno))
+            raise mfusepy.FuseOSError(exc.errno) from None
+        except mfusepy.FuseOSError:
+            raise
+        except OSError as exc:  # local disk trouble (full staging disk, say): the caller sees the real errno
+            log.error("%s: %s", method.__name__, exc)
+            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed unexpectedly", method.__name__, args[:2])
+            raise mfusepy.FuseOSError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(mfusepy.Operations):
+    use_ns = True  # integer nanosecond timestamps
+
+    def __init__(self, tree: Tree, on_ready=None, on_exit=None) -> None:
+        self.tree = tree
+        self._on_ready = on_ready
+        self._on_exit = on_exit
+
+    def init(self, path: str) -> None:
+        if self._on_ready:
+            self._on_ready()
+
+    def destroy(self, path: str) -> None:
+        if self._on_exit:
+            self._on_exit()
+
+    @translated
+    def getattr(self, path, fh=None):
+        return self.tree.getattr(path, fh)
+
+    @translated
+    def readdir(self, path, fh):
+        return [".", "..", *self.tree.readdir(path)]
+
+    @translated
+    def open(self, path, flags):
+        uid, gid, _pid = mfusepy.fuse_get_context()
+        return self.tree.open(path, flags, uid, gid)
+
+    @translated
+    def create(self, path, mode, fi=None):
+        uid, gid, _pid = mfusepy.fuse_get_context()
+        return self.tree.create(path, mode, uid, gid)
+
+    @translated
+    def read(self, path, size, offset, fh):
+        return self.tree.read(fh, size, offset)
+
+    @translated
+    def write(self, path, data, offset, fh):
+        return self.tree.write(fh, data, offset)
+
+    @translated
+    def truncate(self, path, length, fh=None):
+        self.tree.truncate(path, length, fh)
+        return 0
+
+    @translated
+    def flush(self, path, fh):
+        self.tree.flush(fh)
+        return 0
+
+    @translated
+    def fsync(self, path, datasync, fh):
+        self.tree.fsync(fh)
+        return 0
+
+    @translated
+    def release(self, path, fh):
+        self.tree.release(fh)
+        return 0
+
+    @translated
+    def unlink(self, path):
+        self.tree.unlink(path)
+        return 0
+
+    @translated
+    def rename(self, old, new):
+        self.tree.rename(old, new)
+        return 0
+
+    @translated
+    def mkdir(self, path, mode):
+        uid, gid, _pid = mfusepy.fuse_get_context()
+        self.tree.mkdir(path, mode, uid, gid)
+        return 0
+
+    @translated
+    def rmdir(self, path):
+        self.tree.rmdir(path)
+        return 0
+
+    @translated
+    def chmod(self, path, mode):
+        self.tree.chmod(path, mode)
+        return 0
+
+    @translated
+    def chown(self, path, uid, gid):
+        self.tree.chown(path, uid, gid)
+        return 0
+
+    @translated
+    def utimens(self, path, times=None):
+        # A version's mtime is its identity for page caching; setting times is accepted and ignored.
+        self.tree.lookup(path)
+        return 0
+
+    @translated
+    def getxattr(self, path, name, position=0):
+        return self.tree.getxattr(path, name)
+
+    @translated
+    def listxattr(self, path):
+        return self.tree.listxattr(path)
+
+    @translated
+    def setxattr(self, path, name, value, options, position=0):
+        self.tree.setxattr(path, name, value)
+        return 0
+
+    @translated
+    def removexattr(self, path, name):
+        raise mfusepy.FuseOSError(errno.ENOTSUP)
+
+    @translated
+    def statfs(self, path):
+        return self.tree.statfs()
+
+    @translated
+    def link(self, target, source):
+        log.warning("link %s -> %s refused: hard links are not supported", target, source)
+        raise mfusepy.FuseOSError(errno.EPERM)
+
+    @translated
+    def symlink(self, target, source):
+        log.warning("symlink %s -> %s refused: symbolic links are not supported", target, source)
+        raise mfusepy.FuseOSError(errno.EPERM)
+
+    @translated
+    def readlink(self, path):
+        raise NotFoundError(f"{path}: not a symbolic link")
+
+    @translated
+    def mknod(self, path, mode, dev):
+        raise mfusepy.FuseOSError(errno.EPERM)
+
+
+def serve(tree: Tree, mountpoint: str, *, foreground_options: dict, on_ready=None, on_exit=None) -> None:
+    """Run the FUSE loop until unmounted (blocks)."""
+    mfusepy.FUSE(Operations(tree, on_ready, on_exit), mountpoint, foreground=True, **foreground_options)

@@ -1,0 +1,272 @@
+"""``s3repofs mount`` and ``s3repofs umount``: start the FUSE daemon, and stop it cleanly.
+
+``mount`` checks everything it can before forking (mountpoint, configuration, database, bucket), so
+errors reach the terminal as one line; the daemon then reports readiness (or its failure) through a
+pipe, and ``mount`` returns only once the tree is mounted. Uploads happen in the writer's close(),
+so an unmount never abandons a version; staged versions whose upload failed are retried by a
+background thread and at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .errors import RepoError
+from .repo import S3Repo
+
+log = logging.getLogger("s3repofs.mount")
+
+RETRY_INTERVAL = 30.0
+READY_TIMEOUT = 60.0
+
+
+class MountError(RepoError):
+    exit_status = 1
+
+
+def add_commands(add, commands: dict) -> None:
+    p = add("mount", "Mount the repository at MOUNTPOINT (published/, unpublished/, expired/).")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, logging to stderr")
+    p.add_argument("-o", dest="options", default="", metavar="OPTIONS",
+                   help="comma-separated FUSE options, e.g. allow_other (opt-in), ro")
+    p.add_argument("--log", metavar="FILE", help="daemon log file (default: <local_root>/mount.log)")
+    commands["mount"] = cmd_mount
+
+    p = add("umount", "Unmount MOUNTPOINT and wait for its daemon to finish.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    commands["umount"] = cmd_umount
+
+
+def check_mountpoint(path: Path) -> None:
+    if not path.exists():
+        raise MountError(f"mountpoint {path} does not exist")
+    if not path.is_dir():
+        raise MountError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"{path} is already a mountpoint (unmount it first: s3repofs umount {path})")
+    if any(path.iterdir()):
+        raise MountError(f"mountpoint {path} is not empty")
+
+
+def parse_options(text: str) -> dict:
+    options: dict = {}
+    for item in filter(None, (o.strip() for o in text.split(","))):
+        key, sep, value = item.partition("=")
+        options[key] = value if sep else True
+    return options
+
+
+def fuse_options(repo: S3Repo, user_options: dict) -> dict:
+    ttl = repo.config.metadata_ttl
+    options = {
+        "fsname": "s3repofs", "subtype": "s3repofs",
+        "default_permissions": True,  # the kernel enforces the stored mode/uid/gid
+        "auto_cache": True,  # keep pages across opens while the version's mtime and size stay the same
+        # Half the TTL in the kernel and half in our cache: another host's publish shows within the TTL.
+        "attr_timeout": ttl / 2, "entry_timeout": ttl / 2, "negative_timeout": 0,
+    }
+    options.update(user_options)
+    return options
+
+
+def pid_file(repo: S3Repo, mountpoint: Path) -> Path:
+    digest = hashlib.sha1(str(mountpoint).encode()).hexdigest()[:12]
+    return repo.config.local_root / f"mount-{digest}.pid"
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint).absolute()  # libfuse3 chdirs to /: every path must be absolute
+    check_mountpoint(mountpoint)
+    if shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
+        raise MountError("fusermount3 not found: install the fuse3 package")
+    repo = S3Repo(args.config)
+    repo.ensure_ready()
+    options = fuse_options(repo, parse_options(args.options))
+    log_path = Path(args.log).absolute() if args.log else repo.config.local_root / "mount.log"
+    repo.close()
+    if args.foreground:
+        run_daemon(args.config, mountpoint, options, ready_fd=None)
+        return 0
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        os.setsid()
+        _detach(log_path)
+        status = 0
+        try:
+            run_daemon(args.config, mountpoint, options, ready_fd=write_fd)
+        except BaseException as exc:  # reported to the parent through the pipe, and logged
+            log.error("mount failed: %s", exc, exc_info=not isinstance(exc, RepoError))
+            _report(write_fd, f"error: {exc}")
+            status = 1
+        os._exit(status)
+    os.close(write_fd)
+    message = _wait_ready(read_fd, pid)
+    if message != "ready":
+        raise MountError(f"mount of {mountpoint} failed: {message} (log: {log_path})")
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    raise_read_ahead(mountpoint)
+    print(f"mounted {mountpoint} (daemon pid {pid}, log {log_path})")
+    return 0
+
+
+def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) -> None:
+    from .fs import serve  # loads libfuse: only in the process that mounts
+    from .tree import Tree
+
+    repo = S3Repo(config)
+    repo.ensure_ready()
+    tree = Tree(repo, metadata_ttl=repo.config.metadata_ttl / 2)
+    pid_path = pid_file(repo, mountpoint)
+    pid_path.write_text(f"{os.getpid()}\n")
+    stop = threading.Event()
+
+    def ready() -> None:
+        log.info("mounted %s: %s, %s", mountpoint, repo.db.describe(), repo.store.describe_location())
+        if ready_fd is not None:
+            _report(ready_fd, "ready")
+        threading.Thread(target=_retry_uploads, args=(repo, stop), name="upload-retry", daemon=True).start()
+
+    def finished() -> None:
+        stop.set()
+        tree.flush_all(lambda fh, exc: log.error("unmount: handle %s not uploaded: %s", fh, exc))
+        _retry_once(repo)
+        log.info("unmounted %s", mountpoint)
+
+    try:
+        serve(tree, str(mountpoint), foreground_options=options, on_ready=ready, on_exit=finished)
+    finally:
+        pid_path.unlink(missing_ok=True)
+        repo.close()
+
+
+def _retry_uploads(repo: S3Repo, stop: threading.Event) -> None:
+    while True:
+        _retry_once(repo)
+        if stop.wait(RETRY_INTERVAL):
+            return
+
+
+def _retry_once(repo: S3Repo) -> None:
+    try:
+        uploaded = repo.retry_staged_uploads()
+        if uploaded:
+            log.info("uploaded %d staged version(s) that had failed before", uploaded)
+    except RepoError as exc:
+        log.warning("retrying staged uploads: %s", exc)
+    except Exception:
+        log.exception("retrying staged uploads failed unexpectedly")
+
+
+def raise_read_ahead(mountpoint: Path, kb: int = 1024) -> None:
+    """Let 1 MiB reads through (libfuse3). The kernel resets read_ahead_kb during mount; root only."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(str(kb))
+    except OSError as exc:
+        log.debug("read_ahead_kb left as is: %s", exc)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint).absolute()
+    if not os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    pid = _daemon_pid(args, mountpoint)
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    result = subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip() or 'fusermount failed'}")
+    if pid is not None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    print(f"unmounted {mountpoint}")
+    return 0
+
+
+def _daemon_pid(args: argparse.Namespace, mountpoint: Path) -> int | None:
+    try:
+        repo = S3Repo(args.config)
+        text = pid_file(repo, mountpoint).read_text().strip()
+        repo.close()
+        return int(text)
+    except (OSError, ValueError, RepoError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # our own child (foreground tests, mount in the same process tree): reap it
+        done, _status = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _detach(log_path: Path) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.close(devnull)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _report(fd: int, message: str) -> None:
+    try:
+        os.write(fd, message.encode()[:4000])
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _wait_ready(fd: int, pid: int) -> str:
+    import select
+
+    chunks = []
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            data = os.read(fd, 4096)
+            if not data:
+                break
+            chunks.append(data)
+            if b"ready" in data:
+                break
+        elif not _alive(pid):
+            break
+    os.close(fd)
+    text = b"".join(chunks).decode(errors="replace")
+    if text.startswith("error: "):
+        return text[len("error: "):]
+    return "ready" if text == "ready" else (text or "the daemon exited before the mount was ready")

@@ -1,0 +1,595 @@
+"""The mounted tree: ``published/``, ``unpublished/`` and ``expired/`` over the repository.
+
+Everything the mount does is decided here, without FUSE, so it is tested without a mount; ``fs.py``
+only translates calls and errnos. Paths are mount paths (``/published/<type>/<dirs>/<name>``).
+
+Handles: a read handle holds the version it opened (its cache file is pinned and open), so a new
+version published at the same path never changes what an open reader sees. A write handle stages a
+new version (copy-on-write: published bytes are never modified); its last flush uploads, verifies and,
+in ``published/``, publishes it, so ``close()`` returns only once the version is durable.
+
+Concurrency: ``_lock`` guards the handle tables and the metadata cache; it is never held across
+database or store I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cachetools import TTLCache
+
+from .errors import (
+    AlreadyExistsError,
+    BadHandleError,
+    CrossDeviceError,
+    InvalidPathError,
+    IsDirectoryError,
+    LifecycleError,
+    NameTooLongError,
+    NoAttributeError,
+    NotDirectoryError,
+    NotFoundError,
+    NotSupportedError,
+    ReadOnlyError,
+    RepoError,
+)
+from .meta import Directory, Version
+from .paths import DirPath, RepoPath, split_components
+from .repo import S3Repo
+
+log = logging.getLogger(__name__)
+
+STATES = ("published", "unpublished", "expired")
+XATTR_PREFIX = "user.s3repo."
+XATTRS = ("state", "md5", "size", "s3_key", "origin_host", "version", "published_at", "tier", "tags")
+MISSING = object()
+
+
+@dataclass(frozen=True)
+class Location:
+    """A mount path, parsed: the state tree it is in and its components below the state."""
+
+    state: str | None  # None for the mount's root
+    parts: tuple[str, ...]
+
+    @property
+    def file(self) -> RepoPath | None:
+        return RepoPath(self.parts[0], "/".join(self.parts[1:-1]), self.parts[-1]) if len(self.parts) >= 2 else None
+
+    @property
+    def directory(self) -> DirPath | None:
+        return DirPath(self.parts[0], "/".join(self.parts[1:])) if self.parts else None
+
+
+@dataclass(frozen=True)
+class Entry:
+    is_dir: bool
+    mode: int  # permission bits
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    version: Version | None = None
+
+    def stat(self) -> dict:
+        kind = stat.S_IFDIR if self.is_dir else stat.S_IFREG
+        return {"st_mode": kind | self.mode, "st_nlink": 2 if self.is_dir else 1, "st_uid": self.uid,
+                "st_gid": self.gid, "st_size": self.size, "st_mtime": self.mtime_ns, "st_ctime": self.ctime_ns,
+                "st_atime": self.mtime_ns, "st_blocks": (self.size + 511) // 512, "st_blksize": 1024 * 1024}
+
+
+def _ns(seconds: float | None) -> int:
+    return int((seconds or 0) * 1e9)
+
+
+def file_entry(version: Version, state: str) -> Entry:
+    mode = version.mode & (0o7555 if state == "expired" else 0o7777)  # expired/ is read-only
+    changed = version.expired_at if state == "expired" else version.published_at or version.created_at
+    # mtime is the version's creation time: unique per version, so libfuse's auto_cache drops cached
+    # pages whenever a path gets a new version.
+    return Entry(False, mode, version.uid, version.gid, version.size or 0, _ns(version.created_at),
+                 _ns(changed), version)
+
+
+def dir_entry(directory: Directory, state: str) -> Entry:
+    mode = directory.mode & (0o7555 if state == "expired" else 0o7777)
+    return Entry(True, mode, directory.uid, directory.gid, 0, _ns(directory.created_at), _ns(directory.created_at))
+
+
+@dataclass
+class ReadHandle:
+    version: Version
+    fd: int
+    key: str | None  # pinned cache key, if the bytes are in the cache
+
+
+@dataclass
+class WriteHandle:
+    mount_path: str
+    state: str  # where the version goes on flush: published or unpublished
+    version: Version
+    fd: int
+    dirty: bool = True
+    written: bool = False  # a write arrived since the version started
+    sealed: bool = False  # flushed: further writes start a new version
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Tree:
+    def __init__(self, repo: S3Repo, metadata_ttl: float = 1.0, started: float | None = None) -> None:
+        self.repo = repo
+        self._lock = threading.Lock()
+        self._entries: TTLCache = TTLCache(maxsize=200_000, ttl=metadata_ttl)
+        self._handles: dict[int, ReadHandle | WriteHandle] = {}
+        self._writers: dict[str, WriteHandle] = {}  # mount path -> newest open writer
+        self._next_fh = 1
+        self._root_time = _ns(started or time.time())
+
+    # -- paths and lookups ----------------------------------------------------------------------
+
+    def parse(self, path: str) -> Location:
+        parts = split_components(path.strip("/")) if path.strip("/") else []
+        if not parts:
+            return Location(None, ())
+        if parts[0] not in STATES:
+            raise NotFoundError(f"{path}: not in published/, unpublished/ or expired/")
+        return Location(parts[0], tuple(parts[1:]))
+
+    def lookup(self, path: str) -> Entry:
+        """The entry at ``path``; NotFoundError if there is none."""
+        with self._lock:
+            writer = self._writers.get(path)
+            cached = self._entries.get(path)
+        if writer is not None:
+            return self._writer_entry(writer)
+        if cached is MISSING:
+            raise NotFoundError(f"{path}: no such file or directory")
+        if cached is not None:
+            return cached
+        try:
+            entry = self._query(self.parse(path))
+        except InvalidPathError as exc:
+            if isinstance(exc, NameTooLongError):
+                raise
+            entry = None  # a name the repository could never hold simply does not exist
+        with self._lock:
+            self._entries[path] = MISSING if entry is None else entry
+        if entry is None:
+            raise NotFoundError(f"{path}: no such file or directory")
+        return entry
+
+    def _query(self, loc: Location) -> Entry | None:
+        if loc.state is None or not loc.parts:
+            mode = 0o555 if loc.state == "expired" else 0o755
+            return Entry(True, mode, 0, 0, 0, self._root_time, self._root_time)
+        if loc.file is not None:
+            version = self.repo.meta.find(loc.file, loc.state)
+            if version is not None:
+                return file_entry(version, loc.state)
+        directory = self.repo.meta.get_dir(loc.directory)
+        return dir_entry(directory, loc.state) if directory else None
+
+    def _writer_entry(self, writer: WriteHandle) -> Entry:
+        st = os.fstat(writer.fd)
+        v = writer.version
+        return Entry(False, v.mode, v.uid, v.gid, st.st_size, st.st_mtime_ns, st.st_mtime_ns, v)
+
+    def getattr(self, path: str, fh: int | None = None) -> dict:
+        handle = self._handles.get(fh) if fh else None
+        if isinstance(handle, WriteHandle):
+            return self._writer_entry(handle).stat()
+        return self.lookup(path).stat()
+
+    def readdir(self, path: str) -> list[str]:
+        loc = self.parse(path)
+        entry = self.lookup(path)
+        if not entry.is_dir:
+            raise NotDirectoryError(f"{path}: not a directory")
+        if loc.state is None:
+            return list(STATES)
+        found: dict[str, Entry] = {}
+        if not loc.parts:
+            for directory in self.repo.meta.list_types():
+                found[directory.file_type] = dir_entry(directory, loc.state)
+        else:
+            for directory in self.repo.meta.list_subdirs(loc.directory):
+                found[directory.name] = dir_entry(directory, loc.state)
+            for version in self.repo.meta.list_dir(loc.directory, loc.state):
+                found[version.name] = file_entry(version, loc.state)
+        base = path.rstrip("/")
+        with self._lock:
+            for name, child in found.items():  # a listing answers the lookups that follow it (ls -l)
+                self._entries[f"{base}/{name}"] = child
+            prefix = base + "/"
+            for writer_path in self._writers:
+                if writer_path.startswith(prefix) and "/" not in writer_path[len(prefix):]:
+                    found.setdefault(writer_path[len(prefix):], None)  # type: ignore[arg-type]
+        return sorted(found)
+
+    def invalidate(self) -> None:
+        """Forget cached metadata (after any change made here; other hosts' changes age out by TTL)."""
+        with self._lock:
+            self._entries.clear()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def open(self, path: str, flags: int, uid: int = 0, gid: int = 0) -> int:
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            return self._open_read(path)
+        return self._open_write(path, flags, uid, gid)
+
+    def _open_read(self, path: str) -> int:
+        with self._lock:
+            writer = self._writers.get(path)
+        if writer is not None:  # our own file being written: read what is staged so far
+            return self._add_handle(ReadHandle(writer.version, os.dup(writer.fd), None))
+        entry = self.lookup(path)
+        if entry.is_dir:
+            raise IsDirectoryError(f"{path}: is a directory")
+        version = entry.version
+        local = self.repo.local_file(version)
+        key = version.s3_key if version.storage == "uploaded" else None
+        if key:
+            self.repo.cache.pin(key)
+        try:
+            fd = os.open(local, os.O_RDONLY)
+        except BaseException:
+            if key:
+                self.repo.cache.unpin(key)
+            raise
+        return self._add_handle(ReadHandle(version, fd, key))
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        return os.pread(self._handle(fh).fd, size, offset)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def create(self, path: str, mode: int, uid: int, gid: int) -> int:
+        loc = self._writable(path)
+        if loc.file is None:
+            raise LifecycleError(f"{path}: files live under a type directory (<state>/<type>/<name>)")
+        parent = self.repo.meta.get_dir(loc.file.parent)
+        if parent is None:
+            raise NotFoundError(f"{path}: no such directory {loc.file.parent}")
+        version = self.repo.copy_on_write(None, loc.file, mode=mode & 0o7777, uid=uid, gid=gid, keep_content=False)
+        return self._start_writer(path, loc.state, version)
+
+    def _open_write(self, path: str, flags: int, uid: int, gid: int) -> int:
+        loc = self._writable(path)
+        try:
+            entry = self.lookup(path)
+        except NotFoundError:
+            if flags & os.O_CREAT:  # the kernel thought the path existed (expired a moment ago)
+                return self.create(path, 0o644, uid, gid)
+            raise
+        if entry.is_dir:
+            raise IsDirectoryError(f"{path}: is a directory")
+        source = entry.version
+        keep = not flags & os.O_TRUNC
+        version = self.repo.copy_on_write(source, loc.file, mode=source.mode, uid=source.uid, gid=source.gid,
+                                          keep_content=keep)
+        fh = self._start_writer(path, loc.state, version)
+        self._handles[fh].dirty = not keep  # O_TRUNC made a change already; else wait for a write
+        return fh
+
+    def _start_writer(self, path: str, state: str, version: Version) -> int:
+        fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
+        handle = WriteHandle(path, state, version, fd)
+        with self._lock:
+            self._writers[path] = handle
+        self.invalidate()
+        return self._add_handle(handle)
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        handle = self._write_handle(fh)
+        with handle.lock:
+            if handle.sealed:
+                self._reopen_sealed(handle)
+            handle.dirty = handle.written = True
+            return os.pwrite(handle.fd, data, offset)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        if fh:
+            handle = self._write_handle(fh)
+            with handle.lock:
+                if handle.sealed:
+                    self._reopen_sealed(handle)
+                handle.dirty = handle.written = True
+                os.ftruncate(handle.fd, length)
+            return
+        # truncate(1) on a path: a new version with the truncated bytes, published at once
+        new = self._open_write(path, os.O_WRONLY, 0, 0)
+        try:
+            os.ftruncate(self._handle(new).fd, length)
+            self._handle(new).written = True
+            self.flush(new)
+        finally:
+            self.release(new)
+
+    def flush(self, fh: int, final: bool = False) -> None:
+        """Upload, verify and (in published/) publish what this handle wrote; errors reach close().
+
+        A file created or truncated but not yet written is left for the release (``final``): a shell's
+        ``echo x > f`` closes a duplicate of the descriptor before writing, and publishing the empty
+        file at that flush would show readers a state the writer never meant.
+        """
+        handle = self._handles.get(fh)
+        if isinstance(handle, WriteHandle):
+            self._flush(handle, final)
+
+    def _flush(self, handle: WriteHandle, final: bool) -> None:
+        with handle.lock:
+            if not handle.dirty or not (handle.written or final):
+                return
+            os.fsync(handle.fd)
+            version = handle.version
+            try:
+                version = self.repo.upload(version)
+                if handle.state == "published":
+                    version = self.repo.publish(version)
+                else:
+                    self._discard_older_staged(version)
+            except RepoError as exc:
+                if handle.state == "published":
+                    self.repo.meta.set_publish_pending(version.id, True)
+                log.error("%s: version %d kept in staging (unpublished/), will retry: %s",
+                          handle.mount_path, version.id, exc)
+                raise
+            finally:
+                self.invalidate()
+            handle.version = version
+            handle.dirty = False
+            handle.sealed = True
+
+    def _discard_older_staged(self, version: Version) -> None:
+        for older in self.repo.meta.history(version.path):
+            if older.state == "unpublished" and older.id < version.id and not self._is_being_written(older):
+                self.repo.discard(older)
+
+    def _is_being_written(self, version: Version) -> bool:
+        with self._lock:
+            return any(w.version.id == version.id for w in self._writers.values())
+
+    def _reopen_sealed(self, handle: WriteHandle) -> None:
+        """More writes after a flush published the bytes: continue in a new version with a copy."""
+        old = handle.version
+        version = self.repo.copy_on_write(old, old.path, mode=old.mode, uid=old.uid, gid=old.gid, keep_content=True)
+        fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
+        os.close(handle.fd)
+        handle.fd, handle.version, handle.sealed = fd, version, False
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, WriteHandle):
+            self._finish_writer(handle)
+        with self._lock:
+            self._handles.pop(fh, None)
+            if isinstance(handle, WriteHandle) and self._writers.get(handle.mount_path) is handle:
+                del self._writers[handle.mount_path]
+        if handle is None:
+            return
+        os.close(handle.fd)
+        if isinstance(handle, ReadHandle) and handle.key:
+            self.repo.cache.unpin(handle.key)
+        if isinstance(handle, WriteHandle):
+            self.invalidate()
+
+    def _finish_writer(self, handle: WriteHandle) -> None:
+        if handle.sealed:
+            return
+        if not handle.dirty:  # opened for writing, never written: there is nothing to keep
+            self.repo.discard(handle.version)
+            return
+        try:
+            self._flush(handle, final=True)  # created or truncated, never written (touch)
+        except RepoError:
+            pass  # logged by _flush; the version stays staged and is retried
+
+    def fsync(self, fh: int) -> None:
+        self.flush(fh, final=True)
+
+    # -- namespace changes ----------------------------------------------------------------------
+
+    def unlink(self, path: str) -> None:
+        loc = self.parse(path)
+        entry = self.lookup(path)
+        if entry.is_dir:
+            raise IsDirectoryError(f"{path}: is a directory")
+        if loc.state == "expired":
+            raise ReadOnlyError(f"{path}: expired versions are read-only (gc purges them)")
+        try:
+            if loc.state == "published":
+                self.repo.expire(entry.version)
+            else:
+                self.repo.discard(entry.version)
+        finally:
+            self.invalidate()
+
+    def rename(self, old: str, new: str) -> None:
+        src, dst = self.parse(old), self.parse(new)
+        entry = self.lookup(old)
+        if entry.is_dir:
+            raise CrossDeviceError(f"{old}: directories are moved by copying (mv does this by itself)")
+        if dst.file is None or src.state is None:
+            raise LifecycleError(f"{old} -> {new}: files live under <state>/<type>/")
+        version = entry.version
+        moves = {
+            ("unpublished", "published"), ("expired", "published"), ("published", "published"),
+            ("unpublished", "unpublished"),
+        }
+        if (src.state, dst.state) not in moves:
+            raise LifecycleError(f"{old} -> {new}: a {src.state} file cannot be moved into {dst.state}/")
+        if self.repo.meta.get_dir(dst.file.parent) is None:
+            raise NotFoundError(f"{new}: no such directory")
+        try:
+            if dst.state == "published":
+                self.repo.publish(version, dst.file)
+            else:
+                try:
+                    target = self.lookup(new)
+                except NotFoundError:
+                    target = None
+                if target is not None and target.version is not None and target.version.id != version.id:
+                    self.repo.discard(target.version)
+                self.repo.meta.move_unpublished(version.id, dst.file)
+        finally:
+            self.invalidate()
+
+    def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
+        loc = self.parse(path)
+        if loc.state is None or not loc.parts:
+            raise LifecycleError(f"{path}: the mount's top directories are fixed")
+        if loc.state == "expired":
+            raise ReadOnlyError(f"{path}: expired/ is read-only")
+        try:
+            self.lookup(path)
+        except NotFoundError:
+            pass
+        else:
+            raise AlreadyExistsError(f"{path}: already exists")
+        try:
+            self.repo.meta.make_dir(loc.directory, mode & 0o7777, uid, gid)
+        finally:
+            self.invalidate()
+
+    def rmdir(self, path: str) -> None:
+        loc = self.parse(path)
+        if loc.state is None or not loc.parts:
+            raise LifecycleError(f"{path}: the mount's top directories are fixed")
+        if loc.state == "expired":
+            raise ReadOnlyError(f"{path}: expired/ is read-only")
+        entry = self.lookup(path)
+        if not entry.is_dir:
+            raise NotDirectoryError(f"{path}: not a directory")
+        try:
+            self.repo.meta.remove_dir(loc.directory)
+        finally:
+            self.invalidate()
+
+    def chmod(self, path: str, mode: int) -> None:
+        self._set_attrs(path, mode=mode & 0o7777)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self._set_attrs(path, uid=None if uid < 0 else uid, gid=None if gid < 0 else gid)
+
+    def _set_attrs(self, path: str, **attrs: int | None) -> None:
+        loc = self.parse(path)
+        if loc.state == "expired":
+            raise ReadOnlyError(f"{path}: expired/ is read-only")
+        if loc.state is None or not loc.parts:
+            raise LifecycleError(f"{path}: the mount's top directories are fixed")
+        entry = self.lookup(path)
+        with self._lock:
+            writer = self._writers.get(path)
+        try:
+            if writer is not None:
+                writer.version = self.repo.meta.set_attrs(writer.version.id, **attrs)
+            elif entry.is_dir:
+                self.repo.meta.set_dir_attrs(loc.directory, **attrs)
+            else:
+                self.repo.meta.set_attrs(entry.version.id, **attrs)
+        finally:
+            self.invalidate()
+
+    # -- extended attributes --------------------------------------------------------------------
+
+    def listxattr(self, path: str) -> list[str]:
+        entry = self.lookup(path)
+        return [] if entry.is_dir else [XATTR_PREFIX + name for name in XATTRS]
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        if not name.startswith(XATTR_PREFIX):
+            raise NoAttributeError(f"{path}: no attribute {name}")  # security.*, system.*: never a query
+        entry = self.lookup(path)
+        key = name[len(XATTR_PREFIX):]
+        if entry.is_dir or key not in XATTRS:
+            raise NoAttributeError(f"{path}: no attribute {name}")
+        v = entry.version
+        values = {"state": v.state, "md5": v.md5, "size": v.size, "s3_key": v.s3_key, "origin_host": v.origin_host,
+                  "version": v.id, "published_at": v.published_at, "tier": v.tier}
+        value = json.dumps(self.repo.meta.tags(v.id), sort_keys=True) if key == "tags" else values[key]
+        if value is None:
+            raise NoAttributeError(f"{path}: {name} is not set yet")
+        return str(value).encode()
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        loc = self.parse(path)
+        entry = self.lookup(path)
+        if entry.is_dir or not name.startswith(XATTR_PREFIX):
+            raise NotSupportedError(f"{path}: only {XATTR_PREFIX}state and {XATTR_PREFIX}tag.* can be set")
+        key, text = name[len(XATTR_PREFIX):], value.decode("utf-8", "replace").strip()
+        try:
+            if key == "state" and text == "published":
+                if loc.state == "published":
+                    return
+                self.repo.publish(entry.version)
+            elif key == "state" and text == "expired":
+                if loc.state != "published":
+                    raise LifecycleError(f"{path}: only a published version can be expired")
+                self.repo.expire(entry.version)
+            elif key == "state":
+                raise InvalidPathError(f"{path}: {name} takes 'published' or 'expired', not {text!r}")
+            elif key.startswith("tag.") and len(key) > 4:
+                self.repo.meta.set_tag(entry.version.id, key[4:], text)
+            else:
+                raise NotSupportedError(f"{path}: {name} cannot be set")
+        finally:
+            self.invalidate()
+
+    def statfs(self) -> dict:
+        st = os.statvfs(self.repo.config.local_root)
+        return {name: getattr(st, name) for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                                                      "f_files", "f_ffree", "f_favail", "f_namemax")}
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _writable(self, path: str) -> Location:
+        loc = self.parse(path)
+        if loc.state == "expired":
+            raise ReadOnlyError(f"{path}: expired versions are read-only")
+        if loc.state is None or not loc.parts:
+            raise LifecycleError(f"{path}: the mount's top directories are fixed")
+        return loc
+
+    def _add_handle(self, handle: ReadHandle | WriteHandle) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fh: int) -> ReadHandle | WriteHandle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise RepoError(f"unknown file handle {fh}")
+        return handle
+
+    def _write_handle(self, fh: int) -> WriteHandle:
+        handle = self._handle(fh)
+        if not isinstance(handle, WriteHandle):
+            raise BadHandleError(f"file handle {fh} is open read-only")
+        return handle
+
+    def open_handles(self) -> int:
+        with self._lock:
+            return len(self._handles)
+
+    def flush_all(self, on_error: Callable[[str, Exception], None] | None = None) -> None:
+        """Flush every written handle (at unmount)."""
+        with self._lock:
+            handles = [fh for fh, h in self._handles.items() if isinstance(h, WriteHandle)]
+        for fh in handles:
+            try:
+                self.flush(fh)
+            except RepoError as exc:
+                if on_error:
+                    on_error(str(fh), exc)
+
