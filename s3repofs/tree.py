@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 STATES = ("published", "unpublished", "expired")
 XATTR_PREFIX = "user.s3repo."
-XATTRS = ("state", "md5", "size", "s3_key", "origin_host", "version", "published_at", "tier", "tags")
 MISSING = object()
 
 
@@ -503,22 +502,23 @@ class Tree:
 
     def listxattr(self, path: str) -> list[str]:
         entry = self.lookup(path)
-        return [] if entry.is_dir else [XATTR_PREFIX + name for name in XATTRS]
+        if entry.is_dir:
+            return []
+        return [XATTR_PREFIX + key for key, value in self._xattr_values(entry.version).items() if value is not None]
 
     def getxattr(self, path: str, name: str) -> bytes:
         if not name.startswith(XATTR_PREFIX):
             raise NoAttributeError(f"{path}: no attribute {name}")  # security.*, system.*: never a query
         entry = self.lookup(path)
-        key = name[len(XATTR_PREFIX):]
-        if entry.is_dir or key not in XATTRS:
-            raise NoAttributeError(f"{path}: no attribute {name}")
-        v = entry.version
-        values = {"state": v.state, "md5": v.md5, "size": v.size, "s3_key": v.s3_key, "origin_host": v.origin_host,
-                  "version": v.id, "published_at": v.published_at, "tier": v.tier}
-        value = json.dumps(self.repo.meta.tags(v.id), sort_keys=True) if key == "tags" else values[key]
+        value = None if entry.is_dir else self._xattr_values(entry.version).get(name[len(XATTR_PREFIX):])
         if value is None:
-            raise NoAttributeError(f"{path}: {name} is not set yet")
+            raise NoAttributeError(f"{path}: no attribute {name}")
         return str(value).encode()
+
+    def _xattr_values(self, v: Version) -> dict:
+        return {"state": v.state, "md5": v.md5, "size": v.size, "s3_key": v.s3_key, "origin_host": v.origin_host,
+                "version": v.id, "published_at": v.published_at, "tier": v.tier,
+                "tags": json.dumps(self.repo.meta.tags(v.id), sort_keys=True)}
 
     def setxattr(self, path: str, name: str, value: bytes) -> None:
         loc = self.parse(path)

@@ -69,7 +69,7 @@ def test_add_with_publish_and_status(config_file, tmp_path):
     assert status.returncode == 0 and b"1 published" in status.stdout
 
 
-@pytest.mark.parametrize("bad", ["../etc/passwd", "/abs/path", "t/a\\x00b".replace("\\x00", "%00"), "t//x", "t/" + "n" * 300])
+@pytest.mark.parametrize("bad", ["../etc/passwd", "/abs/path", "t//x", "t/" + "n" * 300])
 def test_bad_paths_fail_cleanly_and_write_nothing(config_file, tmp_path, bad):
     source = tmp_path / "f"
     source.write_bytes(b"x")

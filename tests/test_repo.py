@@ -182,3 +182,23 @@ def test_concurrent_publishes_of_one_path_leave_exactly_one_published(repo_confi
         states = [v.state for v in repo.meta.history(RepoPath.parse("race/same.txt"))]
         assert len(states) == 100
         assert states.count("published") == 1 and states.count("expired") == 99
+
+
+def test_a_failed_upload_keeps_the_staged_bytes_and_is_retried(repo, monkeypatch):
+    from s3repofs.errors import StoreUnavailableError
+
+    rf = repo.add_file(path="t/a.txt").touch("precious")
+    real_put = repo.store.put
+
+    def unreachable(*args, **kwargs):
+        raise StoreUnavailableError("cannot reach the store (injected)")
+
+    monkeypatch.setattr(repo.store, "put", unreachable)
+    with pytest.raises(StoreUnavailableError):
+        rf.publish()
+    assert rf.refresh().state == "unpublished" and rf.storage == "local"
+    repo.meta.set_publish_pending(rf.id, True)
+    assert repo.retry_staged_uploads() == 0  # still unreachable: nothing lost, nothing published
+    monkeypatch.setattr(repo.store, "put", real_put)
+    assert repo.retry_staged_uploads() == 1
+    assert repo.get_file("t/a.txt").read_bytes() == b"precious"

@@ -1,0 +1,258 @@
+"""The mounted tree, used with os calls and ordinary tools: every row of DESIGN.md's semantics table."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from mount_helper import daemon_log, fuse_available, mounted, s3repofs, wait_for, write_config
+from repo_fixtures import make_config
+
+pytestmark = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3 (./scripts/setup)")
+
+
+@pytest.fixture
+def mnt(repo_config_pair, tmp_path):
+    with mounted(repo_config_pair, tmp_path) as mountpoint:
+        (mountpoint / "published" / "docs").mkdir()
+        yield mountpoint
+
+
+def xattrs(path) -> dict:
+    return {name: os.getxattr(path, name).decode() for name in os.listxattr(path)}
+
+
+def test_top_level_shows_the_three_states(mnt):
+    assert sorted(os.listdir(mnt)) == ["expired", "published", "unpublished"]
+    assert os.listdir(mnt / "published") == ["docs"]
+    assert os.listdir(mnt / "expired") == ["docs"]
+
+
+def test_cp_into_published_publishes_on_close(mnt, tmp_path):
+    source = tmp_path / "data.bin"
+    source.write_bytes(os.urandom(300_000))
+    subprocess.run(["cp", str(source), str(mnt / "published/docs/data.bin")], check=True)
+    target = mnt / "published/docs/data.bin"
+    assert target.read_bytes() == source.read_bytes()
+    attrs = xattrs(target)
+    assert attrs["user.s3repo.state"] == "published"
+    assert attrs["user.s3repo.md5"] == hashlib.md5(source.read_bytes()).hexdigest()
+    assert attrs["user.s3repo.size"] == "300000"
+    listing = subprocess.run(["ls", "-l", str(mnt / "published/docs")], capture_output=True, text=True, check=True)
+    assert "300000" in listing.stdout and "data.bin" in listing.stdout
+    dump = subprocess.run(["getfattr", "-d", str(target)], capture_output=True, text=True, check=True)
+    assert "user.s3repo.s3_key=" in dump.stdout and "user.s3repo.origin_host=" in dump.stdout
+
+
+def test_overwrite_then_read_at_once_never_serves_stale_bytes(mnt):
+    path = mnt / "published/docs/f.txt"
+    for content in (b"aaaa", b"bbbb", b"cc", b"dddddddd", b"eeeeeeee"):
+        path.write_bytes(content)
+        assert path.read_bytes() == content
+        assert os.stat(path).st_size == len(content)
+
+
+def test_an_open_handle_keeps_reading_the_version_it_opened(mnt):
+    path = mnt / "published/docs/f.txt"
+    path.write_bytes(b"old version")
+    with open(path, "rb") as reader:
+        path.write_bytes(b"new version!")
+        assert reader.read() == b"old version"
+    assert path.read_bytes() == b"new version!"
+
+
+def test_write_in_unpublished_then_mv_publishes(mnt):
+    staged = mnt / "unpublished/docs/draft.txt"
+    staged.write_text("draft")
+    assert not (mnt / "published/docs/draft.txt").exists()
+    assert xattrs(staged)["user.s3repo.state"] == "unpublished"
+    os.rename(staged, mnt / "published/docs/final.txt")
+    assert (mnt / "published/docs/final.txt").read_text() == "draft"
+    assert not staged.exists()
+
+
+def test_rm_expires_and_mv_back_republishes(mnt):
+    path = mnt / "published/docs/f.txt"
+    path.write_text("v1")
+    os.unlink(path)
+    assert not path.exists()
+    assert (mnt / "expired/docs/f.txt").read_text() == "v1"
+    os.rename(mnt / "expired/docs/f.txt", path)
+    assert path.read_text() == "v1"
+
+
+def test_republishing_an_expired_version_expires_the_current_one(mnt):
+    path = mnt / "published/docs/f.txt"
+    path.write_text("v1")
+    path.write_text("v2")
+    assert (mnt / "expired/docs/f.txt").read_text() == "v1"
+    os.rename(mnt / "expired/docs/f.txt", path)
+    assert path.read_text() == "v1"
+    assert (mnt / "expired/docs/f.txt").read_text() == "v2"
+
+
+def test_setfattr_publishes_and_expires(mnt):
+    staged = mnt / "unpublished/docs/x.txt"
+    staged.write_text("x")
+    subprocess.run(["setfattr", "-n", "user.s3repo.state", "-v", "published", str(staged)], check=True)
+    published = mnt / "published/docs/x.txt"
+    assert published.read_text() == "x"
+    os.setxattr(published, "user.s3repo.state", b"expired")
+    assert not published.exists() and (mnt / "expired/docs/x.txt").exists()
+
+
+def test_rm_in_unpublished_discards(mnt):
+    staged = mnt / "unpublished/docs/x.txt"
+    staged.write_text("x")
+    os.unlink(staged)
+    assert not staged.exists()
+    assert not (mnt / "expired/docs/x.txt").exists()
+
+
+def test_writing_over_a_staged_path_replaces_it(mnt):
+    staged = mnt / "unpublished/docs/x.txt"
+    staged.write_text("one")
+    staged.write_text("two")
+    assert staged.read_text() == "two"
+
+
+def test_append_to_a_published_file_makes_a_new_version(mnt):
+    path = mnt / "published/docs/log.txt"
+    path.write_text("line 1\n")
+    version = xattrs(path)["user.s3repo.version"]
+    with open(path, "a") as f:
+        f.write("line 2\n")
+    assert path.read_text() == "line 1\nline 2\n"
+    assert xattrs(path)["user.s3repo.version"] != version
+    assert (mnt / "expired/docs/log.txt").read_text() == "line 1\n"
+
+
+def test_mkdir_p_and_rmdir(mnt, tmp_path):
+    deep = mnt / "published/docs/2026/11"
+    os.makedirs(deep)
+    (deep / "a.txt").write_text("a")
+    assert os.listdir(mnt / "published/docs") == ["2026"]
+    with pytest.raises(OSError) as info:
+        os.rmdir(deep)
+    assert info.value.errno == errno.ENOTEMPTY
+    os.makedirs(mnt / "published/docs/empty")
+    os.rmdir(mnt / "published/docs/empty")
+    assert not (mnt / "published/docs/empty").exists()
+    os.mkdir(mnt / "published/newtype")
+    assert "newtype" in os.listdir(mnt / "unpublished")
+
+
+def test_chmod_and_chown_are_stored(mnt):
+    path = mnt / "published/docs/secret.txt"
+    path.write_text("s")
+    os.chmod(path, 0o600)
+    os.chown(path, 1234, 5678)
+    st = os.stat(path)
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o600, 1234, 5678)
+
+
+def test_refused_operations_get_the_right_errno(mnt):
+    path = mnt / "published/docs/f.txt"
+    path.write_text("x")
+    os.unlink(path)
+    expired = mnt / "expired/docs/f.txt"
+    with pytest.raises(OSError) as info:
+        os.open(expired, os.O_WRONLY)
+    assert info.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    (mnt / "published/docs/g.txt").write_text("g")
+    with pytest.raises(OSError) as info:
+        os.link(mnt / "published/docs/g.txt", mnt / "published/docs/h.txt")
+    assert info.value.errno == errno.EPERM
+    with pytest.raises(OSError) as info:
+        (mnt / "published/loose.txt").write_text("no type")
+    assert info.value.errno == errno.EPERM
+    with pytest.raises(OSError) as info:
+        os.rename(mnt / "published/docs/g.txt", mnt / "unpublished/docs/g.txt")
+    assert info.value.errno == errno.EPERM
+
+
+def test_df_and_rsync_work(mnt, tmp_path):
+    subprocess.run(["df", str(mnt)], check=True, capture_output=True)
+    source = tmp_path / "tree"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.txt").write_text("a")
+    (source / "sub/b.txt").write_text("b" * 10000)
+    subprocess.run(["rsync", "-a", f"{source}/", str(mnt / "published/docs/tree/")], check=True)
+    assert (mnt / "published/docs/tree/a.txt").read_text() == "a"
+    assert (mnt / "published/docs/tree/sub/b.txt").read_text() == "b" * 10000
+    assert sorted(os.listdir(mnt / "published/docs/tree")) == ["a.txt", "sub"]
+
+
+def test_a_published_file_survives_a_remount_with_an_empty_cache(repo_config_pair, tmp_path):
+    data = os.urandom(2_000_000)
+    with mounted(repo_config_pair, tmp_path) as mnt:
+        os.mkdir(mnt / "published/raw")
+        (mnt / "published/raw/blob").write_bytes(data)
+    shutil.rmtree(tmp_path / "root" / "cache")
+    with mounted(repo_config_pair, tmp_path) as mnt:
+        assert (mnt / "published/raw/blob").read_bytes() == data
+
+
+def test_mount_refuses_bad_mountpoints(repo_config_pair, tmp_path):
+    config = str(write_config(repo_config_pair, tmp_path / "c.json"))
+    s3repofs("init", "--config", config)
+    missing = s3repofs("mount", str(tmp_path / "nope"), "--config", config, check=False)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    busy = s3repofs("mount", str(full), "--config", config, check=False)
+    assert busy.returncode != 0 and "not empty" in busy.stderr
+    with mounted(repo_config_pair, tmp_path) as mnt:
+        twice = s3repofs("mount", str(mnt), "--config", config, check=False)
+        assert twice.returncode != 0 and "already a mountpoint" in twice.stderr
+        assert "Traceback" not in twice.stderr
+
+
+def test_two_mounts_of_one_repository_see_each_other(request, tmp_path):
+    first = make_config(request, tmp_path / "a", "postgres-s3")
+    second = {**first, "local_root": str(tmp_path / "b" / "root"), "host_name": "second-host"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with mounted(first, tmp_path / "a") as one, mounted(second, tmp_path / "b") as two:
+        os.mkdir(one / "published/shared")
+        data = os.urandom(100_000)
+        (one / "published/shared/f.bin").write_bytes(data)
+        seen = wait_for(lambda: (two / "published/shared/f.bin").exists(), timeout=1.5)
+        assert seen, "the second mount did not see the publish within the metadata TTL"
+        assert (two / "published/shared/f.bin").read_bytes() == data
+        os.unlink(two / "published/shared/f.bin")
+        assert wait_for(lambda: (one / "expired/shared/f.bin").exists(), timeout=1.5)
+        assert wait_for(lambda: not (one / "published/shared/f.bin").exists(), timeout=1.5)
+        assert (two / "expired/shared/f.bin").exists()
+
+
+def test_failed_upload_returns_eio_keeps_the_bytes_and_retries(request, tmp_path):
+    from servers import start_s3_server
+
+    server = start_s3_server(tmp_path / "s3")
+    server.create_bucket("flaky-bucket")
+    config = {**make_config(request, tmp_path, "sqlite-local"), "object_dir": None}
+    config.pop("object_dir")
+    config.update(default_s3_bucket="flaky-bucket", s3_endpoint_url=server.endpoint_url, s3_access_key="testing",
+                  s3_secret_key="testing")
+    try:
+        with mounted(config, tmp_path) as mnt:
+            os.mkdir(mnt / "published/docs")
+            server.stop()
+            fd = os.open(mnt / "published/docs/f.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, b"precious")
+            with pytest.raises(OSError) as info:
+                os.close(fd)
+            assert info.value.errno == errno.EIO
+            assert (mnt / "unpublished/docs/f.txt").read_bytes() == b"precious"
+            # the failed writer's path disappears from published/ once the kernel releases the handle
+            assert wait_for(lambda: not (mnt / "published/docs/f.txt").exists())
+            assert "will retry" in daemon_log(tmp_path)
+    finally:
+        server.stop()
