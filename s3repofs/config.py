@@ -115,7 +115,7 @@ def embedded_config(root: Path | None = None) -> Config:
     return Config(
         source=EMBEDDED,
         local_root=root,
-        database_url=f"sqlite:///{root / 'repo.db'}",
+        database_url=f"sqlite://{root / 'repo.db'}",
         object_dir=root / "objects",
     )
 
@@ -198,11 +198,11 @@ def _check_bucket(name: str, key: str, source: str) -> None:
 
 def _database_url(value: str | dict | None, local_root: Path, source: str) -> str:
     if value is None:
-        return f"sqlite:///{local_root / 'repo.db'}"
+        return f"sqlite://{local_root / 'repo.db'}"
     if isinstance(value, str):
         if value.startswith("sqlite:///"):
             if not os.path.isabs(value[len("sqlite://"):]):
-                raise ConfigError(f"{source}: key 'database': a sqlite URL needs an absolute path (sqlite:////abs/path.db)")
+                raise ConfigError(f"{source}: key 'database': a sqlite URL needs an absolute path (sqlite:///abs/path.db)")
             return value
         if value.startswith(("postgresql://", "postgres://")):
             if not urlsplit(value).path.strip("/"):

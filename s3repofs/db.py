@@ -165,7 +165,8 @@ class Database:
 
     def __init__(self, url: str, max_connections: int = 16) -> None:
         if url.startswith("sqlite:///"):
-            self.dialect: Any = SQLiteDialect(Path(url[len("sqlite://"):]))
+            # sqlite:///abs/path and sqlite:////abs/path (SQLAlchemy's spelling) name the same file
+            self.dialect: Any = SQLiteDialect(Path("/" + url[len("sqlite://"):].lstrip("/")))
         else:
             self.dialect = PostgresDialect(url)
         self._idle: queue.LifoQueue = queue.LifoQueue()

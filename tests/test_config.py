@@ -55,7 +55,7 @@ def test_no_config_means_the_embedded_default(tmp_path, monkeypatch):
     config = load_config()
     assert config.source == EMBEDDED
     assert config.local_root == tmp_path / "s3repofs"
-    assert config.database_url == f"sqlite:///{tmp_path}/s3repofs/repo.db"
+    assert config.database_url == f"sqlite://{tmp_path}/s3repofs/repo.db"
     assert config.store_kind == "local"
 
 
