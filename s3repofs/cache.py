@@ -49,7 +49,7 @@ class LocalCache:
         if not layout.exists():
             layout.write_text(LAYOUT_VERSION + "\n")
         elif layout.read_text().strip() != LAYOUT_VERSION:
-            raise RepoError(f"cache {self.objects_dir.parent} has an unknown layout; clear it with `s3repofs cache clear`")
+            raise RepoError(f"cache {self.objects_dir.parent} has an unknown layout: move it aside")
         found = []
         for dirpath, _dirs, files in os.walk(self.objects_dir):
             for name in files:

@@ -179,9 +179,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 if rf.path != path.strip("/"):
                     raise NotFoundError(f"{path}: version {args.version_id} is a version of {rf.path}")
             else:
-                rf = repo.get_file(path, "unpublished") or repo.get_file(path, "expired")
+                current = repo.get_file(path)
+                # an expired version comes back only when nothing is published, so a repeated
+                # `publish` (from cron, say) never flips between two versions
+                rf = repo.get_file(path, "unpublished") or (None if current else repo.get_file(path, "expired"))
                 if rf is None:
-                    current = repo.get_file(path)
                     raise NotFoundError(f"{path}: already published (version {current.id})" if current
                                         else f"{path}: no unpublished or expired version")
             rf.publish()

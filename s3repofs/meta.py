@@ -363,10 +363,11 @@ class MetaStore:
                                           (int(pending), version_id)))
 
     def staged_on(self, host: str) -> list[Version]:
-        """Unpublished versions staged on ``host`` and not yet uploaded (uploads to retry)."""
+        """Unpublished versions of ``host`` not yet uploaded, or uploaded but waiting to be published."""
         rows = self.db.run(lambda tx: tx.all(
             f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE state = 'unpublished' AND storage = 'local' AND origin_host = ? ORDER BY id""",
+                WHERE state = 'unpublished' AND origin_host = ? AND (storage = 'local' OR publish_pending = 1)
+                ORDER BY id""",
             (host,)), write=False)
         return [Version(**r) for r in rows]
 

@@ -139,12 +139,12 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) ->
         log.info("mounted %s: %s, %s", mountpoint, repo.db.describe(), repo.store.describe_location())
         if ready_fd is not None:
             _report(ready_fd, "ready")
-        threading.Thread(target=_retry_uploads, args=(repo, stop), name="upload-retry", daemon=True).start()
+        threading.Thread(target=_retry_uploads, args=(repo, tree, stop), name="upload-retry", daemon=True).start()
 
     def finished() -> None:
         stop.set()
         tree.flush_all(lambda fh, exc: log.error("unmount: handle %s not uploaded: %s", fh, exc))
-        _retry_once(repo)
+        _retry_once(repo, tree)
         log.info("unmounted %s", mountpoint)
 
     try:
@@ -154,16 +154,16 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) ->
         repo.close()
 
 
-def _retry_uploads(repo: S3Repo, stop: threading.Event) -> None:
+def _retry_uploads(repo: S3Repo, tree, stop: threading.Event) -> None:
     while True:
-        _retry_once(repo)
+        _retry_once(repo, tree)
         if stop.wait(RETRY_INTERVAL):
             return
 
 
-def _retry_once(repo: S3Repo) -> None:
+def _retry_once(repo: S3Repo, tree) -> None:
     try:
-        uploaded = repo.retry_staged_uploads()
+        uploaded = repo.retry_staged_uploads(skip=tree.versions_being_written())
         if uploaded:
             log.info("uploaded %d staged version(s) that had failed before", uploaded)
     except RepoError as exc:

@@ -205,28 +205,34 @@ class S3Repo:
             shutil.copyfile(self.local_file(source), staged)
         return rf.version
 
-    def retry_staged_uploads(self) -> int:
+    def retry_staged_uploads(self, skip: set[int] = frozenset()) -> int:
         """Upload what this host staged but could not upload (S3 was down, say); publish what was meant
-        to be published unless a newer version was published meanwhile. Returns how many were uploaded."""
+        to be published unless a newer version was published meanwhile. Versions in ``skip`` (still
+        open for writing) are left alone. Returns how many versions were uploaded or published."""
         done = 0
         for version in self.meta.staged_on(self.host):
-            if not self.cache.staging_path(version.s3_key).exists():
+            if version.id in skip:
+                continue
+            if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
                 continue
             try:
                 version = self.upload(version)
+                if version.publish_pending:
+                    self._publish_unless_superseded(version)
             except RepoError as exc:
-                log.warning("upload of %s (version %d) failed again: %s", version.path, version.id, exc)
+                log.warning("retry of %s (version %d) failed again: %s", version.path, version.id, exc)
                 continue
             done += 1
-            if version.publish_pending:
-                current = self.meta.find(version.path)
-                if current is not None and current.created_at > version.created_at:
-                    log.warning("not publishing %s (version %d): newer version %d is published",
-                                version.path, version.id, current.id)
-                    self.meta.set_publish_pending(version.id, False)
-                else:
-                    self.publish(version)
         return done
+
+    def _publish_unless_superseded(self, version: Version) -> None:
+        current = self.meta.find(version.path)
+        if current is not None and current.created_at > version.created_at:
+            log.warning("not publishing %s (version %d): newer version %d is published",
+                        version.path, version.id, current.id)
+            self.meta.set_publish_pending(version.id, False)
+        else:
+            self.publish(version)
 
     def local_file(self, version: Version) -> Path:
         """A local file holding the version's verified bytes: staged, or fetched into the cache."""

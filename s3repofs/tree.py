@@ -226,11 +226,11 @@ class Tree:
         return self._open_write(path, flags, uid, gid)
 
     def _open_read(self, path: str) -> int:
-        with self._lock:
-            writer = self._writers.get(path)
-        if writer is not None:  # our own file being written: read what is staged so far
-            return self._add_handle(ReadHandle(writer.version, os.dup(writer.fd), None))
-        entry = self.lookup(path)
+        # Straight from the database, never from an open writer: readers see the stored version
+        # (old or new), never bytes still being written.
+        entry = self._query(self.parse(path))
+        if entry is None:
+            raise NotFoundError(f"{path}: no such file (or not yet closed by its writer)")
         if entry.is_dir:
             raise IsDirectoryError(f"{path}: is a directory")
         version = entry.version
@@ -307,8 +307,9 @@ class Tree:
         # truncate(1) on a path: a new version with the truncated bytes, published at once
         new = self._open_write(path, os.O_WRONLY, 0, 0)
         try:
-            os.ftruncate(self._handle(new).fd, length)
-            self._handle(new).written = True
+            handle = self._write_handle(new)
+            os.ftruncate(handle.fd, length)
+            handle.dirty = handle.written = True
             self.flush(new)
         finally:
             self.release(new)
@@ -337,6 +338,7 @@ class Tree:
                 else:
                     self._discard_older_staged(version)
             except RepoError as exc:
+                handle.version = self.repo.meta.get(version.id)  # perhaps uploaded, not published
                 if handle.state == "published":
                     self.repo.meta.set_publish_pending(version.id, True)
                 log.error("%s: version %d kept in staging (unpublished/), will retry: %s",
@@ -454,8 +456,9 @@ class Tree:
             pass
         else:
             raise AlreadyExistsError(f"{path}: already exists")
+        directory = DirPath.parse("/".join(loc.parts))  # validates the type name too
         try:
-            self.repo.meta.make_dir(loc.directory, mode & 0o7777, uid, gid)
+            self.repo.meta.make_dir(directory, mode & 0o7777, uid, gid)
         finally:
             self.invalidate()
 
@@ -577,6 +580,10 @@ class Tree:
         if not isinstance(handle, WriteHandle):
             raise BadHandleError(f"file handle {fh} is open read-only")
         return handle
+
+    def versions_being_written(self) -> set[int]:
+        with self._lock:
+            return {w.version.id for w in self._writers.values()}
 
     def open_handles(self) -> int:
         with self._lock:

@@ -8,7 +8,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-
 from servers import PostgresServer, S3Server, start_postgres, start_s3_server
 
 

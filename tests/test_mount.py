@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from mount_helper import daemon_log, fuse_available, mounted, s3repofs, wait_for, write_config
 from repo_fixtures import make_config
 
@@ -256,3 +255,27 @@ def test_failed_upload_returns_eio_keeps_the_bytes_and_retries(request, tmp_path
             assert "will retry" in daemon_log(tmp_path)
     finally:
         server.stop()
+
+
+def test_truncate_makes_a_new_published_version(mnt):
+    path = mnt / "published/docs/t.txt"
+    path.write_text("0123456789")
+    os.truncate(path, 4)
+    assert path.read_text() == "0123"
+    assert (mnt / "expired/docs/t.txt").read_text() == "0123456789"
+
+
+def test_readers_never_see_bytes_still_being_written(mnt):
+    path = mnt / "published/docs/w.txt"
+    path.write_text("old")
+    with open(path, "w") as writer:
+        writer.write("partial new")
+        writer.flush()
+        assert path.read_text() == "old"
+    assert path.read_text() == "partial new"
+
+
+def test_mkdir_refuses_a_type_name_files_could_not_use(mnt):
+    with pytest.raises(OSError) as info:
+        os.mkdir(mnt / "published/bad type")
+    assert info.value.errno == errno.EINVAL

@@ -7,7 +7,6 @@ from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
-
 from servers import PostgresServer, S3Server
 
 
