@@ -450,10 +450,7 @@ class MetaStore:
         return [_directory(r) for r in rows]
 
     def get_dir(self, directory: DirPath) -> Directory | None:
-        row = self.db.run(lambda tx: tx.one(
-            f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
-            (directory.file_type, directory.dir)), write=False)
-        return _directory(row) if row else None
+        return self.db.run(lambda tx: self._get_dir(tx, directory), write=False)
 
     def make_dir(self, directory: DirPath, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Directory:
         now = self.clock()
@@ -462,23 +459,20 @@ class MetaStore:
             self._ensure_dirs(tx, directory, now)
             tx.execute("UPDATE directories SET explicit = 1, mode = ?, uid = ?, gid = ? WHERE file_type = ? AND dir = ?",
                        (mode, uid, gid, directory.file_type, directory.dir))
-            return _directory(tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
-                                     (directory.file_type, directory.dir)))
+            return self._get_dir(tx, directory)
 
         return self.db.run(run)
 
     def set_dir_attrs(self, directory: DirPath, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None) -> Directory:
         def run(tx: Tx) -> Directory:
-            current = tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
-                             (directory.file_type, directory.dir))
+            current = self._get_dir(tx, directory)
             if current is None:
                 raise NotFoundError(f"{directory}: no such directory")
             tx.execute("UPDATE directories SET mode = ?, uid = ?, gid = ? WHERE file_type = ? AND dir = ?",
-                       (current["mode"] if mode is None else mode & 0o7777, current["uid"] if uid is None else uid,
-                        current["gid"] if gid is None else gid, directory.file_type, directory.dir))
-            return _directory(tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
-                                     (directory.file_type, directory.dir)))
+                       (current.mode if mode is None else mode & 0o7777, current.uid if uid is None else uid,
+                        current.gid if gid is None else gid, directory.file_type, directory.dir))
+            return self._get_dir(tx, directory)
 
         return self.db.run(run)
 
@@ -509,6 +503,11 @@ class MetaStore:
                ON CONFLICT (file_type, dir) DO NOTHING""",
             [(d.file_type, d.dir, d.parent_dir, now) for d in directory.ancestors()],
         )
+
+    def _get_dir(self, tx: Tx, directory: DirPath) -> Directory | None:
+        row = tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
+                     (directory.file_type, directory.dir))
+        return _directory(row) if row else None
 
     def _lock_path(self, tx: Tx, path: RepoPath) -> None:
         key = (path.file_type, path.dir, path.name)

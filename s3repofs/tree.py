@@ -275,13 +275,12 @@ class Tree:
         keep = not flags & os.O_TRUNC
         version = self.repo.copy_on_write(source, loc.file, mode=source.mode, uid=source.uid, gid=source.gid,
                                           keep_content=keep)
-        fh = self._start_writer(path, loc.state, version)
-        self._handles[fh].dirty = not keep  # O_TRUNC made a change already; else wait for a write
-        return fh
+        # O_TRUNC made a change already; a kept copy changes only when written
+        return self._start_writer(path, loc.state, version, dirty=not keep)
 
-    def _start_writer(self, path: str, state: str, version: Version) -> int:
+    def _start_writer(self, path: str, state: str, version: Version, dirty: bool = True) -> int:
         fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
-        handle = WriteHandle(path, state, version, fd)
+        handle = WriteHandle(path, state, version, fd, dirty=dirty)
         with self._lock:
             self._writers[path] = handle
         self.invalidate()
@@ -352,12 +351,8 @@ class Tree:
 
     def _discard_older_staged(self, version: Version) -> None:
         for older in self.repo.meta.history(version.path):
-            if older.state == "unpublished" and older.id < version.id and not self._is_being_written(older):
+            if older.state == "unpublished" and older.id < version.id and older.id not in self.versions_being_written():
                 self.repo.discard(older)
-
-    def _is_being_written(self, version: Version) -> bool:
-        with self._lock:
-            return any(w.version.id == version.id for w in self._writers.values())
 
     def _reopen_sealed(self, handle: WriteHandle) -> None:
         """More writes after a flush published the bytes: continue in a new version with a copy."""
@@ -507,21 +502,23 @@ class Tree:
         entry = self.lookup(path)
         if entry.is_dir:
             return []
-        return [XATTR_PREFIX + key for key, value in self._xattr_values(entry.version).items() if value is not None]
+        names = [key for key, value in _xattr_values(entry.version).items() if value is not None]
+        return [XATTR_PREFIX + key for key in (*names, "tags")]
 
     def getxattr(self, path: str, name: str) -> bytes:
         if not name.startswith(XATTR_PREFIX):
             raise NoAttributeError(f"{path}: no attribute {name}")  # security.*, system.*: never a query
         entry = self.lookup(path)
-        value = None if entry.is_dir else self._xattr_values(entry.version).get(name[len(XATTR_PREFIX):])
+        key = name[len(XATTR_PREFIX):]
+        if entry.is_dir:
+            value = None
+        elif key == "tags":  # the only attribute that costs a query
+            value = json.dumps(self.repo.meta.tags(entry.version.id), sort_keys=True)
+        else:
+            value = _xattr_values(entry.version).get(key)
         if value is None:
             raise NoAttributeError(f"{path}: no attribute {name}")
         return str(value).encode()
-
-    def _xattr_values(self, v: Version) -> dict:
-        return {"state": v.state, "md5": v.md5, "size": v.size, "s3_key": v.s3_key, "origin_host": v.origin_host,
-                "version": v.id, "published_at": v.published_at, "tier": v.tier,
-                "tags": json.dumps(self.repo.meta.tags(v.id), sort_keys=True)}
 
     def setxattr(self, path: str, name: str, value: bytes) -> None:
         loc = self.parse(path)
@@ -585,10 +582,6 @@ class Tree:
         with self._lock:
             return {w.version.id for w in self._writers.values()}
 
-    def open_handles(self) -> int:
-        with self._lock:
-            return len(self._handles)
-
     def flush_all(self, on_error: Callable[[str, Exception], None] | None = None) -> None:
         """Flush every written handle (at unmount)."""
         with self._lock:
@@ -600,3 +593,8 @@ class Tree:
                 if on_error:
                     on_error(str(fh), exc)
 
+
+def _xattr_values(v: Version) -> dict:
+    """The ``user.s3repo.*`` attributes held in the version's row (``tags`` is read separately)."""
+    return {"state": v.state, "md5": v.md5, "size": v.size, "s3_key": v.s3_key, "origin_host": v.origin_host,
+            "version": v.id, "published_at": v.published_at, "tier": v.tier}
