@@ -2,11 +2,14 @@
 (``staging``, never evicted).
 
 Objects are keyed by their store key, which is unique per version and never reused: a cached file
-can never be stale, only absent. Fills are atomic (temp file, fsync, rename) and verified before the
-rename; concurrent openers of one object share one download. The cache is bounded by bytes and
-evicts the least recently used objects that nobody holds open.
+can never be stale, only absent. Downloads write a temp file that readers may already use (see
+``transfer.Download``); it is renamed into place only once verified, so a file under its key is
+always complete. Concurrent openers of one object share one download. The cache is bounded by
+bytes (downloads in flight count too) and evicts the least recently used objects that nobody
+holds open. The files on disk are the truth: the index is rebuilt from them at start-up, and an
+object placed by another process (``s3repofs cache prefetch``) is found on first use.
 
-Lock order: ``_lock`` (the index) is never held while waiting on a fill's per-key lock or on I/O.
+Lock order: ``_lock`` (the index) is never held while waiting on a download or on slow I/O.
 """
 
 from __future__ import annotations
@@ -15,26 +18,54 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Callable
 
 from .errors import RepoError
+from .transfer import Download
 
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = "1"
+FILL_PREFIX = ".fill-"
+
+# start(fd) -> the Download that will write the object into the file open at fd
+StartDownload = Callable[[int], Download]
+
+
+@dataclass
+class _Fill:
+    """A download in flight and the temp file it writes; ``landed`` is set once it is renamed into
+    place (or has failed)."""
+
+    download: Download
+    tmp: Path
+    landed: threading.Event = field(default_factory=threading.Event)
+    failure: str | None = None  # why it did not land, if it did not
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    objects: int
+    used_bytes: int  # cached objects and downloads in flight
+    max_bytes: int
+    downloading: int
 
 
 class LocalCache:
-    def __init__(self, local_root: Path, max_bytes: int) -> None:
+    def __init__(self, local_root: Path, max_bytes: int, download_threads: int = 16) -> None:
         self.objects_dir = local_root / "cache" / "objects"
         self.staging_dir = local_root / "staging"
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # key -> bytes, least recently used first
+        self._used = 0  # bytes of every indexed object and every download in flight
         self._pins: dict[str, int] = {}  # key -> open handles; pinned objects are never evicted
-        self._fills: dict[str, threading.Lock] = {}
+        self._fills: dict[str, _Fill] = {}
+        self._download_threads = download_threads
+        self._runner: Executor | None = None
         self._ready = False
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -51,18 +82,25 @@ class LocalCache:
         elif layout.read_text().strip() != LAYOUT_VERSION:
             raise RepoError(f"cache {self.objects_dir.parent} has an unknown layout: move it aside")
         found = []
-        for dirpath, _dirs, files in os.walk(self.objects_dir):
-            for name in files:
-                full = Path(dirpath) / name
-                if name.startswith(".fill-"):
-                    full.unlink(missing_ok=True)  # an interrupted download
-                    continue
-                st = full.stat()
-                found.append((st.st_atime, full.relative_to(self.objects_dir).as_posix(), st.st_size))
+        for key, path in self._walk():
+            st = path.stat()
+            found.append((st.st_atime, key, st.st_size))
         with self._lock:
             for _atime, key, size in sorted(found):
-                self._sizes[key] = size
+                self._index(key, size)
+        self._evict()
         self._ready = True
+
+    def _walk(self):
+        """(key, path) of every cached object; removes temp files that no live process is writing."""
+        for dirpath, _dirs, files in os.walk(self.objects_dir):
+            for name in files:
+                path = Path(dirpath) / name
+                if name.startswith(FILL_PREFIX):
+                    if not _writer_alive(name):
+                        path.unlink(missing_ok=True)  # an interrupted download
+                    continue
+                yield path.relative_to(self.objects_dir).as_posix(), path
 
     # -- staging --------------------------------------------------------------------------------
 
@@ -78,45 +116,56 @@ class LocalCache:
         with self._lock:
             return key in self._sizes
 
-    def fetch(self, key: str, size: int, fill: Callable[[BinaryIO], None]) -> Path:
-        """The cached file of ``key``, calling ``fill(file)`` to download it if absent.
+    def open_object(self, key: str, size: int, start: StartDownload) -> tuple[int, Download | None]:
+        """A read-only fd of the object, pinned until ``unpin(key)``, and the download still writing
+        it (None once complete). Starts the download if nobody has; joins it otherwise."""
+        with self._lock:
+            self._pins[key] = self._pins.get(key, 0) + 1
+        try:
+            with self._lock:
+                fill = self._fills.get(key)
+                if fill is None and not self._present(key, size):
+                    fill = self._begin(key, size, start)
+                fd = os.dup(fill.download.fd) if fill else None
+            if fill is None:
+                return os.open(self.object_path(key), os.O_RDONLY), None
+            return fd, fill.download
+        except BaseException:
+            self.unpin(key)
+            raise
 
-        ``fill`` must write exactly the verified bytes or raise; on error nothing enters the cache.
-        """
-        path = self.object_path(key)
-        if self._touch(key):
-            return path
-        with self._fill_lock(key):
-            if self._touch(key):  # another thread filled it while we waited
-                return path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f".fill-{path.name}-{threading.get_ident()}"
-            try:
-                with open(tmp, "wb") as f:
-                    fill(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            self._add(key, size)
-        return path
+    def fetch(self, key: str, size: int, start: StartDownload) -> Path:
+        """The verified cached file of ``key``, downloading it first if needed (blocks)."""
+        self.pin(key)
+        try:
+            with self._lock:
+                fill = self._fills.get(key)
+                if fill is None and not self._present(key, size):
+                    fill = self._begin(key, size, start)
+            if fill is not None:
+                fill.download.wait_verified()  # raises the download's error
+                fill.landed.wait()
+                if fill.failure is not None:
+                    raise RepoError(f"cannot keep {key} in the cache {self.objects_dir}: {fill.failure}")
+        finally:
+            self.unpin(key)
+        return self.object_path(key)
+
+    def prefetch(self, key: str, size: int, start: StartDownload) -> Download | None:
+        """Start downloading ``key`` in the background unless it is cached or on its way."""
+        with self._lock:
+            if key in self._fills or self._present(key, size):
+                return None
+            return self._begin(key, size, start).download
 
     def adopt(self, key: str, staged: Path, size: int) -> None:
         """Move an uploaded, verified staging file into the cache (no second download needed)."""
         path = self.object_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, path)
-        self._add(key, size)
-
-    @contextmanager
-    def pinned(self, key: str) -> Iterator[None]:
-        """Keep ``key`` from eviction while the block runs (an open file handle)."""
-        self.pin(key)
-        try:
-            yield
-        finally:
-            self.unpin(key)
+        with self._lock:
+            self._index(key, size)
+        self._evict()
 
     def pin(self, key: str) -> None:
         with self._lock:
@@ -131,64 +180,121 @@ class LocalCache:
                 self._pins.pop(key, None)
         self._evict()
 
-    def used_bytes(self) -> int:
+    def usage(self) -> CacheUsage:
         with self._lock:
-            return sum(self._sizes.values())
+            return CacheUsage(len(self._sizes), self._used, self.max_bytes, len(self._fills))
+
+    def used_bytes(self) -> int:
+        return self.usage().used_bytes
 
     def count(self) -> int:
-        with self._lock:
-            return len(self._sizes)
+        return self.usage().objects
 
     def clear(self) -> int:
         """Remove every cached object that is not open; returns how many were removed."""
         with self._lock:
             victims = [k for k in self._sizes if k not in self._pins]
             for key in victims:
-                del self._sizes[key]
+                self._unindex(key)
         for key in victims:
             self.object_path(key).unlink(missing_ok=True)
         return len(victims)
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- internals (``_lock`` held where noted) -------------------------------------------------
 
-    def _touch(self, key: str) -> bool:
-        with self._lock:
-            if key not in self._sizes:
-                return False
+    def _present(self, key: str, size: int) -> bool:
+        """Is the complete object on disk? Marks it recently used. (``_lock`` held.)"""
+        if key in self._sizes:
             self._sizes.move_to_end(key)
-        if self.object_path(key).exists():
-            return True
-        with self._lock:  # removed behind our back (an operator cleaning up): fetch again
-            self._sizes.pop(key, None)
-        return False
+            if os.path.exists(self.object_path(key)):
+                return True
+            self._unindex(key)  # removed behind our back (an operator cleaning up): download again
+            return False
+        try:  # placed by another process (s3repofs cache prefetch), or before an index rebuild
+            on_disk = os.stat(self.object_path(key)).st_size
+        except FileNotFoundError:
+            return False
+        if on_disk != size:
+            return False
+        self._index(key, size)
+        return True
 
-    def _add(self, key: str, size: int) -> None:
+    def _begin(self, key: str, size: int, start: StartDownload) -> _Fill:
+        """Create the temp file, register and launch the download. (``_lock`` held.)"""
+        path = self.object_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{FILL_PREFIX}{path.name}-{os.getpid()}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            fill = _Fill(start(fd), tmp)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        self._fills[key] = fill
+        self._used += size
+        if self._runner is None:
+            self._runner = ThreadPoolExecutor(self._download_threads, thread_name_prefix="download")
+        self._runner.submit(self._run, key, fill)
+        return fill
+
+    def _run(self, key: str, fill: _Fill) -> None:
+        download = fill.download
+        landed = True
+        try:
+            download.run()
+            os.fsync(download.fd)  # a cached file must survive a crash whole, or not at all
+            os.replace(fill.tmp, self.object_path(key))
+        except BaseException as exc:
+            log.warning("download of %s failed: %s", key, exc)
+            fill.tmp.unlink(missing_ok=True)
+            fill.failure = str(exc)
+            landed = False
         with self._lock:
-            self._sizes[key] = size
-            self._sizes.move_to_end(key)
+            del self._fills[key]
+            self._used -= download.size
+            if landed:
+                self._index(key, download.size)
+            os.close(download.fd)  # readers hold their own duplicates
+        fill.landed.set()
         self._evict()
+
+    def _index(self, key: str, size: int) -> None:
+        """(``_lock`` held.)"""
+        self._unindex(key)
+        self._sizes[key] = size
+        self._used += size
+
+    def _unindex(self, key: str) -> None:
+        """(``_lock`` held.)"""
+        size = self._sizes.pop(key, None)
+        if size is not None:
+            self._used -= size
 
     def _evict(self) -> None:
         victims = []
         with self._lock:
-            total = sum(self._sizes.values())
-            for key in list(self._sizes):
-                if total <= self.max_bytes:
+            excess = self._used - self.max_bytes
+            for key, size in self._sizes.items():  # least recently used first
+                if excess <= 0:
                     break
-                if key in self._pins or key in self._fills:
-                    continue
-                total -= self._sizes.pop(key)
-                victims.append(key)
+                if key not in self._pins:
+                    victims.append(key)
+                    excess -= size
+            for key in victims:
+                self._unindex(key)
         for key in victims:
             log.debug("cache: evicting %s", key)
             self.object_path(key).unlink(missing_ok=True)
 
-    @contextmanager
-    def _fill_lock(self, key: str) -> Iterator[None]:
-        with self._lock:
-            lock = self._fills.setdefault(key, threading.Lock())
-        with lock:
-            yield
-        with self._lock:
-            if not lock.locked():
-                self._fills.pop(key, None)
+
+def _writer_alive(fill_name: str) -> bool:
+    """Is the process that named this temp file (``.fill-<name>-<pid>``) still running?"""
+    try:
+        os.kill(int(fill_name.rsplit("-", 1)[1]), 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

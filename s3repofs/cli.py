@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .errors import NotFoundError, RepoError
+from .errors import NotFoundError, RepoError, UsageError
 from .repo import RepoFile, S3Repo
 
 log = logging.getLogger("s3repofs")
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", "Show every version of PATH and its metadata.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = add("cache", "Show, empty or fill this host's local cache of published objects.")
+    p.add_argument("action", choices=("status", "clear", "prefetch"),
+                   help="status: usage; clear: delete cached objects (staged versions are kept); "
+                        "prefetch: download the published versions under each PATH")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="for prefetch: files, directories or types")
 
     from . import mount  # the mount's commands live with the mount
 
@@ -171,7 +177,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 @command("publish")
 def cmd_publish(args: argparse.Namespace) -> int:
     if args.version_id is not None and len(args.paths) != 1:
-        raise RepoError("--version takes a single PATH")
+        raise UsageError("--version takes a single PATH")
     with open_repo(args) as repo:
         for path in args.paths:
             if args.version_id is not None:
@@ -260,6 +266,34 @@ def cmd_info(args: argparse.Namespace) -> int:
                     value = timestamp(value)
                 print(f"  {key:<12} {value}")
     return 0
+
+
+@command("cache")
+def cmd_cache(args: argparse.Namespace) -> int:
+    if (args.action == "prefetch") != bool(args.paths):
+        raise UsageError("cache prefetch takes one or more PATHs; status and clear take none")
+    with open_repo(args) as repo:
+        if args.action == "clear":
+            print(f"removed {repo.cache.clear()} cached objects from {repo.cache.objects_dir}")
+        elif args.action == "prefetch":
+            count, size = prefetch(repo, args.paths)
+            print(f"{count} published files ({human(size)}) are in the cache")
+        usage = repo.cache.usage()
+        print(f"cache: {usage.objects} objects, {human(usage.used_bytes)} of {human(usage.max_bytes)} "
+              f"in {repo.cache.objects_dir}")
+    return 0
+
+
+def prefetch(repo: S3Repo, paths: list[str]) -> tuple[int, int]:
+    """Download every published version under ``paths``, in parallel; (files, bytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [f for path in paths for f in repo.list_files(path, ("published",))]
+    if not files:
+        raise NotFoundError(f"nothing published under {', '.join(paths)}")
+    with ThreadPoolExecutor(repo.config.transfer_concurrency) as pool:
+        list(pool.map(lambda f: repo.local_file(f.version), files))
+    return len(files), sum(f.file_size or 0 for f in files)
 
 
 def human(size: int | None) -> str:

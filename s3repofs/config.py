@@ -42,6 +42,9 @@ _OPTIONAL: dict[str, tuple[tuple[type, ...], Any]] = {
     "multipart_threshold": ((int,), 16 * 1024**2),
     "multipart_chunksize": ((int,), 16 * 1024**2),
     "transfer_concurrency": ((int,), 8),
+    "download_part_size": ((int,), 8 * 1024**2),
+    "prefetch_files": ((int,), 64),
+    "prefetch_max_size": ((int,), 1024**2),
     "host_name": ((str,), None),
 }
 _DB_KEYS = {"host": (str,), "port": (int,), "user": (str,), "password": (str,), "database": (str,)}
@@ -69,6 +72,9 @@ class Config:
     multipart_threshold: int = 16 * 1024**2
     multipart_chunksize: int = 16 * 1024**2
     transfer_concurrency: int = 8
+    download_part_size: int = 8 * 1024**2  # 0: download each object in one stream
+    prefetch_files: int = 64  # files a sequential reader of a directory gets downloaded ahead (0: none)
+    prefetch_max_size: int = 1024**2  # only files up to this size are prefetched
     host_name: str | None = None
 
     @property
@@ -176,6 +182,9 @@ def config_from_dict(data: dict, source: str) -> Config:
         raise ConfigError(f"{source}: key 'multipart_chunksize' must be at least 5 MiB (an S3 rule)")
     if values["transfer_concurrency"] < 1:
         raise ConfigError(f"{source}: key 'transfer_concurrency' must be at least 1")
+    for key in ("download_part_size", "prefetch_files", "prefetch_max_size", "cache_max_bytes"):
+        if values[key] < 0:
+            raise ConfigError(f"{source}: key {key!r} must not be negative")
 
     database_url = _database_url(values.pop("database"), local_root, source)
     return Config(source=source, local_root=local_root, object_dir=object_path, database_url=database_url, **values)

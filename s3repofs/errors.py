@@ -24,6 +24,13 @@ class ConfigError(RepoError):
     exit_status = 2
 
 
+class UsageError(RepoError):
+    """The command line asks for something that does not make sense."""
+
+    errno = _errno.EINVAL
+    exit_status = 2
+
+
 class InvalidPathError(RepoError):
     """A repository path or name is not acceptable (escape attempt, empty, NUL, too long...)."""
 

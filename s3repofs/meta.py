@@ -384,18 +384,20 @@ class MetaStore:
 
         return self.db.run(run)
 
-    def list_dir(self, directory: DirPath, state: str) -> list[Version]:
-        """The versions visible in one directory of one state's tree (newest per name), by name."""
+    def list_dir(self, directory: DirPath, state: str, after: str = "", limit: int | None = None) -> list[Version]:
+        """The versions visible in one directory of one state's tree (newest per name), by name;
+        only names after ``after``, at most ``limit`` of them (an indexed range scan either way)."""
+        page = " LIMIT ?" if limit is not None else ""
+        params: tuple = (directory.file_type, directory.dir, after) + ((limit,) if limit is not None else ())
         if state == "published":
             sql = f"""SELECT {_VERSION_COLUMNS} FROM versions
-                      WHERE file_type = ? AND dir = ? AND state = 'published' ORDER BY name"""
-            params: tuple = (directory.file_type, directory.dir)
+                      WHERE file_type = ? AND dir = ? AND state = 'published' AND name > ? ORDER BY name{page}"""
         else:
             sql = f"""SELECT {_VERSION_COLUMNS} FROM versions WHERE id IN (
-                          SELECT MAX(id) FROM versions WHERE file_type = ? AND dir = ? AND state = ?
+                          SELECT MAX(id) FROM versions WHERE file_type = ? AND dir = ? AND state = ? AND name > ?
                           GROUP BY name)
-                      ORDER BY name"""
-            params = (directory.file_type, directory.dir, state)
+                      ORDER BY name{page}"""
+            params = params[:2] + (state,) + params[2:]
         return [Version(**r) for r in self.db.run(lambda tx: tx.all(sql, params), write=False)]
 
     def search(self, file_type: str | None = None, dir_prefix: str | None = None,

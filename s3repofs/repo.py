@@ -23,16 +23,18 @@ import shutil
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, BinaryIO, Callable, Mapping
 
-from .cache import LocalCache
+from .cache import LocalCache, StartDownload
 from .config import EMBEDDED, Config, load_config
 from .db import Database
-from .errors import LifecycleError, NotFoundError, ReadOnlyError, RepoError
+from .errors import ArchivedError, LifecycleError, NotFoundError, ReadOnlyError, RepoError
 from .meta import VISIBLE_STATES, MetaStore, Version
 from .paths import DirPath, RepoPath, validate_type
 from .store import ObjectStore, S3Store, describe, file_md5, open_store
+from .transfer import Download
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class S3Repo:
         self.meta = MetaStore(self.db, clock)
         self.store: ObjectStore = open_store(self.config)
         self.cache = LocalCache(self.config.local_root, self.config.cache_max_bytes)
+        # Parts of large downloads, shared by every download of this process.
+        self._parts = ThreadPoolExecutor(self.config.transfer_concurrency, thread_name_prefix="part")
         self._checked = False
 
     # -- repository -----------------------------------------------------------------------------
@@ -237,22 +241,69 @@ class S3Repo:
     def local_file(self, version: Version) -> Path:
         """A local file holding the version's verified bytes: staged, or fetched into the cache."""
         if version.storage == "local":
-            staged = self.cache.staging_path(version.s3_key)
-            if staged.exists():
-                return staged
-            raise NotFoundError(f"{version.path}: version {version.id} is staged on {version.origin_host}, "
-                                "not uploaded yet")
+            return self._staged_file(version)
+        self._check_downloadable(version)
+        return self.cache.fetch(version.s3_key, version.size, self._downloader(version))
+
+    def open_version(self, version: Version) -> "VersionReader":
+        """A reader of the version's bytes that does not wait for the whole download: each read waits
+        only for its own range (so the first bytes of a large cold file come at once)."""
+        if version.storage == "local":
+            return VersionReader(os.open(self._staged_file(version), os.O_RDONLY), None, None)
+        self._check_downloadable(version)
+        key = version.s3_key
+        fd, download = self.cache.open_object(key, version.size, self._downloader(version))
+        return VersionReader(fd, download, lambda: self.cache.unpin(key))
+
+    def prefetch(self, version: Version) -> bool:
+        """Start downloading an uploaded version into the cache in the background; False if it need not."""
+        if version.storage != "uploaded" or version.tier == "archived" or version.size is None:
+            return False
+        return self.cache.prefetch(version.s3_key, version.size, self._downloader(version)) is not None
+
+    def _staged_file(self, version: Version) -> Path:
+        staged = self.cache.staging_path(version.s3_key)
+        if staged.exists():
+            return staged
+        raise NotFoundError(f"{version.path}: version {version.id} is staged on {version.origin_host}, "
+                            "not uploaded yet")
+
+    def _check_downloadable(self, version: Version) -> None:
         if version.state in ("discarded", "purged"):
             raise NotFoundError(f"{version.path}: version {version.id} is {version.state}")
         if version.tier == "archived":
-            from .errors import ArchivedError
-
             raise ArchivedError(f"{version.path}: version {version.id} is archived; thaw it first")
-        size, md5 = version.size, version.md5
-        if size is None or md5 is None:
+        if version.size is None or version.md5 is None:
             raise LifecycleError(f"{version.path}: version {version.id} has no recorded size and md5")
-        return self.cache.fetch(version.s3_key, size,
-                                lambda f: self.store.download(version.s3_key, f, size, md5))
+
+    def _downloader(self, version: Version) -> StartDownload:
+        key, size, md5 = version.s3_key, version.size, version.md5
+        part_size = self.config.download_part_size
+
+        def start(fd: int) -> Download:
+            return Download(fd, size, md5, f"download of {key}", lambda s, e: self.store.stream(key, s, e, size),
+                            part_size, self._parts)
+
+        return start
+
+
+class VersionReader:
+    """An open version: reads wait for the bytes they need if a download is still writing them."""
+
+    def __init__(self, fd: int, download: Download | None, on_close: Callable[[], None] | None) -> None:
+        self.fd = fd
+        self.download = download
+        self._on_close = on_close
+
+    def read(self, size: int, offset: int) -> bytes:
+        if self.download is not None:
+            self.download.wait(offset, offset + size)
+        return os.pread(self.fd, size, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self._on_close is not None:
+            self._on_close()
 
 
 class RepoFile:

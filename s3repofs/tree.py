@@ -42,7 +42,8 @@ from .errors import (
 )
 from .meta import Directory, Version
 from .paths import DirPath, RepoPath, split_components
-from .repo import S3Repo
+from .prefetch import Prefetcher
+from .repo import S3Repo, VersionReader
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ def dir_entry(directory: Directory, state: str) -> Entry:
 @dataclass
 class ReadHandle:
     version: Version
-    fd: int
-    key: str | None  # pinned cache key, if the bytes are in the cache
+    reader: VersionReader  # holds the cached object open (and pinned) until release
 
 
 @dataclass
@@ -131,6 +131,8 @@ class Tree:
         self._writers: dict[str, WriteHandle] = {}  # mount path -> newest open writer
         self._next_fh = 1
         self._root_time = _ns(started or time.time())
+        config = repo.config
+        self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size)
 
     # -- paths and lookups ----------------------------------------------------------------------
 
@@ -233,21 +235,15 @@ class Tree:
             raise NotFoundError(f"{path}: no such file (or not yet closed by its writer)")
         if entry.is_dir:
             raise IsDirectoryError(f"{path}: is a directory")
-        version = entry.version
-        local = self.repo.local_file(version)
-        key = version.s3_key if version.storage == "uploaded" else None
-        if key:
-            self.repo.cache.pin(key)
-        try:
-            fd = os.open(local, os.O_RDONLY)
-        except BaseException:
-            if key:
-                self.repo.cache.unpin(key)
-            raise
-        return self._add_handle(ReadHandle(version, fd, key))
+        reader = self.repo.open_version(entry.version)
+        self.prefetcher.opened(entry.version)
+        return self._add_handle(ReadHandle(entry.version, reader))
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
-        return os.pread(self._handle(fh).fd, size, offset)
+        handle = self._handle(fh)
+        if isinstance(handle, ReadHandle):
+            return handle.reader.read(size, offset)
+        return os.pread(handle.fd, size, offset)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -370,12 +366,10 @@ class Tree:
             self._handles.pop(fh, None)
             if isinstance(handle, WriteHandle) and self._writers.get(handle.mount_path) is handle:
                 del self._writers[handle.mount_path]
-        if handle is None:
-            return
-        os.close(handle.fd)
-        if isinstance(handle, ReadHandle) and handle.key:
-            self.repo.cache.unpin(handle.key)
-        if isinstance(handle, WriteHandle):
+        if isinstance(handle, ReadHandle):
+            handle.reader.close()
+        elif isinstance(handle, WriteHandle):
+            os.close(handle.fd)
             self.invalidate()
 
     def _finish_writer(self, handle: WriteHandle) -> None:

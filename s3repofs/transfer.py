@@ -1,0 +1,148 @@
+"""Downloading one object into a local file, in parallel ranged parts, while readers use what has arrived.
+
+A ``Download`` splits the object into parts of ``part_size`` bytes (0: one stream for the whole
+object). The thread that runs it fetches the first part itself, hashing as the bytes arrive, and
+hands the other parts to a shared pool; it then hashes the rest of the file in order as each part
+lands. Readers wait only for the range they asked for, so the first bytes of a large cold file are
+served while the rest is still arriving; a read that reaches the end of the object also waits for
+the md5 check, so a reader that sees EOF has seen verified bytes.
+
+Which strategy is faster depends on the server: real S3 serves parts in parallel, while moto copies
+the whole object for every ranged GET. ``download_part_size`` in the config chooses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import Executor, Future
+from typing import Callable, Iterator
+
+from .errors import VerificationError
+
+HASH_CHUNK = 1024 * 1024
+
+# fetch(start, end) yields the object's bytes in [start, end), in order.
+Fetch = Callable[[int, int], Iterator[bytes]]
+
+
+class Download:
+    def __init__(self, fd: int, size: int, md5: str, what: str, fetch: Fetch, part_size: int = 0,
+                 parts: Executor | None = None) -> None:
+        self.fd = fd  # the destination, already ``size`` bytes long (sparse)
+        self.size = size
+        self.md5 = md5
+        self.what = what
+        self._fetch = fetch
+        self._parts = parts
+        self.part_size = part_size if 0 < part_size < size else max(size, 1)
+        self._starts = list(range(0, size, self.part_size)) or [0]
+        self._filled = [0] * len(self._starts)  # bytes present from each part's start
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._verified = False
+
+    # -- the downloading side -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Fetch and verify the whole object (blocks); raises, and fails every waiting reader, on error."""
+        futures: list[Future] = []
+        try:
+            if len(self._starts) > 1 and self._parts is None:
+                raise ValueError("a download in parts needs an executor for them")
+            futures = [self._parts.submit(self._fetch_part, i, None) for i in range(1, len(self._starts))]
+            digest = hashlib.md5()
+            self._fetch_part(0, digest)
+            hashed = self._part_end(0)
+            while hashed < self.size:
+                present = self._wait_prefix(hashed)
+                while hashed < present:
+                    chunk = os.pread(self.fd, min(HASH_CHUNK, present - hashed), hashed)
+                    digest.update(chunk)
+                    hashed += len(chunk)
+            for future in futures:
+                future.result()
+            if digest.hexdigest() != self.md5:
+                raise VerificationError(f"{self.what}: md5 {digest.hexdigest()} does not match the recorded {self.md5}")
+        except BaseException as exc:
+            for future in futures:
+                future.cancel()
+            self._fail(exc)
+            raise
+        with self._cond:
+            self._verified = True
+            self._cond.notify_all()
+
+    def _fetch_part(self, index: int, digest) -> None:
+        start, end = self._starts[index], self._part_end(index)
+        offset = start
+        try:
+            for chunk in self._fetch(start, end):
+                if offset + len(chunk) > end:
+                    raise VerificationError(f"{self.what}: the store sent more than the recorded {self.size} bytes")
+                os.pwrite(self.fd, chunk, offset)
+                if digest is not None:
+                    digest.update(chunk)
+                offset += len(chunk)
+                with self._cond:
+                    self._filled[index] = offset - start
+                    self._cond.notify_all()
+            if offset != end:
+                raise VerificationError(f"{self.what}: the store sent {offset - start} bytes of part "
+                                        f"{start}-{end}, expected {end - start} (size {self.size})")
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def _part_end(self, index: int) -> int:
+        return min(self._starts[index] + self.part_size, self.size)
+
+    def _wait_prefix(self, offset: int) -> int:
+        """Wait until bytes from ``offset`` on are present; the end of what is present contiguously."""
+        index = offset // self.part_size
+        with self._cond:
+            while True:
+                self._raise_failure()
+                present = self._starts[index] + self._filled[index]
+                if present > offset:
+                    return present
+                self._cond.wait()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._cond.notify_all()
+
+    # -- the reading side -----------------------------------------------------------------------
+
+    def wait(self, start: int, end: int) -> None:
+        """Block until bytes [start, end) are present (and verified, if the range reaches the end)."""
+        end = min(end, self.size)
+        with self._cond:
+            while True:
+                self._raise_failure()
+                if self._verified or (end < self.size and self._present(start, end)):
+                    return
+                self._cond.wait()
+
+    def wait_verified(self) -> None:
+        self.wait(0, self.size)
+
+    @property
+    def done(self) -> bool:
+        with self._cond:
+            return self._verified or self._error is not None
+
+    def _present(self, start: int, end: int) -> bool:
+        if start >= end:
+            return True
+        for index in range(start // self.part_size, (end - 1) // self.part_size + 1):
+            if self._starts[index] + self._filled[index] < min(end, self._part_end(index)):
+                return False
+        return True
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
