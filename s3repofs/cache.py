@@ -43,7 +43,7 @@ class _Fill:
     download: Download
     tmp: Path
     landed: threading.Event = field(default_factory=threading.Event)
-    failure: str | None = None  # why it did not land, if it did not
+    error: BaseException | None = None  # why it did not land, if it did not
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,9 @@ class LocalCache:
                 if fill is None and not self._present(key, size):
                     fill = self._begin(key, size, start)
             if fill is not None:
-                fill.download.wait_verified()  # raises the download's error
                 fill.landed.wait()
-                if fill.failure is not None:
-                    raise RepoError(f"cannot keep {key} in the cache {self.objects_dir}: {fill.failure}")
+                if fill.error is not None:
+                    raise fill.error
         finally:
             self.unpin(key)
         return self.object_path(key)
@@ -249,7 +248,7 @@ class LocalCache:
         except BaseException as exc:
             log.warning("download of %s failed: %s", key, exc)
             fill.tmp.unlink(missing_ok=True)
-            fill.failure = str(exc)
+            fill.error = exc
             landed = False
         with self._lock:
             del self._fills[key]
@@ -257,8 +256,8 @@ class LocalCache:
             if landed:
                 self._index(key, download.size)
             os.close(download.fd)  # readers hold their own duplicates
-        fill.landed.set()
         self._evict()
+        fill.landed.set()
 
     def _index(self, key: str, size: int) -> None:
         """(``_lock`` held.)"""

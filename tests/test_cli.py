@@ -128,3 +128,26 @@ def test_every_command_has_help():
     for command in ("init", "status", "add", "publish", "expire", "ls", "cat", "get", "info"):
         result = run(command, "--help")
         assert result.returncode == 0 and b"usage: s3repofs " + command.encode() in result.stdout
+
+
+def test_cache_status_clear_and_prefetch(config_file, tmp_path, repo_config_pair):
+    from pathlib import Path
+
+    source = tmp_path / "data.bin"
+    source.write_bytes(os.urandom(5000))
+    for name in ("a", "b"):
+        assert run("add", "--publish", str(source), f"raw/d/{name}", config=config_file).returncode == 0
+    objects = Path(repo_config_pair["local_root"]) / "cache" / "objects"
+
+    cleared = run("cache", "clear", config=config_file)
+    assert cleared.returncode == 0 and b"removed 2 cached objects" in cleared.stdout, cleared.stderr
+    assert not [p for p in objects.rglob("*") if p.is_file()]
+
+    fetched = run("cache", "prefetch", "raw/d", config=config_file)
+    assert fetched.returncode == 0 and b"2 published files" in fetched.stdout, fetched.stderr
+    assert sorted(p.read_bytes() == source.read_bytes() for p in objects.rglob("*") if p.is_file()) == [True, True]
+    status = run("cache", "status", config=config_file)
+    assert status.returncode == 0 and b"cache: 2 objects, 9.8 KiB" in status.stdout, status.stdout
+
+    assert_clean_failure(run("cache", "prefetch", "raw/nothing", config=config_file), 3, "nothing published")
+    assert_clean_failure(run("cache", "prefetch", config=config_file), 2, "takes one or more PATHs")

@@ -202,3 +202,50 @@ def test_a_failed_upload_keeps_the_staged_bytes_and_is_retried(repo, monkeypatch
     monkeypatch.setattr(repo.store, "put", real_put)
     assert repo.retry_staged_uploads() == 1
     assert repo.get_file("t/a.txt").read_bytes() == b"precious"
+
+
+def test_large_objects_download_in_parallel_parts_byte_exact(repo_config):
+    import os
+
+    with S3Repo({**repo_config, "download_part_size": 64 * 1024}) as repo:
+        repo.create_repository()
+        data = os.urandom(1024 * 1024 + 123)
+        rf = repo.add_file(path="t/big.bin").touch(data).publish()
+        repo.cache.clear()
+        reader = repo.open_version(rf.version)
+        try:
+            assert reader.read(4096, 0) == data[:4096]
+            assert reader.read(10_000, len(data) - 5000) == data[-5000:]
+        finally:
+            reader.close()
+        assert repo.get_file("t/big.bin").read_bytes() == data
+        assert repo.cache.has(rf.s3_key)
+
+
+def test_a_sequential_reader_of_a_directory_gets_the_next_files_prefetched(repo_config):
+    from s3repofs.prefetch import Prefetcher
+
+    with S3Repo({**repo_config, "prefetch_files": 4}) as repo:
+        repo.create_repository()
+        files = [repo.add_file(path=f"t/d/f{i:02}").touch(f"{i}").publish() for i in range(10)]
+        repo.add_file(path="t/d/huge").touch(b"x" * 2000).publish()
+        repo.cache.clear()
+        prefetcher = Prefetcher(repo, window=4, max_size=1000)
+        prefetcher.opened(files[5].version)  # one open is not a sequence: nothing fetched
+        assert not any(repo.cache.has(f.s3_key) for f in files)
+        prefetcher.opened(files[6].version)
+        ahead = [f.s3_key for f in files[7:10]]
+        assert wait_for(lambda: all(repo.cache.has(k) for k in ahead))
+        assert not any(repo.cache.has(f.s3_key) for f in files[:7])
+        assert not repo.cache.has(repo.get_file("t/d/huge").s3_key)  # above max_size
+
+
+def wait_for(predicate, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -1,0 +1,131 @@
+"""The local cache: bounded by bytes, pins, shared downloads, the index rebuilt from disk."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+
+import pytest
+
+from s3repofs.cache import LocalCache
+from s3repofs.errors import StoreUnavailableError
+from s3repofs.transfer import Download
+
+
+def source(data: bytes, calls: list | None = None, gate: threading.Event | None = None):
+    """A StartDownload over ``data`` that counts its downloads and can be held back."""
+    md5 = hashlib.md5(data).hexdigest()
+
+    def fetch(start, end):
+        if calls is not None:
+            calls.append((start, end))
+        if gate is not None:
+            assert gate.wait(10)
+        yield data[start:end]
+
+    return lambda fd: Download(fd, len(data), md5, "test", fetch)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    cache = LocalCache(tmp_path, max_bytes=1000)
+    cache.prepare()
+    return cache
+
+
+def test_least_recently_used_objects_are_evicted_by_bytes(cache):
+    for key in ("t/a", "t/b", "t/c"):
+        cache.fetch(key, 400, source(key[-1].encode() * 400))
+    assert not cache.has("t/a") and cache.has("t/b") and cache.has("t/c")
+    assert not cache.object_path("t/a").exists()
+    cache.fetch("t/b", 400, source(b"b" * 400))  # touch b: c is now the oldest
+    cache.fetch("t/d", 400, source(b"d" * 400))
+    assert cache.has("t/b") and not cache.has("t/c") and cache.usage().used_bytes == 800
+
+
+def test_open_objects_are_never_evicted(cache):
+    fd, download = cache.open_object("t/open", 600, source(b"x" * 600))
+    if download:
+        download.wait_verified()
+    cache.fetch("t/b", 600, source(b"y" * 600))
+    cache.fetch("t/c", 100, source(b"c" * 100))
+    assert cache.has("t/open")  # the least recently used, but open: b was evicted instead
+    assert os.pread(fd, 1000, 0) == b"x" * 600 and not cache.has("t/b")
+    os.close(fd)
+    cache.unpin("t/open")
+    assert cache.usage().used_bytes <= 1000
+
+
+def test_concurrent_opens_share_one_download(cache):
+    calls: list = []
+    gate = threading.Event()
+    start = source(b"z" * 500, calls, gate)
+    opened = [cache.open_object("t/shared", 500, start) for _ in range(5)]
+    gate.set()
+    for fd, download in opened:
+        assert download is not None
+        download.wait(0, 500)
+        assert os.pread(fd, 1000, 0) == b"z" * 500
+        os.close(fd)
+        cache.unpin("t/shared")
+    assert len(calls) == 1
+
+
+def test_a_failed_download_leaves_nothing(cache):
+    def start(fd):
+        def fetch(s, e):
+            raise StoreUnavailableError("no store")
+            yield b""
+        return Download(fd, 10, "0" * 32, "test", fetch)
+
+    with pytest.raises(StoreUnavailableError):
+        cache.fetch("t/x", 10, start)
+    assert not cache.has("t/x") and cache.usage().used_bytes == 0
+    assert wait_until(lambda: not list(cache.objects_dir.rglob("*x*")))
+
+
+def test_the_index_is_rebuilt_from_disk(tmp_path, cache):
+    cache.fetch("t/a", 300, source(b"a" * 300))
+    stale = cache.objects_dir / "t" / ".fill-b-999999999"  # a dead process's interrupted download
+    stale.write_bytes(b"partial")
+    live = cache.objects_dir / "t" / f".fill-c-{os.getpid()}"  # a live process's download
+    live.write_bytes(b"partial")
+    again = LocalCache(tmp_path, max_bytes=1000)
+    again.prepare()
+    assert again.has("t/a") and again.usage().used_bytes == 300
+    assert not stale.exists() and live.exists()
+
+
+def test_an_object_placed_by_another_process_is_used(tmp_path, cache):
+    other = LocalCache(tmp_path, max_bytes=1000)  # `s3repofs cache prefetch` in another process
+    other.prepare()
+    other.fetch("t/p", 100, source(b"p" * 100))
+    calls: list = []
+    assert cache.fetch("t/p", 100, source(b"p" * 100, calls)).read_bytes() == b"p" * 100
+    assert calls == [] and cache.has("t/p")
+
+
+def test_an_object_deleted_behind_our_back_is_downloaded_again(cache):
+    path = cache.fetch("t/a", 3, source(b"abc"))
+    path.unlink()
+    calls: list = []
+    assert cache.fetch("t/a", 3, source(b"abc", calls)).read_bytes() == b"abc" and len(calls) == 1
+
+
+def test_clear_keeps_open_objects(cache):
+    cache.fetch("t/a", 3, source(b"abc"))
+    fd, _ = cache.open_object("t/b", 3, source(b"def"))
+    assert cache.clear() == 1 or not cache.has("t/b")
+    os.close(fd)
+    cache.unpin("t/b")
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

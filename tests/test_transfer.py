@@ -1,0 +1,118 @@
+"""Downloads in parts and reads of what has arrived (pure logic: a local file, no servers)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from s3repofs.errors import StoreUnavailableError, VerificationError
+from s3repofs.transfer import Download
+
+DATA = os.urandom(1000)
+MD5 = hashlib.md5(DATA).hexdigest()
+
+
+def chunks(data: bytes, start: int, end: int, size: int = 64):
+    for offset in range(start, end, size):
+        yield data[offset:min(offset + size, end)]
+
+
+@pytest.fixture
+def dest(tmp_path):
+    fd = os.open(tmp_path / "dest", os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, len(DATA))
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(4) as executor:
+        yield executor
+
+
+@pytest.mark.parametrize("part_size", [0, 1, 100, 333, 999, 1000, 5000])
+def test_every_part_lands_and_is_verified(dest, pool, part_size):
+    ranges = []
+
+    def fetch(start, end):
+        ranges.append((start, end))
+        return chunks(DATA, start, end)
+
+    Download(dest, len(DATA), MD5, "test", fetch, part_size, pool).run()
+    assert os.pread(dest, 2000, 0) == DATA
+    expected_parts = 1 if part_size in (0, 1000, 5000) else -(-1000 // part_size)
+    assert len(ranges) == expected_parts and sorted(ranges)[0][0] == 0 and max(e for _, e in ranges) == 1000
+
+
+def test_a_reader_is_served_before_the_rest_arrives(dest, pool):
+    release_rest = threading.Event()
+
+    def fetch(start, end):
+        if start > 0:  # every part after the first waits until the reader has been served
+            assert release_rest.wait(10)
+        return chunks(DATA, start, end)
+
+    download = Download(dest, len(DATA), MD5, "test", fetch, 250, pool)
+    runner = threading.Thread(target=download.run)
+    runner.start()
+    download.wait(0, 200)  # returns although parts 2-4 have not been fetched
+    assert os.pread(dest, 200, 0) == DATA[:200] and not download.done
+    release_rest.set()
+    download.wait(900, 1000)
+    assert download.done and os.pread(dest, 100, 900) == DATA[900:]
+    runner.join()
+
+
+def test_a_read_of_the_end_waits_for_the_md5_check(dest, pool):
+    corrupt = bytearray(DATA)
+    corrupt[10] ^= 1
+    download = Download(dest, len(DATA), MD5, "test", lambda s, e: chunks(bytes(corrupt), s, e), 300, pool)
+    with pytest.raises(VerificationError, match="md5"):
+        download.run()
+    with pytest.raises(VerificationError):
+        download.wait(900, 1000)  # the reader never sees EOF on unverified bytes
+    with pytest.raises(VerificationError):
+        download.wait(0, 10)
+
+
+@pytest.mark.parametrize("sent", [DATA[:999], DATA + b"x"])
+def test_a_short_or_long_object_is_refused(dest, pool, sent):
+    download = Download(dest, len(DATA), MD5, "test", lambda s, e: chunks(sent, s, e + 1), 0, pool)
+    with pytest.raises(VerificationError, match="sent"):
+        download.run()
+
+
+def test_a_failed_part_fails_every_waiting_reader(dest, pool):
+    def fetch(start, end):
+        if start >= 500:
+            raise StoreUnavailableError("cannot reach the store")
+        return chunks(DATA, start, end)
+
+    download = Download(dest, len(DATA), MD5, "test", fetch, 250, pool)
+    errors = []
+
+    def reader():
+        try:
+            download.wait(600, 700)
+        except StoreUnavailableError as exc:
+            errors.append(exc)
+
+    waiting = threading.Thread(target=reader)
+    waiting.start()
+    with pytest.raises(StoreUnavailableError):
+        download.run()
+    waiting.join(10)
+    assert len(errors) == 1 and download.done
+
+
+def test_an_empty_object(tmp_path, pool):
+    fd = os.open(tmp_path / "empty", os.O_RDWR | os.O_CREAT)
+    download = Download(fd, 0, hashlib.md5(b"").hexdigest(), "test", lambda s, e: iter(()), 8, pool)
+    download.run()
+    download.wait(0, 4096)
+    os.close(fd)
