@@ -15,6 +15,7 @@ class RepoError(Exception):
 
     errno: int = _errno.EIO
     exit_status: int = 1
+    expected = False  # a routine answer the mount does not log (a probe for something absent)
 
 
 class ConfigError(RepoError):
@@ -91,6 +92,15 @@ class NoAttributeError(RepoError):
 
 class NotSupportedError(RepoError):
     errno = _errno.ENOTSUP
+
+
+class NamespaceNotSupportedError(NotSupportedError):
+    """An extended attribute outside ``user.`` (security labels, POSIX ACLs): the filesystem has none.
+
+    ENOTSUP, not ENODATA, tells tools such as ``ls -l`` to stop asking for every file of the mount.
+    """
+
+    expected = True
 
 
 class BadHandleError(RepoError):

@@ -32,6 +32,7 @@ from .errors import (
     InvalidPathError,
     IsDirectoryError,
     LifecycleError,
+    NamespaceNotSupportedError,
     NameTooLongError,
     NoAttributeError,
     NotDirectoryError,
@@ -189,13 +190,14 @@ class Tree:
             return self._writer_entry(handle).stat()
         return self.lookup(path).stat()
 
-    def readdir(self, path: str) -> list[str]:
+    def readdir(self, path: str) -> list[tuple[str, Entry]]:
+        """The directory's entries by name, with their attributes (one query, whatever their number)."""
         loc = self.parse(path)
         entry = self.lookup(path)
         if not entry.is_dir:
             raise NotDirectoryError(f"{path}: not a directory")
         if loc.state is None:
-            return list(STATES)
+            return [(state, self._query(Location(state, ()))) for state in STATES]
         found: dict[str, Entry] = {}
         if not loc.parts:
             for directory in self.repo.meta.list_types():
@@ -210,10 +212,10 @@ class Tree:
             for name, child in found.items():  # a listing answers the lookups that follow it (ls -l)
                 self._entries[f"{base}/{name}"] = child
             prefix = base + "/"
-            for writer_path in self._writers:
-                if writer_path.startswith(prefix) and "/" not in writer_path[len(prefix):]:
-                    found.setdefault(writer_path[len(prefix):], None)  # type: ignore[arg-type]
-        return sorted(found)
+            writers = [w for p, w in self._writers.items() if p.startswith(prefix) and "/" not in p[len(prefix):]]
+        for writer in writers:
+            found[writer.mount_path[len(prefix):]] = self._writer_entry(writer)
+        return sorted(found.items())
 
     def invalidate(self) -> None:
         """Forget cached metadata (after any change made here; other hosts' changes age out by TTL)."""
@@ -500,8 +502,10 @@ class Tree:
         return [XATTR_PREFIX + key for key in (*names, "tags")]
 
     def getxattr(self, path: str, name: str) -> bytes:
+        if not name.startswith("user."):  # security.*, system.*: never a query
+            raise NamespaceNotSupportedError(f"{path}: {name}: only user.* attributes are supported")
         if not name.startswith(XATTR_PREFIX):
-            raise NoAttributeError(f"{path}: no attribute {name}")  # security.*, system.*: never a query
+            raise NoAttributeError(f"{path}: no attribute {name}")
         entry = self.lookup(path)
         key = name[len(XATTR_PREFIX):]
         if entry.is_dir:

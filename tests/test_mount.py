@@ -279,3 +279,35 @@ def test_mkdir_refuses_a_type_name_files_could_not_use(mnt):
     with pytest.raises(OSError) as info:
         os.mkdir(mnt / "published/bad type")
     assert info.value.errno == errno.EINVAL
+
+
+def test_ls_l_shows_every_entry_from_the_listing_and_xattr_namespaces(mnt):
+    directory = mnt / "published/docs/many"
+    directory.mkdir()
+    for i in range(50):
+        (directory / f"f{i:02}").write_bytes(b"x" * i)
+    listing = subprocess.run(["ls", "-ln", str(directory)], capture_output=True, text=True, check=True).stdout
+    sizes = {line.split()[-1]: int(line.split()[4]) for line in listing.splitlines()[1:]}
+    assert sizes == {f"f{i:02}": i for i in range(50)}
+    with pytest.raises(OSError) as unsupported:  # tells ls and cp to stop asking: no labels, no ACLs
+        os.getxattr(directory / "f01", "security.selinux")
+    assert unsupported.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(OSError) as absent:
+        os.getxattr(directory / "f01", "user.s3repo.nothing")
+    assert absent.value.errno == errno.ENODATA
+
+
+def test_a_large_cold_file_downloads_in_parts_and_reads_byte_exact_anywhere(repo_config_pair, tmp_path):
+    config = {**repo_config_pair, "download_part_size": 1024 * 1024}
+    data = os.urandom(6 * 1024 * 1024 + 7)
+    with mounted(config, tmp_path) as mnt:
+        os.mkdir(mnt / "published/raw")
+        (mnt / "published/raw/blob").write_bytes(data)
+    shutil.rmtree(tmp_path / "root" / "cache")
+    with mounted(config, tmp_path) as mnt:
+        with open(mnt / "published/raw/blob", "rb") as f:  # the middle first, while parts still arrive
+            f.seek(4 * 1024 * 1024 + 5)
+            assert f.read(100_000) == data[4 * 1024 * 1024 + 5:][:100_000]
+            f.seek(0)
+            assert f.read() == data
+        assert (mnt / "published/raw/blob").read_bytes() == data
