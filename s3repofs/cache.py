@@ -203,19 +203,19 @@ class LocalCache:
 
     def _present(self, key: str, size: int) -> bool:
         """Is the complete object on disk? Marks it recently used. (``_lock`` held.)"""
-        if key in self._sizes:
-            self._sizes.move_to_end(key)
-            if os.path.exists(self.object_path(key)):
-                return True
-            self._unindex(key)  # removed behind our back (an operator cleaning up): download again
-            return False
-        try:  # placed by another process (s3repofs cache prefetch), or before an index rebuild
+        try:
             on_disk = os.stat(self.object_path(key)).st_size
         except FileNotFoundError:
-            return False
+            on_disk = None
         if on_disk != size:
+            # Removed behind our back (an operator cleaning up), or cut short by a crash before the
+            # kernel wrote it out (adopted uploads are not fsynced): download it again.
+            self._unindex(key)
             return False
-        self._index(key, size)
+        if key in self._sizes:
+            self._sizes.move_to_end(key)
+        else:  # placed by another process (s3repofs cache prefetch)
+            self._index(key, size)
         return True
 
     def _begin(self, key: str, size: int, start: StartDownload) -> _Fill:

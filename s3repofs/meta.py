@@ -10,7 +10,7 @@ not of this code.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable
 
 from .db import Database, Tx
@@ -251,38 +251,37 @@ class MetaStore:
         ), write=False)
         return [Version(**r) for r in rows]
 
-    def set_content(self, version_id: int, size: int, md5: str) -> Version:
-        """Record a staged version's size and md5 (known before upload, so its object can describe itself)."""
-
-        def update(tx: Tx) -> Version:
-            version = self._lock_version(tx, version_id)
-            if version.storage != "local" or version.state not in ("unpublished",):
-                raise LifecycleError(f"{version.path}: version {version_id} is {version.state} "
-                                     f"and {version.storage}; its content is immutable")
-            tx.execute("UPDATE versions SET size = ?, md5 = ? WHERE id = ?", (size, md5, version_id))
-            return self._lock_version(tx, version_id)
-
-        return self.db.run(update)
-
-    def mark_uploaded(self, version_id: int) -> Version:
+    def mark_uploaded(self, version_id: int, size: int, md5: str) -> Version:
+        """Record that a staged version's bytes (``size``, ``md5``) are stored and verified."""
         now = self.clock()
 
-        def update(tx: Tx) -> Version:
-            version = self._lock_version(tx, version_id)
-            if version.md5 is None or version.size is None:
-                raise LifecycleError(f"{version.path}: version {version_id} has no recorded size and md5")
-            tx.execute("UPDATE versions SET storage = 'uploaded', uploaded_at = ? WHERE id = ?",
-                       (now, version_id))
+        def run(tx: Tx) -> Version:
+            self._mark_uploaded(tx, version_id, size, md5, now)
             return self._lock_version(tx, version_id)
 
-        return self.db.run(update)
+        return self.db.run(run)
 
-    def publish(self, version_id: int, path: RepoPath | None = None) -> tuple[Version, Version | None]:
+    def _mark_uploaded(self, tx: Tx, version_id: int, size: int, md5: str, now: float) -> None:
+        changed = tx.execute("""UPDATE versions SET size = ?, md5 = ?, storage = 'uploaded', uploaded_at = ?
+                                WHERE id = ? AND storage = 'local' AND state = 'unpublished'""",
+                             (size, md5, now, version_id))
+        if changed:
+            return
+        version = self._lock_version(tx, version_id)
+        if version.storage == "uploaded" and (version.size, version.md5) == (size, md5):
+            return  # a retry of an upload that had been recorded
+        raise LifecycleError(f"{version.path}: version {version_id} is {version.state} "
+                             f"and {version.storage}; its content is immutable")
+
+    def publish(self, version_id: int, path: RepoPath | None = None,
+                uploaded: tuple[int, str] | None = None) -> tuple[Version, Version | None]:
         """Publish a verified version (optionally at a new path), expiring the path's current one.
 
-        Returns ``(published, expired_or_None)``. Raises LifecycleError if the version is not
-        uploaded and verified, or was discarded or purged. Concurrent publishers of one path are
-        serialized on the path's lock row, so exactly one version ends published.
+        ``uploaded=(size, md5)`` records, in the same transaction, that a staged version has just
+        been stored and verified (one commit per publish instead of two). Returns ``(published,
+        expired_or_None)``. Raises LifecycleError if the version is not uploaded and verified, or
+        was discarded or purged. Concurrent publishers of one path are serialized on the path's
+        lock row, so exactly one version ends published.
         """
         now = self.clock()
 
@@ -292,6 +291,8 @@ class MetaStore:
                 raise NotFoundError(f"no version {version_id}")
             target = path or Version(**unlocked).path
             self._lock_path(tx, target)  # lock order: the path first, then its versions
+            if uploaded is not None:
+                self._mark_uploaded(tx, version_id, *uploaded, now)
             version = self._lock_version(tx, version_id)  # re-read under the path lock
             if version.state not in ("unpublished", "expired", "published"):
                 raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; it cannot be published")
@@ -310,8 +311,9 @@ class MetaStore:
                        publish_pending = 0, file_type = ?, dir = ?, name = ? WHERE id = ?""",
                 (now, target.file_type, target.dir, target.name, version_id),
             )
-            expired = self._lock_version(tx, current.id) if current is not None else None
-            return self._lock_version(tx, version_id), expired
+            expired = replace(current, state="expired", expired_at=now) if current is not None else None
+            return replace(version, state="published", published_at=now, expired_at=None, publish_pending=0,
+                           file_type=target.file_type, dir=target.dir, name=target.name), expired
 
         return self.db.run(run)
 
@@ -512,10 +514,11 @@ class MetaStore:
         return _directory(row) if row else None
 
     def _lock_path(self, tx: Tx, path: RepoPath) -> None:
-        key = (path.file_type, path.dir, path.name)
-        tx.execute("INSERT INTO path_locks (file_type, dir, name) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", key)
-        tx.execute("SELECT 1 FROM path_locks WHERE file_type = ? AND dir = ? AND name = ?"
-                   + self.db.dialect.for_update, key)
+        # An upsert that always writes the row: it creates the lock row if needed and holds its row
+        # lock until commit, in one round trip (SQLite locks the whole database for a writer anyway).
+        tx.execute("""INSERT INTO path_locks (file_type, dir, name) VALUES (?, ?, ?)
+                      ON CONFLICT (file_type, dir, name) DO UPDATE SET name = excluded.name""",
+                   (path.file_type, path.dir, path.name))
 
     def _lock_version(self, tx: Tx, version_id: int) -> Version:
         row = tx.one(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE id = ?" + self.db.dialect.for_update,

@@ -159,9 +159,29 @@ class S3Repo:
     # -- version operations (RepoFile delegates here) ---------------------------------------------
 
     def upload(self, version: Version) -> Version:
-        """Record size and md5 of a staged version, upload and verify it, mark it uploaded."""
+        """Upload and verify a staged version, then record its size and md5 and mark it uploaded."""
         if version.storage == "uploaded":
             return version
+        size, md5 = self._store_staged(version)
+        version = self.meta.mark_uploaded(version.id, size, md5)
+        self._uploaded(version)
+        return version
+
+    def publish(self, version: Version, path: RepoPath | None = None) -> Version:
+        """Upload if needed, then publish atomically (at ``path`` if given); expires the previous one."""
+        if version.storage == "local":  # the upload is recorded in the publishing transaction
+            size, md5 = self._store_staged(version)
+            published, expired = self.meta.publish(version.id, path, uploaded=(size, md5))
+            self._uploaded(published)
+        else:
+            published, expired = self.meta.publish(version.id, path)
+        if expired is not None:
+            log.info("expired %s (version %d, superseded by %d)", expired.path, expired.id, published.id)
+        log.info("published %s (version %d)", published.path, published.id)
+        return published
+
+    def _store_staged(self, version: Version) -> tuple[int, str]:
+        """Put a staged version's bytes in the store, verified; their (size, md5)."""
         if version.state != "unpublished" or version.storage != "local":
             raise LifecycleError(f"{version.path}: version {version.id} is {version.state}/{version.storage}; "
                                  "nothing to upload")
@@ -170,24 +190,15 @@ class S3Repo:
             raise LifecycleError(f"{version.path}: the staged bytes of version {version.id} are not on this host "
                                  f"({version.origin_host} staged them)")
         size, md5 = file_md5(staged)
-        version = self.meta.set_content(version.id, size, md5)
         self.store.put(version.s3_key, staged, size, md5, describe(
             path=str(version.path), file_type=version.file_type, version_id=version.id, md5=md5, size=size,
             origin_host=version.origin_host))
-        version = self.meta.mark_uploaded(version.id)
-        self.cache.adopt(version.s3_key, staged, size)
-        log.info("uploaded %s (version %d, %d bytes, md5 %s)", version.path, version.id, size, md5)
-        return version
+        return size, md5
 
-    def publish(self, version: Version, path: RepoPath | None = None) -> Version:
-        """Upload if needed, then publish atomically (at ``path`` if given); expires the previous one."""
-        if version.storage == "local":
-            version = self.upload(version)
-        published, expired = self.meta.publish(version.id, path)
-        if expired is not None:
-            log.info("expired %s (version %d, superseded by %d)", expired.path, expired.id, published.id)
-        log.info("published %s (version %d)", published.path, published.id)
-        return published
+    def _uploaded(self, version: Version) -> None:
+        """The staged file is now a verified copy of a stored object: keep it as cached."""
+        self.cache.adopt(version.s3_key, self.cache.staging_path(version.s3_key), version.size)
+        log.info("uploaded %s (version %d, %d bytes, md5 %s)", version.path, version.id, version.size, version.md5)
 
     def expire(self, version: Version) -> Version:
         expired = self.meta.expire(version.id)
@@ -397,5 +408,6 @@ class RepoFile:
 
 
 def _create_empty(path: Path) -> None:
-    with open(path, "wb") as f:
-        os.fsync(f.fileno())
+    # No fsync: an empty staged file holds nothing to lose; bytes written later are made durable
+    # by their upload, or by an fsync when the upload fails.
+    path.touch()

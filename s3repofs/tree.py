@@ -20,7 +20,7 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from cachetools import TTLCache
@@ -120,6 +120,7 @@ class WriteHandle:
     dirty: bool = True
     written: bool = False  # a write arrived since the version started
     sealed: bool = False  # flushed: further writes start a new version
+    failed: bool = False  # the last flush could not upload: the background retry owns the version now
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -175,9 +176,18 @@ class Tree:
         if loc.file is not None:
             version = self.repo.meta.find(loc.file, loc.state)
             if version is not None:
-                return file_entry(version, loc.state)
+                return self._file_entry(version, loc.state)
         directory = self.repo.meta.get_dir(loc.directory)
         return dir_entry(directory, loc.state) if directory else None
+
+    def _file_entry(self, version: Version, state: str) -> Entry:
+        entry = file_entry(version, state)
+        if version.size is None and version.storage == "local":  # staged here: its size is on disk
+            try:
+                return replace(entry, size=os.stat(self.repo.cache.staging_path(version.s3_key)).st_size)
+            except FileNotFoundError:
+                pass  # staged on another host
+        return entry
 
     def _writer_entry(self, writer: WriteHandle) -> Entry:
         st = os.fstat(writer.fd)
@@ -206,7 +216,7 @@ class Tree:
             for directory in self.repo.meta.list_subdirs(loc.directory):
                 found[directory.name] = dir_entry(directory, loc.state)
             for version in self.repo.meta.list_dir(loc.directory, loc.state):
-                found[version.name] = file_entry(version, loc.state)
+                found[version.name] = self._file_entry(version, loc.state)
         base = path.rstrip("/")
         with self._lock:
             for name, child in found.items():  # a listing answers the lookups that follow it (ls -l)
@@ -217,10 +227,14 @@ class Tree:
             found[writer.mount_path[len(prefix):]] = self._writer_entry(writer)
         return sorted(found.items())
 
-    def invalidate(self) -> None:
-        """Forget cached metadata (after any change made here; other hosts' changes age out by TTL)."""
+    def forget(self, *paths: str) -> None:
+        """Forget cached entries of these mount paths in every state's tree, after a change made here
+        (a publish changes published/ and expired/ at once). Other hosts' changes age out by TTL."""
         with self._lock:
-            self._entries.clear()
+            for path in paths:
+                below_state = path.strip("/").partition("/")[2]
+                for state in STATES:
+                    self._entries.pop(f"/{state}/{below_state}".rstrip("/"), None)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -281,7 +295,7 @@ class Tree:
         handle = WriteHandle(path, state, version, fd, dirty=dirty)
         with self._lock:
             self._writers[path] = handle
-        self.invalidate()
+        self.forget(path)
         return self._add_handle(handle)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
@@ -326,15 +340,18 @@ class Tree:
         with handle.lock:
             if not handle.dirty or not (handle.written or final):
                 return
-            os.fsync(handle.fd)
             version = handle.version
             try:
-                version = self.repo.upload(version)
                 if handle.state == "published":
                     version = self.repo.publish(version)
                 else:
+                    version = self.repo.upload(version)
                     self._discard_older_staged(version)
             except RepoError as exc:
+                # The staged bytes are now the only copy: make them durable for the retry. (Uploaded,
+                # they need no fsync: the store holds them, and the cache checks sizes on use.)
+                os.fsync(handle.fd)
+                handle.failed = True
                 handle.version = self.repo.meta.get(version.id)  # perhaps uploaded, not published
                 if handle.state == "published":
                     self.repo.meta.set_publish_pending(version.id, True)
@@ -342,9 +359,9 @@ class Tree:
                           handle.mount_path, version.id, exc)
                 raise
             finally:
-                self.invalidate()
+                self.forget(handle.mount_path)
             handle.version = version
-            handle.dirty = False
+            handle.dirty = handle.failed = False
             handle.sealed = True
 
     def _discard_older_staged(self, version: Version) -> None:
@@ -372,10 +389,13 @@ class Tree:
             handle.reader.close()
         elif isinstance(handle, WriteHandle):
             os.close(handle.fd)
-            self.invalidate()
+            self.forget(handle.mount_path)
+            if handle.sealed and handle.state == "published":  # the stat that follows a close
+                with self._lock:
+                    self._entries[handle.mount_path] = file_entry(handle.version, "published")
 
     def _finish_writer(self, handle: WriteHandle) -> None:
-        if handle.sealed:
+        if handle.sealed or handle.failed:  # a failed upload is not tried again at once: the retry thread will
             return
         if not handle.dirty:  # opened for writing, never written: there is nothing to keep
             self.repo.discard(handle.version)
@@ -403,7 +423,7 @@ class Tree:
             else:
                 self.repo.discard(entry.version)
         finally:
-            self.invalidate()
+            self.forget(path)
 
     def rename(self, old: str, new: str) -> None:
         src, dst = self.parse(old), self.parse(new)
@@ -433,7 +453,7 @@ class Tree:
                     self.repo.discard(target.version)
                 self.repo.meta.move_unpublished(version.id, dst.file)
         finally:
-            self.invalidate()
+            self.forget(old, new)
 
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
         loc = self.parse(path)
@@ -451,7 +471,7 @@ class Tree:
         try:
             self.repo.meta.make_dir(directory, mode & 0o7777, uid, gid)
         finally:
-            self.invalidate()
+            self.forget(path)
 
     def rmdir(self, path: str) -> None:
         loc = self.parse(path)
@@ -465,7 +485,7 @@ class Tree:
         try:
             self.repo.meta.remove_dir(loc.directory)
         finally:
-            self.invalidate()
+            self.forget(path)
 
     def chmod(self, path: str, mode: int) -> None:
         self._set_attrs(path, mode=mode & 0o7777)
@@ -490,7 +510,7 @@ class Tree:
             else:
                 self.repo.meta.set_attrs(entry.version.id, **attrs)
         finally:
-            self.invalidate()
+            self.forget(path)
 
     # -- extended attributes --------------------------------------------------------------------
 
@@ -540,7 +560,7 @@ class Tree:
             else:
                 raise NotSupportedError(f"{path}: {name} cannot be set")
         finally:
-            self.invalidate()
+            self.forget(path)
 
     def statfs(self) -> dict:
         st = os.statvfs(self.repo.config.local_root)
