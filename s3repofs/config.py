@@ -38,11 +38,11 @@ _OPTIONAL: dict[str, tuple[tuple[type, ...], Any]] = {
     "cache_max_bytes": ((int,), 10 * 1024**3),
     "unpublished_ttl": ((int, float), 7 * 86400),
     "expired_retention": ((int, float), 30 * 86400),
-    "metadata_ttl": ((int, float), 1.0),
+    "metadata_ttl": ((int, float), 5.0),
     "multipart_threshold": ((int,), 16 * 1024**2),
     "multipart_chunksize": ((int,), 16 * 1024**2),
     "transfer_concurrency": ((int,), 8),
-    "download_part_size": ((int,), 8 * 1024**2),
+    "download_part_size": ((int,), 0),
     "prefetch_files": ((int,), 64),
     "prefetch_max_size": ((int,), 1024**2),
     "host_name": ((str,), None),
@@ -68,11 +68,11 @@ class Config:
     cache_max_bytes: int = 10 * 1024**3
     unpublished_ttl: float = 7 * 86400
     expired_retention: float = 30 * 86400
-    metadata_ttl: float = 1.0
+    metadata_ttl: float = 5.0
     multipart_threshold: int = 16 * 1024**2
     multipart_chunksize: int = 16 * 1024**2
     transfer_concurrency: int = 8
-    download_part_size: int = 8 * 1024**2  # 0: download each object in one stream
+    download_part_size: int = 0  # 0: one stream per object; 8-16 MiB parts pay off on AWS S3
     prefetch_files: int = 64  # files a sequential reader of a directory gets downloaded ahead (0: none)
     prefetch_max_size: int = 1024**2  # only files up to this size are prefetched
     host_name: str | None = None

@@ -183,7 +183,7 @@ def raise_read_ahead(mountpoint: Path, kb: int = 1024) -> None:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint).absolute()
-    if not os.path.ismount(mountpoint):
+    if not _in_mount_table(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
     pid = _daemon_pid(args, mountpoint)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
@@ -196,6 +196,16 @@ def cmd_umount(args: argparse.Namespace) -> int:
             time.sleep(0.05)
     print(f"unmounted {mountpoint}")
     return 0
+
+
+def _in_mount_table(mountpoint: Path) -> bool:
+    """Listed in /proc/self/mounts, even if its daemon died (then ismount() fails: ENOTCONN)."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return os.path.ismount(mountpoint)
+    target = str(mountpoint).replace(" ", "\\040")  # the table escapes spaces
+    return any(line.split()[1] == target for line in lines if len(line.split()) > 1)
 
 
 def _daemon_pid(args: argparse.Namespace, mountpoint: Path) -> int | None:

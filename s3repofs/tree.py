@@ -244,9 +244,12 @@ class Tree:
         return self._open_write(path, flags, uid, gid)
 
     def _open_read(self, path: str) -> int:
-        # Straight from the database, never from an open writer: readers see the stored version
-        # (old or new), never bytes still being written.
-        entry = self._query(self.parse(path))
+        # The stored version (cached or queried), never an open writer's: readers see the old or the
+        # new version, never bytes still being written.
+        with self._lock:
+            entry = self._entries.get(path)
+        if not isinstance(entry, Entry) or entry.is_dir:
+            entry = self._query(self.parse(path))
         if entry is None:
             raise NotFoundError(f"{path}: no such file (or not yet closed by its writer)")
         if entry.is_dir:

@@ -214,7 +214,7 @@ def test_mount_refuses_bad_mountpoints(repo_config_pair, tmp_path):
 
 
 def test_two_mounts_of_one_repository_see_each_other(request, tmp_path):
-    first = make_config(request, tmp_path / "a", "postgres-s3")
+    first = {**make_config(request, tmp_path / "a", "postgres-s3"), "metadata_ttl": 1.0}
     second = {**first, "local_root": str(tmp_path / "b" / "root"), "host_name": "second-host"}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -311,3 +311,15 @@ def test_a_large_cold_file_downloads_in_parts_and_reads_byte_exact_anywhere(repo
             f.seek(0)
             assert f.read() == data
         assert (mnt / "published/raw/blob").read_bytes() == data
+
+
+def test_umount_cleans_up_after_a_daemon_that_died(repo_config_pair, tmp_path):
+    import signal
+
+    with mounted(repo_config_pair, tmp_path) as mnt:
+        pid_file = next((tmp_path / "root").glob("mount-*.pid"))
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        assert wait_for(lambda: not os.path.ismount(mnt))  # ENOTCONN: the kernel still lists it
+        result = s3repofs("umount", str(mnt), "--config", str(tmp_path / "mnt.json"), check=False)
+        assert result.returncode == 0, result.stderr
+        assert os.listdir(mnt) == []
