@@ -28,7 +28,8 @@ from .errors import ArchivedError, ObjectMissingError, RepoError, StoreUnavailab
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
-STREAM_CHUNK = 256 * 1024  # small enough that a reader waiting for the first bytes is served early
+STREAM_CHUNK = 1024 * 1024
+FIRST_CHUNK = 128 * 1024  # a reader waiting for the first bytes is served before a whole chunk arrived
 META_PREFIX = "s3repo-"
 
 
@@ -316,8 +317,10 @@ class S3Store(ObjectStore):
             whole = {} if (start, end) == (0, size) else {"Range": f"bytes={start}-{end - 1}"}
             body = self.client.get_object(Bucket=self.bucket, Key=key, **whole)["Body"]
             try:
-                while start < end and (chunk := body.read(min(STREAM_CHUNK, end - start))):
+                step = FIRST_CHUNK
+                while start < end and (chunk := body.read(min(step, end - start))):
                     start += len(chunk)
+                    step = STREAM_CHUNK
                     yield chunk
             finally:
                 body.close()

@@ -1,11 +1,11 @@
 """Downloading one object into a local file, in parallel ranged parts, while readers use what has arrived.
 
 A ``Download`` splits the object into parts of ``part_size`` bytes (0: one stream for the whole
-object). The thread that runs it fetches the first part itself, hashing as the bytes arrive, and
-hands the other parts to a shared pool; it then hashes the rest of the file in order as each part
-lands. Readers wait only for the range they asked for, so the first bytes of a large cold file are
-served while the rest is still arriving; a read that reaches the end of the object also waits for
-the md5 check, so a reader that sees EOF has seen verified bytes.
+object) and fetches them in a shared pool, while the thread that runs it hashes the file in order
+behind them (receiving and hashing then run side by side: both release the GIL). Readers wait only
+for the range they asked for, so the first bytes of a large cold file are served while the rest is
+still arriving; a read that reaches the end of the object also waits for the md5 check, so a reader
+that sees EOF has seen verified bytes.
 
 Which strategy is faster depends on the server: real S3 serves parts in parallel, while moto copies
 the whole object for every ranged GET. ``download_part_size`` in the config chooses.
@@ -22,14 +22,15 @@ from typing import Callable, Iterator
 from .errors import VerificationError
 
 HASH_CHUNK = 1024 * 1024
+SMALL = 1024 * 1024  # objects up to this size are fetched and hashed by the one thread that runs them
 
 # fetch(start, end) yields the object's bytes in [start, end), in order.
 Fetch = Callable[[int, int], Iterator[bytes]]
 
 
 class Download:
-    def __init__(self, fd: int, size: int, md5: str, what: str, fetch: Fetch, part_size: int = 0,
-                 parts: Executor | None = None) -> None:
+    def __init__(self, fd: int, size: int, md5: str, what: str, fetch: Fetch, part_size: int,
+                 parts: Executor) -> None:
         self.fd = fd  # the destination, already ``size`` bytes long (sparse)
         self.size = size
         self.md5 = md5
@@ -49,12 +50,15 @@ class Download:
         """Fetch and verify the whole object (blocks); raises, and fails every waiting reader, on error."""
         futures: list[Future] = []
         try:
-            if len(self._starts) > 1 and self._parts is None:
-                raise ValueError("a download in parts needs an executor for them")
-            futures = [self._parts.submit(self._fetch_part, i, None) for i in range(1, len(self._starts))]
+            # Every part is fetched by the pool; this thread hashes behind them, in order, so that
+            # receiving and hashing run side by side (both release the GIL).
+            if self.size <= SMALL:  # not worth other threads
+                for index in range(len(self._starts)):
+                    self._fetch_part(index)
+            else:
+                futures = [self._parts.submit(self._fetch_part, i) for i in range(len(self._starts))]
             digest = hashlib.md5()
-            self._fetch_part(0, digest)
-            hashed = self._part_end(0)
+            hashed = 0
             while hashed < self.size:
                 present = self._wait_prefix(hashed)
                 while hashed < present:
@@ -74,7 +78,7 @@ class Download:
             self._verified = True
             self._cond.notify_all()
 
-    def _fetch_part(self, index: int, digest) -> None:
+    def _fetch_part(self, index: int) -> None:
         start, end = self._starts[index], self._part_end(index)
         offset = start
         try:
@@ -82,8 +86,6 @@ class Download:
                 if offset + len(chunk) > end:
                     raise VerificationError(f"{self.what}: the store sent more than the recorded {self.size} bytes")
                 os.pwrite(self.fd, chunk, offset)
-                if digest is not None:
-                    digest.update(chunk)
                 offset += len(chunk)
                 with self._cond:
                     self._filled[index] = offset - start

@@ -6,12 +6,15 @@ import hashlib
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from s3repofs.cache import LocalCache
 from s3repofs.errors import StoreUnavailableError
 from s3repofs.transfer import Download
+
+PARTS = ThreadPoolExecutor(4)
 
 
 def source(data: bytes, calls: list | None = None, gate: threading.Event | None = None):
@@ -25,7 +28,7 @@ def source(data: bytes, calls: list | None = None, gate: threading.Event | None 
             assert gate.wait(10)
         yield data[start:end]
 
-    return lambda fd: Download(fd, len(data), md5, "test", fetch)
+    return lambda fd: Download(fd, len(data), md5, "test", fetch, 0, PARTS)
 
 
 @pytest.fixture
@@ -78,7 +81,7 @@ def test_a_failed_download_leaves_nothing(cache):
         def fetch(s, e):
             raise StoreUnavailableError("no store")
             yield b""
-        return Download(fd, 10, "0" * 32, "test", fetch)
+        return Download(fd, 10, "0" * 32, "test", fetch, 0, PARTS)
 
     with pytest.raises(StoreUnavailableError):
         cache.fetch("t/x", 10, start)

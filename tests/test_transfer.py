@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from s3repofs import transfer
 from s3repofs.errors import StoreUnavailableError, VerificationError
 from s3repofs.transfer import Download
 
@@ -19,6 +20,13 @@ MD5 = hashlib.md5(DATA).hexdigest()
 def chunks(data: bytes, start: int, end: int, size: int = 64):
     for offset in range(start, end, size):
         yield data[offset:min(offset + size, end)]
+
+
+@pytest.fixture(autouse=True, params=["inline", "pooled"])
+def strategy(request, monkeypatch):
+    """Small objects are fetched by the running thread, larger ones by the pool: test both ways."""
+    if request.param == "pooled":
+        monkeypatch.setattr(transfer, "SMALL", 0)
 
 
 @pytest.fixture
