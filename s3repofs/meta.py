@@ -502,11 +502,12 @@ class MetaStore:
     # -- helpers (inside a transaction) ---------------------------------------------------------
 
     def _ensure_dirs(self, tx: Tx, directory: DirPath, now: float) -> None:
-        tx.executemany(
-            """INSERT INTO directories (file_type, dir, parent, created_at) VALUES (?, ?, ?, ?)
-               ON CONFLICT (file_type, dir) DO NOTHING""",
-            [(d.file_type, d.dir, d.parent_dir, now) for d in directory.ancestors()],
-        )
+        rows = [(d.file_type, d.dir, d.parent_dir, now) for d in directory.ancestors()]
+        # One multi-row statement: one round trip, however deep the path.
+        tx.execute(f"""INSERT INTO directories (file_type, dir, parent, created_at)
+                       VALUES {", ".join(["(?, ?, ?, ?)"] * len(rows))}
+                       ON CONFLICT (file_type, dir) DO NOTHING""",
+                   [value for row in rows for value in row])
 
     def _get_dir(self, tx: Tx, directory: DirPath) -> Directory | None:
         row = tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",

@@ -163,7 +163,7 @@ def _retry_uploads(repo: S3Repo, tree, stop: threading.Event) -> None:
 
 def _retry_once(repo: S3Repo, tree) -> None:
     try:
-        uploaded = repo.retry_staged_uploads(skip=tree.versions_being_written())
+        uploaded = repo.retry_staged_uploads(tree.retryable)
         if uploaded:
             log.info("uploaded %d staged version(s) that had failed before", uploaded)
     except RepoError as exc:

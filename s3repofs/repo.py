@@ -220,13 +220,15 @@ class S3Repo:
             shutil.copyfile(self.local_file(source), staged)
         return rf.version
 
-    def retry_staged_uploads(self, skip: set[int] = frozenset()) -> int:
+    def retry_staged_uploads(self, retryable: Callable[[Version], bool] = lambda version: True) -> int:
         """Upload what this host staged but could not upload (S3 was down, say); publish what was meant
-        to be published unless a newer version was published meanwhile. Versions in ``skip`` (still
-        open for writing) are left alone. Returns how many versions were uploaded or published."""
+        to be published unless a newer version was published meanwhile. Only versions for which
+        ``retryable(version)`` is true are touched: a mount passes the ones whose upload failed and
+        those left from before it started, never one a writer may still be filling. Returns how many
+        versions were uploaded or published."""
         done = 0
         for version in self.meta.staged_on(self.host):
-            if version.id in skip:
+            if not retryable(version):
                 continue
             if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
                 continue
@@ -410,4 +412,4 @@ class RepoFile:
 def _create_empty(path: Path) -> None:
     # No fsync: an empty staged file holds nothing to lose; bytes written later are made durable
     # by their upload, or by an fsync when the upload fails.
-    path.touch()
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))

@@ -132,7 +132,9 @@ class Tree:
         self._handles: dict[int, ReadHandle | WriteHandle] = {}
         self._writers: dict[str, WriteHandle] = {}  # mount path -> newest open writer
         self._next_fh = 1
-        self._root_time = _ns(started or time.time())
+        self.started = started or time.time()
+        self._root_time = _ns(self.started)
+        self._failed_uploads: set[int] = set()  # versions whose upload failed at a flush here
         config = repo.config
         self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size)
 
@@ -270,8 +272,11 @@ class Tree:
         loc = self._writable(path)
         if loc.file is None:
             raise LifecycleError(f"{path}: files live under a type directory (<state>/<type>/<name>)")
-        parent = self.repo.meta.get_dir(loc.file.parent)
-        if parent is None:
+        try:  # the kernel looked the parent up just before: usually answered from the cache
+            parent = self.lookup(path.rstrip("/").rpartition("/")[0])
+        except NotFoundError:
+            parent = None
+        if parent is None or not parent.is_dir:
             raise NotFoundError(f"{path}: no such directory {loc.file.parent}")
         version = self.repo.copy_on_write(None, loc.file, mode=mode & 0o7777, uid=uid, gid=gid, keep_content=False)
         return self._start_writer(path, loc.state, version)
@@ -355,6 +360,8 @@ class Tree:
                 # they need no fsync: the store holds them, and the cache checks sizes on use.)
                 os.fsync(handle.fd)
                 handle.failed = True
+                with self._lock:
+                    self._failed_uploads.add(version.id)
                 handle.version = self.repo.meta.get(version.id)  # perhaps uploaded, not published
                 if handle.state == "published":
                     self.repo.meta.set_publish_pending(version.id, True)
@@ -598,6 +605,15 @@ class Tree:
         if not isinstance(handle, WriteHandle):
             raise BadHandleError(f"file handle {fh} is open read-only")
         return handle
+
+    def retryable(self, version: Version) -> bool:
+        """May the retry thread upload this staged version? Only if its upload failed here, or it was
+        left from before this mount started (a crash); never while a writer may still be filling it
+        (a version is staged a moment before its writer is registered)."""
+        with self._lock:
+            if version.id in {w.version.id for w in self._writers.values()}:
+                return False
+            return version.id in self._failed_uploads or version.created_at < self.started
 
     def versions_being_written(self) -> set[int]:
         with self._lock:

@@ -1,0 +1,27 @@
+"""The mounted tree's semantics without a mount (tree.py), where a mount cannot show them reliably."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from s3repofs.tree import Tree
+
+
+def test_the_retry_thread_never_takes_a_version_a_writer_may_still_fill(repo):
+    left_over = repo.add_file(path="t/old").touch("left by a crash").version
+    time.sleep(0.01)
+    tree = Tree(repo)
+    staged_now = repo.add_file(path="t/new").version  # staged, its writer not registered yet
+    fh = tree.create("/published/t/open", 0o644, 0, 0)
+    writer_version = tree._handles[fh].version
+    assert tree.retryable(left_over)
+    assert not tree.retryable(staged_now)
+    assert not tree.retryable(writer_version)
+    assert repo.retry_staged_uploads(tree.retryable) == 1  # only the crash's leftover
+    assert repo.get_version(staged_now.id).storage == "local"
+    tree.write(fh, b"bytes", 0)
+    tree.flush(fh)
+    tree.release(fh)
+    assert repo.get_file("t/open").read_bytes() == b"bytes"
+    assert os.path.exists(repo.cache.staging_path(staged_now.s3_key))
