@@ -356,8 +356,7 @@ class Tree:
                     version = self.repo.upload(version)
                     self._discard_older_staged(version)
             except RepoError as exc:
-                # The staged bytes are now the only copy: make them durable for the retry. (Uploaded,
-                # they need no fsync: the store holds them, and the cache checks sizes on use.)
+                # The staged bytes are now the only copy: make them durable for the retry.
                 os.fsync(handle.fd)
                 handle.failed = True
                 with self._lock:
