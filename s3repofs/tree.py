@@ -129,6 +129,8 @@ class Tree:
         self.repo = repo
         self._lock = threading.Lock()
         self._entries: TTLCache = TTLCache(maxsize=200_000, ttl=metadata_ttl)
+        # Directory listings (mount path -> sorted (name, Entry)): a repeated `ls -l` is no query.
+        self._listings: TTLCache = TTLCache(maxsize=64, ttl=metadata_ttl)
         self._handles: dict[int, ReadHandle | WriteHandle] = {}
         self._writers: dict[str, WriteHandle] = {}  # mount path -> newest open writer
         self._next_fh = 1
@@ -210,6 +212,26 @@ class Tree:
             raise NotDirectoryError(f"{path}: not a directory")
         if loc.state is None:
             return [(state, self._query(Location(state, ()))) for state in STATES]
+        base = path.rstrip("/")
+        with self._lock:
+            listed = self._listings.get(base)
+        if listed is None:
+            listed = self._list(loc)
+            with self._lock:
+                self._listings[base] = listed
+                for name, child in listed:  # a listing answers the lookups that follow it (ls -l)
+                    self._entries[f"{base}/{name}"] = child
+        prefix = base + "/"
+        with self._lock:
+            writers = [w for p, w in self._writers.items() if p.startswith(prefix) and "/" not in p[len(prefix):]]
+        if not writers:
+            return listed
+        found = dict(listed)
+        for writer in writers:
+            found[writer.mount_path[len(prefix):]] = self._writer_entry(writer)
+        return sorted(found.items())
+
+    def _list(self, loc: Location) -> list[tuple[str, Entry]]:
         found: dict[str, Entry] = {}
         if not loc.parts:
             for directory in self.repo.meta.list_types():
@@ -219,14 +241,6 @@ class Tree:
                 found[directory.name] = dir_entry(directory, loc.state)
             for version in self.repo.meta.list_dir(loc.directory, loc.state):
                 found[version.name] = self._file_entry(version, loc.state)
-        base = path.rstrip("/")
-        with self._lock:
-            for name, child in found.items():  # a listing answers the lookups that follow it (ls -l)
-                self._entries[f"{base}/{name}"] = child
-            prefix = base + "/"
-            writers = [w for p, w in self._writers.items() if p.startswith(prefix) and "/" not in p[len(prefix):]]
-        for writer in writers:
-            found[writer.mount_path[len(prefix):]] = self._writer_entry(writer)
         return sorted(found.items())
 
     def forget(self, *paths: str) -> None:
@@ -235,8 +249,12 @@ class Tree:
         with self._lock:
             for path in paths:
                 below_state = path.strip("/").partition("/")[2]
+                parent = below_state.rpartition("/")[0]
                 for state in STATES:
-                    self._entries.pop(f"/{state}/{below_state}".rstrip("/"), None)
+                    same = f"/{state}/{below_state}".rstrip("/")
+                    self._entries.pop(same, None)
+                    self._listings.pop(same, None)
+                    self._listings.pop(f"/{state}/{parent}".rstrip("/"), None)
 
     # -- reading --------------------------------------------------------------------------------
 

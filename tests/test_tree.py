@@ -25,3 +25,20 @@ def test_the_retry_thread_never_takes_a_version_a_writer_may_still_fill(repo):
     tree.release(fh)
     assert repo.get_file("t/open").read_bytes() == b"bytes"
     assert os.path.exists(repo.cache.staging_path(staged_now.s3_key))
+
+
+def test_a_cached_listing_shows_changes_made_here_at_once(repo):
+    tree = Tree(repo, metadata_ttl=3600)  # nothing may age out during the test: only forget() helps
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    assert tree.readdir("/published/t") == [] and tree.readdir("/expired/t") == []
+    fh = tree.create("/published/t/a", 0o644, 0, 0)
+    tree.write(fh, b"abc", 0)
+    assert [(n, e.size) for n, e in tree.readdir("/published/t")] == [("a", 3)]  # the open writer
+    tree.flush(fh)
+    tree.release(fh)
+    assert [(n, e.size) for n, e in tree.readdir("/published/t")] == [("a", 3)]
+    tree.unlink("/published/t/a")
+    assert tree.readdir("/published/t") == []
+    assert [n for n, _ in tree.readdir("/expired/t")] == ["a"]
+    tree.mkdir("/published/t/sub", 0o755, 0, 0)
+    assert [n for n, _ in tree.readdir("/published/t")] == ["sub"]
