@@ -19,6 +19,7 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -197,8 +198,7 @@ class LocalCache:
             victims = [k for k in self._sizes if k not in self._pins]
             for key in victims:
                 self._unindex(key)
-        for key in victims:
-            self.object_path(key).unlink(missing_ok=True)
+                self.object_path(key).unlink(missing_ok=True)
         return len(victims)
 
     # -- internals (``_lock`` held where noted) -------------------------------------------------
@@ -248,17 +248,21 @@ class LocalCache:
             os.replace(fill.tmp, self.object_path(key))
         except BaseException as exc:
             log.warning("download of %s failed: %s", key, exc)
-            fill.tmp.unlink(missing_ok=True)
             fill.error = exc
             landed = False
-        with self._lock:
-            del self._fills[key]
-            self._used -= download.size
-            if landed:
-                self._index(key, download.size)
-            os.close(download.fd)  # readers hold their own duplicates
-        self._evict()
-        fill.landed.set()
+            with suppress(OSError):
+                fill.tmp.unlink(missing_ok=True)
+        finally:
+            with self._lock:
+                del self._fills[key]
+                self._used -= download.size
+                if landed:
+                    self._index(key, download.size)
+                os.close(download.fd)  # readers hold their own duplicates
+            try:
+                self._evict()
+            finally:
+                fill.landed.set()
 
     def _index(self, key: str, size: int) -> None:
         """(``_lock`` held.)"""
@@ -282,11 +286,11 @@ class LocalCache:
                 if key not in self._pins:
                     victims.append(key)
                     excess -= size
-            for key in victims:
+            for key in victims:  # unlinked under the lock: an open racing with eviction re-downloads
                 self._unindex(key)
-        for key in victims:
-            log.debug("cache: evicting %s", key)
-            self.object_path(key).unlink(missing_ok=True)
+                log.debug("cache: evicting %s", key)
+                with suppress(OSError):
+                    self.object_path(key).unlink(missing_ok=True)
 
 
 def _writer_alive(fill_name: str) -> bool:

@@ -54,7 +54,7 @@ class Prefetcher:
             after = reader.ahead[-1] if reader.ahead else name
         try:
             self._schedule(directory, reader, after)
-        except RepoError as exc:  # prefetching is an optimisation: never fail the open for it
+        except (RepoError, OSError) as exc:  # prefetching is an optimisation: never fail the open for it
             log.debug("prefetch in %s: %s", directory, exc)
 
     def _schedule(self, directory: DirPath, reader: _Reader, after: str) -> None:

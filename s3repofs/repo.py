@@ -169,6 +169,8 @@ class S3Repo:
 
     def publish(self, version: Version, path: RepoPath | None = None) -> Version:
         """Upload if needed, then publish atomically (at ``path`` if given); expires the previous one."""
+        if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
+            version = self.meta.get(version.id)  # a stale copy: uploaded meanwhile (by the retry thread)
         if version.storage == "local":  # the upload is recorded in the publishing transaction
             size, md5 = self._store_staged(version)
             published, expired = self.meta.publish(version.id, path, uploaded=(size, md5))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from typing import Callable, Iterator
 
 from .errors import VerificationError
@@ -70,9 +70,10 @@ class Download:
             if digest.hexdigest() != self.md5:
                 raise VerificationError(f"{self.what}: md5 {digest.hexdigest()} does not match the recorded {self.md5}")
         except BaseException as exc:
+            self._fail(exc)  # parts still running stop at their next chunk
             for future in futures:
                 future.cancel()
-            self._fail(exc)
+            wait(futures)  # none may write into the fd once the caller closes it (its number is reused)
             raise
         with self._cond:
             self._verified = True
@@ -83,6 +84,8 @@ class Download:
         offset = start
         try:
             for chunk in self._fetch(start, end):
+                with self._cond:
+                    self._raise_failure()  # another part failed: the download is over
                 if offset + len(chunk) > end:
                     raise VerificationError(f"{self.what}: the store sent more than the recorded {self.size} bytes")
                 os.pwrite(self.fd, chunk, offset)

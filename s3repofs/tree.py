@@ -137,6 +137,7 @@ class Tree:
         self.started = started or time.time()
         self._root_time = _ns(self.started)
         self._failed_uploads: set[int] = set()  # versions whose upload failed at a flush here
+        self._generation = 0  # bumped by every local change (forget)
         config = repo.config
         self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size)
 
@@ -155,8 +156,9 @@ class Tree:
         with self._lock:
             writer = self._writers.get(path)
             cached = self._entries.get(path)
-        if writer is not None:
-            return self._writer_entry(writer)
+            generation = self._generation
+        if writer is not None and (entry := self._writer_entry(writer)) is not None:
+            return entry
         if cached is MISSING:
             raise NotFoundError(f"{path}: no such file or directory")
         if cached is not None:
@@ -168,7 +170,8 @@ class Tree:
                 raise
             entry = None  # a name the repository could never hold simply does not exist
         with self._lock:
-            self._entries[path] = MISSING if entry is None else entry
+            if generation == self._generation:  # nothing changed here while we queried
+                self._entries[path] = MISSING if entry is None else entry
         if entry is None:
             raise NotFoundError(f"{path}: no such file or directory")
         return entry
@@ -193,15 +196,22 @@ class Tree:
                 pass  # staged on another host
         return entry
 
-    def _writer_entry(self, writer: WriteHandle) -> Entry:
-        st = os.fstat(writer.fd)
+    def _writer_entry(self, writer: WriteHandle) -> Entry | None:
+        """The attributes of a file being written (None once its writer has closed)."""
+        # No lock: a flush holds the writer's lock for a whole upload, and stat must not wait for it.
         v = writer.version
+        try:
+            st = os.fstat(writer.fd)
+        except OSError:  # closed meanwhile (fd -1)
+            return None
         return Entry(False, v.mode, v.uid, v.gid, st.st_size, st.st_mtime_ns, st.st_mtime_ns, v)
 
     def getattr(self, path: str, fh: int | None = None) -> dict:
         handle = self._handles.get(fh) if fh else None
         if isinstance(handle, WriteHandle):
-            return self._writer_entry(handle).stat()
+            entry = self._writer_entry(handle)
+            if entry is not None:
+                return entry.stat()
         return self.lookup(path).stat()
 
     def readdir(self, path: str) -> list[tuple[str, Entry]]:
@@ -215,12 +225,14 @@ class Tree:
         base = path.rstrip("/")
         with self._lock:
             listed = self._listings.get(base)
+            generation = self._generation
         if listed is None:
             listed = self._list(loc)
             with self._lock:
-                self._listings[base] = listed
-                for name, child in listed:  # a listing answers the lookups that follow it (ls -l)
-                    self._entries[f"{base}/{name}"] = child
+                if generation == self._generation:  # nothing changed here while we queried
+                    self._listings[base] = listed
+                    for name, child in listed:  # a listing answers the lookups that follow it (ls -l)
+                        self._entries[f"{base}/{name}"] = child
         prefix = base + "/"
         with self._lock:
             writers = [w for p, w in self._writers.items() if p.startswith(prefix) and "/" not in p[len(prefix):]]
@@ -228,7 +240,8 @@ class Tree:
             return listed
         found = dict(listed)
         for writer in writers:
-            found[writer.mount_path[len(prefix):]] = self._writer_entry(writer)
+            if (entry := self._writer_entry(writer)) is not None:
+                found[writer.mount_path[len(prefix):]] = entry
         return sorted(found.items())
 
     def _list(self, loc: Location) -> list[tuple[str, Entry]]:
@@ -247,6 +260,7 @@ class Tree:
         """Forget cached entries of these mount paths in every state's tree, after a change made here
         (a publish changes published/ and expired/ at once). Other hosts' changes age out by TTL."""
         with self._lock:
+            self._generation += 1  # a query begun before this change must not store its answer
             for path in paths:
                 below_state = path.strip("/").partition("/")[2]
                 parent = below_state.rpartition("/")[0]
@@ -275,8 +289,12 @@ class Tree:
         if entry.is_dir:
             raise IsDirectoryError(f"{path}: is a directory")
         reader = self.repo.open_version(entry.version)
-        self.prefetcher.opened(entry.version)
-        return self._add_handle(ReadHandle(entry.version, reader))
+        try:
+            self.prefetcher.opened(entry.version)
+            return self._add_handle(ReadHandle(entry.version, reader))
+        except BaseException:
+            reader.close()
+            raise
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         handle = self._handle(fh)
@@ -415,11 +433,9 @@ class Tree:
         if isinstance(handle, ReadHandle):
             handle.reader.close()
         elif isinstance(handle, WriteHandle):
-            os.close(handle.fd)
+            fd, handle.fd = handle.fd, -1  # a concurrent stat of this writer now finds it closed
+            os.close(fd)
             self.forget(handle.mount_path)
-            if handle.sealed and handle.state == "published":  # the stat that follows a close
-                with self._lock:
-                    self._entries[handle.mount_path] = file_entry(handle.version, "published")
 
     def _finish_writer(self, handle: WriteHandle) -> None:
         if handle.sealed or handle.failed:  # a failed upload is not tried again at once: the retry thread will
@@ -627,14 +643,15 @@ class Tree:
         """May the retry thread upload this staged version? Only if its upload failed here, or it was
         left from before this mount started (a crash); never while a writer may still be filling it
         (a version is staged a moment before its writer is registered)."""
+        if version.id in self.versions_being_written():
+            return False
         with self._lock:
-            if version.id in {w.version.id for w in self._writers.values()}:
-                return False
             return version.id in self._failed_uploads or version.created_at < self.started
 
     def versions_being_written(self) -> set[int]:
+        """Every version an open write handle holds (a path may have several writers)."""
         with self._lock:
-            return {w.version.id for w in self._writers.values()}
+            return {h.version.id for h in self._handles.values() if isinstance(h, WriteHandle)}
 
     def flush_all(self, on_error: Callable[[str, Exception], None] | None = None) -> None:
         """Flush every written handle (at unmount)."""

@@ -124,3 +124,26 @@ def test_an_empty_object(tmp_path, pool):
     download.run()
     download.wait(0, 4096)
     os.close(fd)
+
+
+def test_no_part_writes_after_a_failed_download_returns(dest, pool):
+    import time
+
+    writes_after: list = []
+    returned = threading.Event()
+
+    def fetch(start, end):
+        if start == 250:
+            raise StoreUnavailableError("connection reset")
+        for chunk in chunks(DATA, start, end, 10):
+            time.sleep(0.002)
+            if returned.is_set():
+                writes_after.append(start)
+            yield chunk
+
+    download = Download(dest, len(DATA), MD5, "test", fetch, 250, pool)
+    with pytest.raises(StoreUnavailableError):
+        download.run()
+    returned.set()  # the caller now closes the fd; its number may be reused at once
+    time.sleep(0.1)
+    assert writes_after == []

@@ -42,3 +42,19 @@ def test_a_cached_listing_shows_changes_made_here_at_once(repo):
     assert [n for n, _ in tree.readdir("/expired/t")] == ["a"]
     tree.mkdir("/published/t/sub", 0o755, 0, 0)
     assert [n for n, _ in tree.readdir("/published/t")] == ["sub"]
+
+
+def test_a_late_release_does_not_bring_back_a_removed_file(repo):
+    import pytest
+
+    from s3repofs.errors import NotFoundError
+
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    fh = tree.create("/published/t/f", 0o644, 0, 0)
+    tree.write(fh, b"one", 0)
+    tree.flush(fh)  # close() returned
+    tree.unlink("/published/t/f")  # rm, before the kernel's asynchronous RELEASE
+    tree.release(fh)
+    with pytest.raises(NotFoundError):
+        tree.open("/published/t/f", os.O_RDONLY)
