@@ -80,7 +80,7 @@ class Operations(mfusepy.Operations):
 
     @translated
     def readdir_plus(self, path):
-        return [(name, entry.stat()) for name, entry in self.tree.readdir(path)]
+        return self.tree.readdir(path)
 
     @translated
     def open(self, path, flags):
@@ -213,15 +213,22 @@ class FUSE(mfusepy.FUSE):
     def readdir_fuse_3(self, path, buf, filler, offset, fip, flags):
         if not flags & FUSE_READDIR_PLUS:
             return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
-        entries = self.operations.readdir_plus(path.decode(self.encoding, self.errors))
+        # With offsets (each entry's position + 1): libfuse passes the attributes on to the kernel
+        # only in this mode (without offsets it sends them with inode 0, which the kernel ignores,
+        # and then looks every name up). The kernel asks batch after batch; the tree caches the
+        # listing, and only the batch's entries are converted.
+        entries = [(".", None), ("..", None)]
+        entries += self.operations.readdir_plus(path.decode(self.encoding, self.errors))
         st = mfusepy.c_stat()
-        for name in (".", ".."):
-            if filler(buf, name.encode(), None, 0, 0) != 0:
-                return 0
-        for name, attrs in entries:
-            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
-            mfusepy.set_st_attrs(st, attrs, use_ns=True)
-            if filler(buf, name.encode(self.encoding, self.errors), st, 0, FUSE_FILL_DIR_PLUS) != 0:
+        for position in range(offset, len(entries)):
+            name, entry = entries[position]
+            if entry is None:
+                full = filler(buf, name.encode(), None, position + 1, 0)
+            else:
+                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+                mfusepy.set_st_attrs(st, entry.stat(), use_ns=True)
+                full = filler(buf, name.encode(self.encoding, self.errors), st, position + 1, FUSE_FILL_DIR_PLUS)
+            if full:
                 break
         return 0
 
