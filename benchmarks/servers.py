@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,21 +80,9 @@ def start_s3rver(work_dir: Path) -> S3rverServer:
                                  "--port", str(port), "--silent", "--no-vhost-buckets"],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
         server = S3rverServer(proc, port, log, log_path, data_dir)
-        try:
-            deadline = time.monotonic() + test_servers.START_TIMEOUT
-            while proc.poll() is None and not server._answers():
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"s3rver did not answer on {server.endpoint_url}; log:\n"
-                                       f"{test_servers._tail(log_path)}")
-                time.sleep(0.1)
-        except BaseException:
-            server.stop()
-            raise
-        if proc.poll() is None:
-            test_servers._stop_at_exit(server.stop)
+        if test_servers.await_answer(server, proc, "s3rver", log_path):
             return server
         last_error = test_servers._tail(log_path)
-        server.stop()  # it exited, most likely because the port was taken meanwhile
     raise RuntimeError(f"s3rver failed to start; log:\n{last_error}")
 
 

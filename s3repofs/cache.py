@@ -52,7 +52,6 @@ class CacheUsage:
     objects: int
     used_bytes: int  # cached objects and downloads in flight
     max_bytes: int
-    downloading: int
 
 
 class LocalCache:
@@ -120,13 +119,10 @@ class LocalCache:
     def open_object(self, key: str, size: int, start: StartDownload) -> tuple[int, Download | None]:
         """A read-only fd of the object, pinned until ``unpin(key)``, and the download still writing
         it (None once complete). Starts the download if nobody has; joins it otherwise."""
-        with self._lock:
-            self._pins[key] = self._pins.get(key, 0) + 1
+        self.pin(key)
         try:
             with self._lock:
-                fill = self._fills.get(key)
-                if fill is None and not self._present(key, size):
-                    fill = self._begin(key, size, start)
+                fill = self._fill_unless_present(key, size, start)
                 fd = os.dup(fill.download.fd) if fill else None
             if fill is None:
                 return os.open(self.object_path(key), os.O_RDONLY), None
@@ -140,9 +136,7 @@ class LocalCache:
         self.pin(key)
         try:
             with self._lock:
-                fill = self._fills.get(key)
-                if fill is None and not self._present(key, size):
-                    fill = self._begin(key, size, start)
+                fill = self._fill_unless_present(key, size, start)
             if fill is not None:
                 fill.landed.wait()
                 if fill.error is not None:
@@ -184,13 +178,7 @@ class LocalCache:
 
     def usage(self) -> CacheUsage:
         with self._lock:
-            return CacheUsage(len(self._sizes), self._used, self.max_bytes, len(self._fills))
-
-    def used_bytes(self) -> int:
-        return self.usage().used_bytes
-
-    def count(self) -> int:
-        return self.usage().objects
+            return CacheUsage(len(self._sizes), self._used, self.max_bytes)
 
     def clear(self) -> int:
         """Remove every cached object that is not open; returns how many were removed."""
@@ -202,6 +190,14 @@ class LocalCache:
         return len(victims)
 
     # -- internals (``_lock`` held where noted) -------------------------------------------------
+
+    def _fill_unless_present(self, key: str, size: int, start: StartDownload) -> _Fill | None:
+        """The download of ``key`` in flight, started if needed; None if the object is cached.
+        (``_lock`` held.)"""
+        fill = self._fills.get(key)
+        if fill is None and not self._present(key, size):
+            fill = self._begin(key, size, start)
+        return fill
 
     def _present(self, key: str, size: int) -> bool:
         """Is the complete object on disk? Marks it recently used. (``_lock`` held.)"""

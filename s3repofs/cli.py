@@ -146,8 +146,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"database:   {repo.db.describe()} (schema version {repo.meta.schema_version()})")
         print(f"objects:    {repo.store.describe_location()}")
         print(f"local root: {repo.config.local_root}")
-        print(f"cache:      {repo.cache.count()} objects, {human(repo.cache.used_bytes())} "
-              f"of {human(repo.config.cache_max_bytes)}")
+        usage = repo.cache.usage()
+        print(f"cache:      {usage.objects} objects, {human(usage.used_bytes)} of {human(usage.max_bytes)}")
         print("versions:   " + ", ".join(f"{counts.get(s, 0)} {s}" for s in
                                          ("published", "unpublished", "expired", "discarded", "purged")))
         print("hosts:      " + ", ".join(h["name"] for h in repo.meta.hosts()))

@@ -28,7 +28,6 @@ from .errors import ArchivedError, ObjectMissingError, RepoError, StoreUnavailab
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
-STREAM_CHUNK = 1024 * 1024
 FIRST_CHUNK = 128 * 1024  # a reader waiting for the first bytes is served before a whole chunk arrived
 META_PREFIX = "s3repo-"
 
@@ -179,7 +178,7 @@ class LocalStore(ObjectStore):
     def stream(self, key: str, start: int, end: int, size: int) -> Iterator[bytes]:
         with self._errors(key), open(self._data(key), "rb") as src:
             src.seek(start)
-            while start < end and (chunk := src.read(min(STREAM_CHUNK, end - start))):
+            while start < end and (chunk := src.read(min(CHUNK, end - start))):
                 start += len(chunk)
                 yield chunk
 
@@ -320,7 +319,7 @@ class S3Store(ObjectStore):
                 step = FIRST_CHUNK
                 while start < end and (chunk := body.read(min(step, end - start))):
                     start += len(chunk)
-                    step = STREAM_CHUNK
+                    step = CHUNK
                     yield chunk
             finally:
                 body.close()

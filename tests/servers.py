@@ -341,6 +341,26 @@ class S3Server:
         self._log.close()
 
 
+def await_answer(server: "S3Server", proc: subprocess.Popen[bytes], name: str, log_path: Path) -> bool:
+    """Wait until a just-started S3 server answers HTTP: True once it does (it is then stopped at
+    exit); False, stopped, if it exited first (most likely someone else took the port)."""
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while proc.poll() is None and not server._answers():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not answer on {server.endpoint_url} within "
+                                   f"{START_TIMEOUT:.0f} s; log:\n{_tail(log_path)}")
+            time.sleep(0.1)
+    except BaseException:
+        server.stop()
+        raise
+    if proc.poll() is None:
+        _stop_at_exit(server.stop)
+        return True
+    server.stop()
+    return False
+
+
 def start_s3_server(log_dir: Path) -> S3Server:
     """Start moto's standalone server on a free loopback port and wait until it answers HTTP."""
     # moto.server needs moto's "server" extra (flask and friends), not just moto.
@@ -354,18 +374,6 @@ def start_s3_server(log_dir: Path) -> S3Server:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         server = S3Server(proc, port, log, log_path)
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while proc.poll() is None and not server._answers():
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not answer on {server.endpoint_url} within "
-                                       f"{START_TIMEOUT:.0f} s; log:\n{_tail(log_path)}")
-                time.sleep(0.1)
-        except BaseException:
-            server.stop()
-            raise
-        if proc.poll() is None:
-            _stop_at_exit(server.stop)
+        if await_answer(server, proc, "moto server", log_path):
             return server
-        server.stop()  # it exited, most likely because someone else took the port
     raise RuntimeError(f"moto server failed to start (tried {PORT_ATTEMPTS} ports); log:\n{_tail(log_path)}")

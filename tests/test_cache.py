@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from mount_helper import wait_for
 
 from s3repofs.cache import LocalCache
 from s3repofs.errors import StoreUnavailableError
@@ -86,7 +86,7 @@ def test_a_failed_download_leaves_nothing(cache):
     with pytest.raises(StoreUnavailableError):
         cache.fetch("t/x", 10, start)
     assert not cache.has("t/x") and cache.usage().used_bytes == 0
-    assert wait_until(lambda: not list(cache.objects_dir.rglob("*x*")))
+    assert wait_for(lambda: not list(cache.objects_dir.rglob("*x*")))
 
 
 def test_the_index_is_rebuilt_from_disk(tmp_path, cache):
@@ -124,11 +124,3 @@ def test_clear_keeps_open_objects(cache):
     os.close(fd)
     cache.unpin("t/b")
 
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True

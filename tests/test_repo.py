@@ -7,6 +7,7 @@ import multiprocessing
 import threading
 
 import pytest
+from mount_helper import wait_for
 
 import s3repofs
 from s3repofs import S3Repo
@@ -235,17 +236,7 @@ def test_a_sequential_reader_of_a_directory_gets_the_next_files_prefetched(repo_
         assert not any(repo.cache.has(f.s3_key) for f in files)
         prefetcher.opened(files[6].version)
         ahead = [f.s3_key for f in files[7:10]]
-        assert wait_for(lambda: all(repo.cache.has(k) for k in ahead))
+        assert wait_for(lambda: all(repo.cache.has(k) for k in ahead), timeout=10.0)
         assert not any(repo.cache.has(f.s3_key) for f in files[:7])
         assert not repo.cache.has(repo.get_file("t/d/huge").s3_key)  # above max_size
 
-
-def wait_for(predicate, timeout=10.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
