@@ -37,6 +37,7 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 CODE_ROOT = REPO_ROOT  # the directory holding the s3repofs package under test
+PROFILE_DIR: Path | None = None  # --profile: every daemon is sampled by py-spy into this directory
 
 
 def use_code(root: Path) -> None:
@@ -267,6 +268,16 @@ class Mount:
         self.pid = self._daemon_pid()
         if self.pid is not None:
             self.sampler.add(self.pid)
+            if PROFILE_DIR is not None:
+                self._profile(self.pid)
+
+    def _profile(self, pid: int) -> None:
+        """Sample the daemon with py-spy (wall clock, idle threads too) until it exits, as collapsed
+        stacks: ``<dir>/<mount>-<pid>.txt``, one line per stack and its sample count."""
+        out = PROFILE_DIR / f"{self.mountpoint.name}-{pid}.txt"
+        subprocess.Popen(["py-spy", "record", "--idle", "--threads", "--format", "raw", "--rate", "250",
+                          "--pid", str(pid), "--output", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def umount(self) -> None:
         """Unmount with ``s3repofs umount`` (which waits for the daemon); lazily if that fails."""

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import figures  # noqa: E402
+import harness  # noqa: E402
 from figures import FIGURES, FULL, QUICK, Bench  # noqa: E402
 from harness import REPO_ROOT, RssSampler, check_drop_caches, log, use_code  # noqa: E402
 from report import failed, table, write_json  # noqa: E402
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "20 writes, 20,000 versions); under 2 minutes for both servers")
     parser.add_argument("--only", metavar="NAME,...", help="run only these figures (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, daemon logs)")
+    parser.add_argument("--profile", metavar="DIR", type=Path,
+                        help="sample every daemon with py-spy (pip install py-spy) into DIR/<mount>-<pid>.txt, "
+                             "collapsed stacks of wall-clock time (threads waiting included)")
     parser.add_argument("--code", metavar="DIR", type=Path, default=REPO_ROOT,
                         help="measure the s3repofs package in DIR, e.g. a snapshot made with "
                              "`git archive HEAD s3repofs | tar -x -C DIR` (default: this work tree)")
@@ -120,6 +124,12 @@ def report_daemon_logs(b: Bench) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     use_code(args.code)
+    if args.profile:
+        if shutil.which("py-spy") is None:
+            print("benchmarks/run.py: --profile needs py-spy (pip install py-spy)", file=sys.stderr)
+            return 2
+        args.profile.mkdir(parents=True, exist_ok=True)
+        harness.PROFILE_DIR = args.profile.resolve()
     if os.geteuid() != 0:
         print("benchmarks/run.py: run as root (FUSE mounts, drop_caches, read_ahead_kb)", file=sys.stderr)
         return 2
