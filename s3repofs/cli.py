@@ -215,7 +215,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
             print(json.dumps([f.as_dict() for f in files], indent=2))
             return 0
         for f in files:
-            print(f"{f.state:<11} {f.id:>8} {human(f.file_size):>9} {timestamp(f.published_at or f.created_at)}  {f.path}")
+            when = timestamp(f.published_at or f.created_at)
+            print(f"{f.state:<11} {f.id:>8} {human(f.file_size):>9} {when}  {f.path}")
     return 0
 
 

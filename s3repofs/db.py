@@ -31,18 +31,28 @@ MAX_ATTEMPTS = 20
 
 
 class Tx:
-    """One transaction's cursor, returning rows as dicts."""
+    """One transaction's cursor, returning rows as dicts.
 
-    def __init__(self, cursor: Any, dialect: "Dialect") -> None:
+    ``begin`` is the statement that opens the transaction, sent with the first statement in one
+    round trip (PostgreSQL); empty when the dialect has opened it already or a read runs without one.
+    """
+
+    def __init__(self, cursor: Any, dialect: "Dialect", begin: str = "") -> None:
         self._cursor = cursor
         self._dialect = dialect
+        self._begin = begin
+        self.began = not begin  # once true, the transaction is open and must end
 
     @property
     def kind(self) -> str:
         return self._dialect.name
 
     def execute(self, sql: str, params: tuple | list = ()) -> int:
-        self._cursor.execute(self._dialect.translate(sql), tuple(params))
+        sql = self._dialect.translate(sql)
+        if not self.began:
+            sql = f"{self._begin}; {sql}"
+            self.began = True
+        self._cursor.execute(sql, tuple(params))
         return self._cursor.rowcount
 
     def executemany(self, sql: str, rows: list[tuple]) -> None:
@@ -96,10 +106,17 @@ class SQLiteDialect(Dialect):
             raise DatabaseUnavailableError(f"cannot open SQLite database {self.path}: {exc}") from None
         return conn
 
-    def begin(self, conn: sqlite3.Connection, write: bool) -> Any:
+    def begin(self, conn: sqlite3.Connection, write: bool) -> Tx:
         cursor = conn.cursor()
         cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        return cursor
+        return Tx(cursor, self)
+
+    def commit(self, tx: Tx) -> None:
+        tx.execute("COMMIT")
+
+    def rollback(self, conn: sqlite3.Connection, tx: Tx | None) -> None:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
 
     def is_transient(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
@@ -132,12 +149,25 @@ class PostgresDialect(Dialect):
     def connect(self) -> Any:
         try:
             conn = self._psycopg2.connect(self.url, connect_timeout=10, application_name="s3repofs")
+            # We open transactions ourselves: psycopg2's implicit BEGIN and its COMMIT are a round
+            # trip each, which a one-statement read does not need (its statement is atomic anyway).
+            conn.autocommit = True
         except self._psycopg2.Error as exc:
             raise DatabaseUnavailableError(f"cannot connect to {self.describe()}: {self._clean(exc)}") from None
         return conn
 
-    def begin(self, conn: Any, write: bool) -> Any:
-        return conn.cursor()  # psycopg2 opens the transaction on the first statement
+    def begin(self, conn: Any, write: bool) -> Tx:
+        """A write opens its transaction with its first statement, in the same round trip; a read runs
+        each statement on its own (every read transaction here is one statement)."""
+        return Tx(conn.cursor(), self, "BEGIN" if write else "")
+
+    def commit(self, tx: Tx) -> None:
+        if tx.began:
+            tx.execute("COMMIT")
+
+    def rollback(self, conn: Any, tx: Tx | None) -> None:
+        if tx is not None and tx.began:
+            conn.cursor().execute("ROLLBACK")
 
     def is_transient(self, exc: BaseException) -> bool:
         code = getattr(exc, "pgcode", None)
@@ -212,22 +242,20 @@ class Database:
     def _transaction(self, write: bool) -> Iterator[Tx]:
         conn = self._acquire()
         healthy = False
+        tx = None
         try:
-            cursor = self.dialect.begin(conn, write)
-            yield Tx(cursor, self.dialect)
-            conn.commit() if self.kind == "postgresql" else cursor.execute("COMMIT")
+            tx = self.dialect.begin(conn, write)
+            yield tx
+            self.dialect.commit(tx)
             healthy = True
         finally:
             if not healthy:
-                healthy = self._rollback(conn)
+                healthy = self._rollback(conn, tx)
             self._release(conn, healthy)
 
-    def _rollback(self, conn: Any) -> bool:
+    def _rollback(self, conn: Any, tx: Tx | None) -> bool:
         try:
-            if self.kind == "postgresql":
-                conn.rollback()
-            elif conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self.dialect.rollback(conn, tx)
             return True
         except Exception:  # the connection is broken; it is dropped, not reused
             return False

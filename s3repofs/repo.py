@@ -173,7 +173,10 @@ class S3Repo:
             version = self.meta.get(version.id)  # a stale copy: uploaded meanwhile (by the retry thread)
         if version.storage == "local":  # the upload is recorded in the publishing transaction
             size, md5 = self._store_staged(version)
-            published, expired = self.meta.publish(version.id, path, uploaded=(size, md5))
+            if path is None or path == version.path:
+                published, expired = self.meta.publish_staged(version, size, md5)
+            else:
+                published, expired = self.meta.publish(version.id, path, uploaded=(size, md5))
             self._uploaded(published)
         else:
             published, expired = self.meta.publish(version.id, path)
@@ -191,14 +194,21 @@ class S3Repo:
         if not staged.exists():
             raise LifecycleError(f"{version.path}: the staged bytes of version {version.id} are not on this host "
                                  f"({version.origin_host} staged them)")
-        size, md5 = file_md5(staged)
-        self.store.put(version.s3_key, staged, size, md5, describe(
-            path=str(version.path), file_type=version.file_type, version_id=version.id, md5=md5, size=size,
-            origin_host=version.origin_host))
+        # The staged file becomes the cached copy (see _uploaded), which must survive a crash whole:
+        # it is written back to disk while the upload runs, not after it (64 MiB: ~100 ms here).
+        synced = self._parts.submit(_fsync, staged)
+        try:
+            size, md5 = file_md5(staged)
+            self.store.put(version.s3_key, staged, size, md5, describe(
+                path=str(version.path), file_type=version.file_type, version_id=version.id, md5=md5, size=size,
+                origin_host=version.origin_host))
+        finally:
+            synced.result()
         return size, md5
 
     def _uploaded(self, version: Version) -> None:
-        """The staged file is now a verified copy of a stored object: keep it as cached."""
+        """The staged file (fsynced by _store_staged) is now a verified copy of a stored object: keep
+        it as cached."""
         self.cache.adopt(version.s3_key, self.cache.staging_path(version.s3_key), version.size)
         log.info("uploaded %s (version %d, %d bytes, md5 %s)", version.path, version.id, version.size, version.md5)
 
@@ -409,6 +419,14 @@ class RepoFile:
                 "origin_host": v.origin_host, "mode": v.mode, "uid": v.uid, "gid": v.gid,
                 "created_at": v.created_at, "uploaded_at": v.uploaded_at, "published_at": v.published_at,
                 "expired_at": v.expired_at}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _create_empty(path: Path) -> None:

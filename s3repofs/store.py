@@ -240,7 +240,7 @@ class S3Store(ObjectStore):
 
     def __init__(self, bucket: str, *, endpoint_url: str | None = None, region: str | None = None,
                  access_key: str | None = None, secret_key: str | None = None,
-                 multipart_threshold: int = 16 * 1024**2, multipart_chunksize: int = 16 * 1024**2,
+                 multipart_threshold: int = 128 * 1024**2, multipart_chunksize: int = 16 * 1024**2,
                  concurrency: int = 8) -> None:
         import boto3
         import botocore.config
@@ -377,7 +377,8 @@ class S3Store(ObjectStore):
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 raise StoreUnavailableError(f"{where} refused the {action} of {key}: {code} "
                                             "(check the S3 credentials and permissions)") from None
-            raise StoreUnavailableError(f"{action} of {key} failed at {where}: {code} {error.get('Message', '')}".rstrip()) from None
+            detail = f"{code} {error.get('Message', '')}".rstrip()
+            raise StoreUnavailableError(f"{action} of {key} failed at {where}: {detail}") from None
         except bex.NoCredentialsError:
             raise StoreUnavailableError(f"no S3 credentials for {where}: set s3_access_key/s3_secret_key "
                                         "or configure boto3's credential chain") from None

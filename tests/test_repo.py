@@ -12,6 +12,7 @@ from mount_helper import wait_for
 import s3repofs
 from s3repofs import S3Repo
 from s3repofs.errors import LifecycleError, ReadOnlyError, RepoError, VerificationError
+from s3repofs.paths import RepoPath
 from s3repofs.store import S3Store
 
 
@@ -66,6 +67,31 @@ def test_expired_version_can_be_republished(repo):
     second = repo.add_file(path="t/a.txt").touch("two").publish()
     first.publish()
     assert first.state == "published" and second.refresh().state == "expired"
+
+
+def test_publishing_a_stale_copy_of_a_staged_version_follows_its_row(repo):
+    """publish_staged trusts the caller's copy only as far as the row still matches it."""
+    old = repo.add_file(path="t/old.txt").touch("old").publish()
+    rf = repo.add_file(path="t/a.txt").touch("moved")
+    stale = rf.version
+    repo.meta.move_unpublished(rf.id, RepoPath.parse("t/b.txt"))
+    published, expired = repo.meta.publish_staged(stale, 5, hashlib.md5(b"moved").hexdigest())
+    assert str(published.path) == "t/b.txt" and published.state == "published" and expired is None
+    assert repo.get_file("t/a.txt") is None and old.refresh().state == "published"
+    gone = repo.add_file(path="t/old.txt").touch("new")
+    repo.discard(gone.version)
+    with pytest.raises(LifecycleError):
+        repo.meta.publish_staged(gone.version, 3, hashlib.md5(b"new").hexdigest())
+    assert old.refresh().state == "published"  # the expiry of the current version was rolled back
+
+
+def test_publishing_a_staged_version_expires_the_current_one_in_the_same_transaction(repo):
+    first = repo.add_file(path="t/a.txt").touch("one").publish()
+    rf = repo.add_file(path="t/a.txt").touch("two")
+    published, expired = repo.meta.publish_staged(rf.version, 3, hashlib.md5(b"two").hexdigest())
+    assert expired.id == first.id and expired.state == "expired" and first.refresh().state == "expired"
+    assert published.state == "published" and repo.get_file("t/a.txt").id == rf.id
+    assert published.storage == "uploaded" and published.size == 3 and published.uploaded_at is not None
 
 
 def test_a_version_not_uploaded_cannot_be_published_by_the_metadata_layer(repo):
