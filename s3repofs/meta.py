@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable
 
+from .content import Content
 from .db import Database, Tx
 from .errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
 from .paths import DirPath, RepoPath
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STATES = ("unpublished", "published", "expired", "discarded", "purged")
 VISIBLE_STATES = ("unpublished", "published", "expired")
@@ -90,6 +91,8 @@ MIGRATIONS: dict[int, list[str]] = {
             PRIMARY KEY (file_type, dir, name)
         )""",
     ],
+    # The digest downloads are verified with (see store.Content); rows without one fall back to md5.
+    2: ["ALTER TABLE versions ADD COLUMN xxh3 TEXT"],
 }
 
 
@@ -119,6 +122,7 @@ class Version:
     expired_at: float | None
     archived_at: float | None
     purged_at: float | None
+    xxh3: str | None = None
 
     @property
     def path(self) -> RepoPath:
@@ -255,33 +259,33 @@ class MetaStore:
         ), write=False)
         return [Version(**r) for r in rows]
 
-    def mark_uploaded(self, version_id: int, size: int, md5: str) -> Version:
-        """Record that a staged version's bytes (``size``, ``md5``) are stored and verified."""
+    def mark_uploaded(self, version_id: int, content: Content) -> Version:
+        """Record that a staged version's bytes (``content``) are stored and verified."""
         now = self.clock()
 
         def run(tx: Tx) -> Version:
-            self._mark_uploaded(tx, version_id, size, md5, now)
+            self._mark_uploaded(tx, version_id, content, now)
             return self._lock_version(tx, version_id)
 
         return self.db.run(run)
 
-    def _mark_uploaded(self, tx: Tx, version_id: int, size: int, md5: str, now: float) -> None:
-        changed = tx.execute("""UPDATE versions SET size = ?, md5 = ?, storage = 'uploaded', uploaded_at = ?
+    def _mark_uploaded(self, tx: Tx, version_id: int, content: Content, now: float) -> None:
+        changed = tx.execute("""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = 'uploaded', uploaded_at = ?
                                 WHERE id = ? AND storage = 'local' AND state = 'unpublished'""",
-                             (size, md5, now, version_id))
+                             (content.size, content.md5, content.xxh3, now, version_id))
         if changed:
             return
         version = self._lock_version(tx, version_id)
-        if version.storage == "uploaded" and (version.size, version.md5) == (size, md5):
+        if version.storage == "uploaded" and (version.size, version.md5) == (content.size, content.md5):
             return  # a retry of an upload that had been recorded
         raise LifecycleError(f"{version.path}: version {version_id} is {version.state} "
                              f"and {version.storage}; its content is immutable")
 
     def publish(self, version_id: int, path: RepoPath | None = None,
-                uploaded: tuple[int, str] | None = None) -> tuple[Version, Version | None]:
+                uploaded: Content | None = None) -> tuple[Version, Version | None]:
         """Publish a verified version (optionally at a new path), expiring the path's current one.
 
-        ``uploaded=(size, md5)`` records, in the same transaction, that a staged version has just
+        ``uploaded`` (the staged bytes' Content) records, in the same transaction, that a staged version has just
         been stored and verified (one commit per publish instead of two). Returns ``(published,
         expired_or_None)``. Raises LifecycleError if the version is not uploaded and verified, or
         was discarded or purged. Concurrent publishers of one path are serialized on the path's
@@ -296,7 +300,7 @@ class MetaStore:
             target = path or Version(**unlocked).path
             self._lock_path(tx, target)  # lock order: the path first, then its versions
             if uploaded is not None:
-                self._mark_uploaded(tx, version_id, *uploaded, now)
+                self._mark_uploaded(tx, version_id, uploaded, now)
             version = self._lock_version(tx, version_id)  # re-read under the path lock
             if version.state not in ("unpublished", "expired", "published"):
                 raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; it cannot be published")
@@ -321,14 +325,14 @@ class MetaStore:
 
         return self.db.run(run)
 
-    def publish_staged(self, staged: Version, size: int, md5: str) -> tuple[Version, Version | None]:
-        """``publish(staged.id, uploaded=(size, md5))`` for the common case, a staged version just
+    def publish_staged(self, staged: Version, content: Content) -> tuple[Version, Version | None]:
+        """``publish(staged.id, uploaded=content)`` for the common case, a staged version just
         stored and published at its own path: three statements instead of seven (each a round trip
         on PostgreSQL). ``staged`` is the caller's copy of the row; if the row is no longer that
         (moved, published or discarded meanwhile), the general ``publish`` decides."""
         now = self.clock()
         path = staged.path
-        publish = f"""UPDATE versions SET size = ?, md5 = ?, storage = 'uploaded', uploaded_at = ?,
+        publish = f"""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = 'uploaded', uploaded_at = ?,
                           state = 'published', published_at = ?, expired_at = NULL, publish_pending = 0
                       WHERE id = ? AND state = 'unpublished' AND storage = 'local'
                           AND file_type = ? AND dir = ? AND name = ?
@@ -341,8 +345,8 @@ class MetaStore:
                     WHERE file_type = ? AND dir = ? AND name = ? AND state = 'published' AND id <> ?
                     RETURNING {_VERSION_COLUMNS}""",
                 (now, path.file_type, path.dir, path.name, staged.id)))
-            published = _version(tx.one(publish, (size, md5, now, now, staged.id, path.file_type, path.dir,
-                                                  path.name)))
+            published = _version(tx.one(publish, (content.size, content.md5, content.xxh3, now, now, staged.id,
+                                                  path.file_type, path.dir, path.name)))
             if published is None:
                 raise _NotAsStaged()  # rolls the expiry back
             return published, expired
@@ -350,7 +354,7 @@ class MetaStore:
         try:
             return self.db.run(run)
         except _NotAsStaged:
-            return self.publish(staged.id, uploaded=(size, md5))
+            return self.publish(staged.id, uploaded=content)
 
     def expire(self, version_id: int) -> Version:
         now = self.clock()

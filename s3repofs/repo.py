@@ -29,11 +29,12 @@ from typing import IO, BinaryIO, Callable, Mapping
 
 from .cache import LocalCache, StartDownload
 from .config import EMBEDDED, Config, load_config
+from .content import Content, download_digest, file_content
 from .db import Database
 from .errors import ArchivedError, LifecycleError, NotFoundError, ReadOnlyError, RepoError
-from .meta import VISIBLE_STATES, MetaStore, Version
+from .meta import SCHEMA_VERSION, VISIBLE_STATES, MetaStore, Version
 from .paths import DirPath, RepoPath, validate_type
-from .store import ObjectStore, S3Store, describe, file_md5, open_store
+from .store import ObjectStore, S3Store, describe, open_store
 from .transfer import Download
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class S3Repo:
         version = self.meta.schema_version()
         if version == 0:
             raise RepoNotInitializedError(f"no repository in {self.db.describe()}: run `s3repofs init` first")
+        if version < SCHEMA_VERSION:  # migrations only add: hosts still on the older schema keep working
+            self.meta.create_schema()
+            log.info("migrated the schema of %s from version %d to %d", self.db.describe(), version, SCHEMA_VERSION)
         self.cache.prepare()
         self._checked = True
 
@@ -162,8 +166,7 @@ class S3Repo:
         """Upload and verify a staged version, then record its size and md5 and mark it uploaded."""
         if version.storage == "uploaded":
             return version
-        size, md5 = self._store_staged(version)
-        version = self.meta.mark_uploaded(version.id, size, md5)
+        version = self.meta.mark_uploaded(version.id, self._store_staged(version))
         self._uploaded(version)
         return version
 
@@ -172,11 +175,11 @@ class S3Repo:
         if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
             version = self.meta.get(version.id)  # a stale copy: uploaded meanwhile (by the retry thread)
         if version.storage == "local":  # the upload is recorded in the publishing transaction
-            size, md5 = self._store_staged(version)
+            content = self._store_staged(version)
             if path is None or path == version.path:
-                published, expired = self.meta.publish_staged(version, size, md5)
+                published, expired = self.meta.publish_staged(version, content)
             else:
-                published, expired = self.meta.publish(version.id, path, uploaded=(size, md5))
+                published, expired = self.meta.publish(version.id, path, uploaded=content)
             self._uploaded(published)
         else:
             published, expired = self.meta.publish(version.id, path)
@@ -185,8 +188,8 @@ class S3Repo:
         log.info("published %s (version %d)", published.path, published.id)
         return published
 
-    def _store_staged(self, version: Version) -> tuple[int, str]:
-        """Put a staged version's bytes in the store, verified; their (size, md5)."""
+    def _store_staged(self, version: Version) -> Content:
+        """Put a staged version's bytes in the store, verified; what they are (size and digests)."""
         if version.state != "unpublished" or version.storage != "local":
             raise LifecycleError(f"{version.path}: version {version.id} is {version.state}/{version.storage}; "
                                  "nothing to upload")
@@ -198,13 +201,13 @@ class S3Repo:
         # it is written back to disk while the upload runs, not after it (64 MiB: ~100 ms here).
         synced = self._parts.submit(_fsync, staged)
         try:
-            size, md5 = file_md5(staged)
-            self.store.put(version.s3_key, staged, size, md5, describe(
-                path=str(version.path), file_type=version.file_type, version_id=version.id, md5=md5, size=size,
+            content = file_content(staged)
+            self.store.put(version.s3_key, staged, content.size, content.md5, describe(
+                path=str(version.path), file_type=version.file_type, version_id=version.id, content=content,
                 origin_host=version.origin_host))
         finally:
             synced.result()
-        return size, md5
+        return content
 
     def _uploaded(self, version: Version) -> None:
         """The staged file (fsynced by _store_staged) is now a verified copy of a stored object: keep
@@ -302,11 +305,11 @@ class S3Repo:
             raise LifecycleError(f"{version.path}: version {version.id} has no recorded size and md5")
 
     def _downloader(self, version: Version) -> StartDownload:
-        key, size, md5 = version.s3_key, version.size, version.md5
+        key, size, digest = version.s3_key, version.size, download_digest(version.md5, version.xxh3)
         part_size = self.config.download_part_size
 
         def start(fd: int) -> Download:
-            return Download(fd, size, md5, f"download of {key}", lambda s, e: self.store.stream(key, s, e, size),
+            return Download(fd, size, digest, f"download of {key}", lambda s, e: self.store.stream(key, s, e, size),
                             part_size, self._parts)
 
         return start

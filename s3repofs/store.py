@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import quote, unquote
 
+from .content import Content
 from .errors import ArchivedError, ObjectMissingError, RepoError, StoreUnavailableError, VerificationError
 
 log = logging.getLogger(__name__)
@@ -40,26 +41,15 @@ class ObjectInfo:
     storage_class: str = "STANDARD"
 
 
-def describe(*, path: str, file_type: str, version_id: int, md5: str, size: int, origin_host: str) -> dict[str, str]:
+def describe(*, path: str, file_type: str, version_id: int, content: Content, origin_host: str) -> dict[str, str]:
     """An object's self-description. Values are percent-encoded: S3 user metadata must be ASCII."""
-    values = {"path": path, "type": file_type, "version": str(version_id), "md5": md5, "size": str(size),
-              "origin-host": origin_host}
+    values = {"path": path, "type": file_type, "version": str(version_id), "md5": content.md5,
+              "xxh3": content.xxh3, "size": str(content.size), "origin-host": origin_host}
     return {k: quote(v, safe="/") for k, v in values.items()}
 
 
 def read_description(metadata: dict[str, str]) -> dict[str, str]:
     return {k: unquote(v) for k, v in metadata.items()}
-
-
-def file_md5(path: Path) -> tuple[int, str]:
-    """Size and hex md5 of a local file."""
-    digest = hashlib.md5()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def copy_verified(source: BinaryIO, dest: BinaryIO, what: str, size: int, md5: str) -> None:

@@ -4,8 +4,8 @@ A ``Download`` splits the object into parts of ``part_size`` bytes (0: one strea
 object) and fetches them in a shared pool, while the thread that runs it hashes the file in order
 behind them (receiving and hashing then run side by side: both release the GIL). Readers wait only
 for the range they asked for, so the first bytes of a large cold file are served while the rest is
-still arriving; a read that reaches the end of the object also waits for the md5 check, so a reader
-that sees EOF has seen verified bytes.
+still arriving; a read that reaches the end of the object also waits for the digest check (xxh3, or
+md5 for versions recorded without one), so a reader that sees EOF has seen verified bytes.
 
 Which strategy is faster depends on the server: real S3 serves parts in parallel, while moto copies
 the whole object for every ranged GET. ``download_part_size`` in the config chooses.
@@ -13,12 +13,12 @@ the whole object for every ranged GET. ``download_part_size`` in the config choo
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from concurrent.futures import Executor, Future, wait
 from typing import Callable, Iterator
 
+from .content import HASHES
 from .errors import VerificationError
 
 HASH_CHUNK = 1024 * 1024
@@ -29,11 +29,11 @@ Fetch = Callable[[int, int], Iterator[bytes]]
 
 
 class Download:
-    def __init__(self, fd: int, size: int, md5: str, what: str, fetch: Fetch, part_size: int,
+    def __init__(self, fd: int, size: int, digest: tuple[str, str], what: str, fetch: Fetch, part_size: int,
                  parts: Executor) -> None:
         self.fd = fd  # the destination, already ``size`` bytes long (sparse)
         self.size = size
-        self.md5 = md5
+        self.digest_name, self.expected = digest  # e.g. ("xxh3", hex): see content.download_digest
         self.what = what
         self._fetch = fetch
         self._parts = parts
@@ -57,7 +57,7 @@ class Download:
                     self._fetch_part(index)
             else:
                 futures = [self._parts.submit(self._fetch_part, i) for i in range(len(self._starts))]
-            digest = hashlib.md5()
+            digest = HASHES[self.digest_name]()
             hashed = 0
             while hashed < self.size:
                 present = self._wait_prefix(hashed)
@@ -67,8 +67,9 @@ class Download:
                     hashed += len(chunk)
             for future in futures:
                 future.result()
-            if digest.hexdigest() != self.md5:
-                raise VerificationError(f"{self.what}: md5 {digest.hexdigest()} does not match the recorded {self.md5}")
+            if digest.hexdigest() != self.expected:
+                raise VerificationError(f"{self.what}: {self.digest_name} {digest.hexdigest()} does not match "
+                                        f"the recorded {self.expected}")
         except BaseException as exc:
             self._fail(exc)  # parts still running stop at their next chunk
             for future in futures:

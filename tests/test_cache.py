@@ -19,7 +19,7 @@ PARTS = ThreadPoolExecutor(4)
 
 def source(data: bytes, calls: list | None = None, gate: threading.Event | None = None):
     """A StartDownload over ``data`` that counts its downloads and can be held back."""
-    md5 = hashlib.md5(data).hexdigest()
+    md5 = ("md5", hashlib.md5(data).hexdigest())
 
     def fetch(start, end):
         if calls is not None:
@@ -81,7 +81,7 @@ def test_a_failed_download_leaves_nothing(cache):
         def fetch(s, e):
             raise StoreUnavailableError("no store")
             yield b""
-        return Download(fd, 10, "0" * 32, "test", fetch, 0, PARTS)
+        return Download(fd, 10, ("md5", "0" * 32), "test", fetch, 0, PARTS)
 
     with pytest.raises(StoreUnavailableError):
         cache.fetch("t/x", 10, start)

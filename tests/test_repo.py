@@ -7,10 +7,12 @@ import multiprocessing
 import threading
 
 import pytest
+import xxhash
 from mount_helper import wait_for
 
 import s3repofs
 from s3repofs import S3Repo
+from s3repofs.content import Content
 from s3repofs.errors import LifecycleError, ReadOnlyError, RepoError, VerificationError
 from s3repofs.paths import RepoPath
 from s3repofs.store import S3Store
@@ -69,26 +71,30 @@ def test_expired_version_can_be_republished(repo):
     assert first.state == "published" and second.refresh().state == "expired"
 
 
+def content_of(data: bytes) -> Content:
+    return Content(len(data), hashlib.md5(data).hexdigest(), xxhash.xxh3_128(data).hexdigest())
+
+
 def test_publishing_a_stale_copy_of_a_staged_version_follows_its_row(repo):
     """publish_staged trusts the caller's copy only as far as the row still matches it."""
     old = repo.add_file(path="t/old.txt").touch("old").publish()
     rf = repo.add_file(path="t/a.txt").touch("moved")
     stale = rf.version
     repo.meta.move_unpublished(rf.id, RepoPath.parse("t/b.txt"))
-    published, expired = repo.meta.publish_staged(stale, 5, hashlib.md5(b"moved").hexdigest())
+    published, expired = repo.meta.publish_staged(stale, content_of(b"moved"))
     assert str(published.path) == "t/b.txt" and published.state == "published" and expired is None
     assert repo.get_file("t/a.txt") is None and old.refresh().state == "published"
     gone = repo.add_file(path="t/old.txt").touch("new")
     repo.discard(gone.version)
     with pytest.raises(LifecycleError):
-        repo.meta.publish_staged(gone.version, 3, hashlib.md5(b"new").hexdigest())
+        repo.meta.publish_staged(gone.version, content_of(b"new"))
     assert old.refresh().state == "published"  # the expiry of the current version was rolled back
 
 
 def test_publishing_a_staged_version_expires_the_current_one_in_the_same_transaction(repo):
     first = repo.add_file(path="t/a.txt").touch("one").publish()
     rf = repo.add_file(path="t/a.txt").touch("two")
-    published, expired = repo.meta.publish_staged(rf.version, 3, hashlib.md5(b"two").hexdigest())
+    published, expired = repo.meta.publish_staged(rf.version, content_of(b"two"))
     assert expired.id == first.id and expired.state == "expired" and first.refresh().state == "expired"
     assert published.state == "published" and repo.get_file("t/a.txt").id == rf.id
     assert published.storage == "uploaded" and published.size == 3 and published.uploaded_at is not None
@@ -137,9 +143,30 @@ def test_a_corrupt_object_is_refused_and_never_cached(repo):
     import hashlib as h
 
     repo.store.put(rf.s3_key, staged, 10, h.md5(b"evil bytes").hexdigest(), tampered.description)
-    with pytest.raises(VerificationError, match="md5"):
+    with pytest.raises(VerificationError, match="xxh3"):
         repo.get_file("t/a.txt").read_bytes()
     assert not repo.cache.has(rf.s3_key)
+    repo.db.run(lambda tx: tx.execute("UPDATE versions SET xxh3 = NULL WHERE id = ?", (rf.id,)))
+    with pytest.raises(VerificationError, match="md5"):  # rows from before schema 2 have no xxh3
+        repo.get_file("t/a.txt").read_bytes()
+    assert not repo.cache.has(rf.s3_key)
+
+
+def test_a_repository_of_schema_1_is_migrated_on_first_use(repo_config):
+    with S3Repo(repo_config) as repo:
+        repo.create_repository()
+        old = repo.add_file(path="t/old.txt").touch("old").publish()
+
+        def back_to_schema_1(tx):
+            tx.execute("ALTER TABLE versions DROP COLUMN xxh3")
+            tx.execute("UPDATE schema_version SET version = 1")
+
+        repo.db.run(back_to_schema_1)
+    with S3Repo(repo_config) as repo:
+        assert repo.get_file("t/old.txt").read_bytes() == b"old"
+        assert repo.meta.schema_version() == 2 and repo.get_file("t/old.txt").version.xxh3 is None
+        new = repo.add_file(path="t/new.txt").touch("new").publish()
+        assert new.version.xxh3 == xxhash.xxh3_128(b"new").hexdigest() and old.id != new.id
 
 
 def test_reading_fetches_into_the_cache_once(repo):
@@ -158,7 +185,7 @@ def test_tags_are_stored_per_version(repo):
 
 def test_schema_creation_is_idempotent(repo):
     repo.create_repository()
-    assert repo.meta.schema_version() == 1
+    assert repo.meta.schema_version() == 2
 
 
 def test_an_uninitialized_repository_says_so(repo_config):

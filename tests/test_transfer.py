@@ -8,13 +8,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import xxhash
 
 from s3repofs import transfer
 from s3repofs.errors import StoreUnavailableError, VerificationError
 from s3repofs.transfer import Download
 
 DATA = os.urandom(1000)
-MD5 = hashlib.md5(DATA).hexdigest()
+MD5 = ("md5", hashlib.md5(DATA).hexdigest())
+XXH3 = ("xxh3", xxhash.xxh3_128(DATA).hexdigest())
 
 
 def chunks(data: bytes, start: int, end: int, size: int = 64):
@@ -76,11 +78,12 @@ def test_a_reader_is_served_before_the_rest_arrives(dest, pool):
     runner.join()
 
 
-def test_a_read_of_the_end_waits_for_the_md5_check(dest, pool):
+@pytest.mark.parametrize("digest", [MD5, XXH3], ids=["md5", "xxh3"])
+def test_a_read_of_the_end_waits_for_the_digest_check(dest, pool, digest):
     corrupt = bytearray(DATA)
     corrupt[10] ^= 1
-    download = Download(dest, len(DATA), MD5, "test", lambda s, e: chunks(bytes(corrupt), s, e), 300, pool)
-    with pytest.raises(VerificationError, match="md5"):
+    download = Download(dest, len(DATA), digest, "test", lambda s, e: chunks(bytes(corrupt), s, e), 300, pool)
+    with pytest.raises(VerificationError, match=digest[0]):
         download.run()
     with pytest.raises(VerificationError):
         download.wait(900, 1000)  # the reader never sees EOF on unverified bytes
@@ -120,7 +123,7 @@ def test_a_failed_part_fails_every_waiting_reader(dest, pool):
 
 def test_an_empty_object(tmp_path, pool):
     fd = os.open(tmp_path / "empty", os.O_RDWR | os.O_CREAT)
-    download = Download(fd, 0, hashlib.md5(b"").hexdigest(), "test", lambda s, e: iter(()), 8, pool)
+    download = Download(fd, 0, ("md5", hashlib.md5(b"").hexdigest()), "test", lambda s, e: iter(()), 8, pool)
     download.run()
     download.wait(0, 4096)
     os.close(fd)
