@@ -67,18 +67,26 @@ class LocalCache:
         self._download_threads = download_threads
         self._runner: Executor | None = None
         self._ready = False
+        self._prepare_lock = threading.Lock()
 
     # -- set-up ---------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Create the directories and rebuild the index from disk (oldest access first)."""
-        if self._ready:
-            return
+        """Create the directories and rebuild the index from disk (oldest access first). Safe to call
+        from many threads and processes at once: the first does the work."""
+        with self._prepare_lock:
+            if not self._ready:
+                self._prepare()
+                self._ready = True
+
+    def _prepare(self) -> None:
         for directory in (self.objects_dir, self.staging_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         layout = self.objects_dir.parent / "LAYOUT"
-        if not layout.exists():
-            layout.write_text(LAYOUT_VERSION + "\n")
+        if not layout.exists():  # written whole (temp + rename): another process may be reading it
+            tmp = layout.with_name(f".LAYOUT-{os.getpid()}")
+            tmp.write_text(LAYOUT_VERSION + "\n")
+            os.replace(tmp, layout)
         elif layout.read_text().strip() != LAYOUT_VERSION:
             raise RepoError(f"cache {self.objects_dir.parent} has an unknown layout: move it aside")
         found = []
@@ -89,7 +97,6 @@ class LocalCache:
             for _atime, key, size in sorted(found):
                 self._index(key, size)
         self._evict()
-        self._ready = True
 
     def _walk(self):
         """(key, path) of every cached object; removes temp files that no live process is writing."""

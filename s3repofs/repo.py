@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,7 @@ class S3Repo:
         # Parts of large downloads, shared by every download of this process.
         self._parts = ThreadPoolExecutor(self.config.transfer_concurrency, thread_name_prefix="part")
         self._checked = False
+        self._checking = threading.Lock()
 
     # -- repository -----------------------------------------------------------------------------
 
@@ -80,6 +82,11 @@ class S3Repo:
         """Fail with a clear message unless the repository exists (the embedded default creates itself)."""
         if self._checked:
             return
+        with self._checking:  # threads starting at once check (and perhaps migrate) once
+            if not self._checked:
+                self._check_ready()
+
+    def _check_ready(self) -> None:
         if self.config.source == EMBEDDED:
             self.create_repository()
             return

@@ -293,3 +293,28 @@ def test_a_sequential_reader_of_a_directory_gets_the_next_files_prefetched(repo_
         assert not any(repo.cache.has(f.s3_key) for f in files[:7])
         assert not repo.cache.has(repo.get_file("t/d/huge").s3_key)  # above max_size
 
+
+
+def test_threads_starting_on_a_fresh_host_at_once_all_succeed(repo_config, tmp_path):
+    with S3Repo(repo_config) as first:
+        first.create_repository()
+    fresh_host = {**repo_config, "local_root": str(tmp_path / "fresh-host")}
+    barrier = threading.Barrier(8)
+    errors = []
+
+    def publish(i: int) -> None:
+        try:
+            barrier.wait()
+            repo.add_file(path=f"t/f{i}").touch(f"{i}").publish()
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    with S3Repo(fresh_host) as repo:
+        threads = [threading.Thread(target=publish, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert sorted(f.path for f in repo.list_files("t")) == [f"t/f{i}" for i in range(8)]
+        assert (tmp_path / "fresh-host" / "cache" / "LAYOUT").read_text() == "1\n"
