@@ -331,9 +331,14 @@ class VersionReader:
         self._on_close = on_close
 
     def read(self, size: int, offset: int) -> bytes:
+        return os.pread(self.ready(size, offset), size, offset)
+
+    def ready(self, size: int, offset: int) -> int:
+        """The fd to read [offset, offset + size) from, once those bytes are present and, if the range
+        reaches the end, verified."""
         if self.download is not None:
             self.download.wait(offset, offset + size)
-        return os.pread(self.fd, size, offset)
+        return self.fd
 
     def close(self) -> None:
         os.close(self.fd)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import quote, unquote
 
+import urllib3
+
 from .content import Content
 from .errors import ArchivedError, ObjectMissingError, RepoError, StoreUnavailableError, VerificationError
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
 FIRST_CHUNK = 128 * 1024  # a reader waiting for the first bytes is served before a whole chunk arrived
 META_PREFIX = "s3repo-"
+READ_TIMEOUT = 60  # seconds without a byte before a request to S3 fails
 
 
 @dataclass(frozen=True)
@@ -234,21 +237,29 @@ class S3Store(ObjectStore):
                  concurrency: int = 8) -> None:
         import boto3
         import botocore.config
+        import botocore.session
+
+        from .s3http import SignedGets
 
         self.bucket = bucket
         self.endpoint_url = endpoint_url
         self.multipart_threshold = multipart_threshold
         self.multipart_chunksize = multipart_chunksize
         self.concurrency = concurrency
+        core = botocore.session.get_session()
         session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-                                        region_name=region or "us-east-1")
+                                        region_name=region or "us-east-1", botocore_session=core)
+        connections = max(10, 2 * concurrency)
         # One client per store, shared by every thread (boto3 clients are thread-safe).
         self.client = session.client("s3", endpoint_url=endpoint_url, config=botocore.config.Config(
-            connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
-            max_pool_connections=max(10, 2 * concurrency),
-            # Integrity is ours: Content-MD5 on every body we send, md5 of every object we read.
+            connect_timeout=5, read_timeout=READ_TIMEOUT, retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=connections,
+            # Integrity is ours: Content-MD5 on every body we send, a digest of every object we read.
             # botocore's default CRC32 of each body on top costs CPU for nothing.
             request_checksum_calculation="when_required", response_checksum_validation="when_required"))
+        # Object reads (the hot path) skip botocore's client pipeline: see s3http.
+        self._gets = (SignedGets(self.client, core, bucket, connections, READ_TIMEOUT)
+                      if SignedGets.usable(endpoint_url) else None)
 
     def describe_location(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -301,15 +312,19 @@ class S3Store(ObjectStore):
     def stream(self, key: str, start: int, end: int, size: int) -> Iterator[bytes]:
         if start >= end:
             return
+        # No Range header for a whole object: some servers (moto) copy the object for every range.
+        ranged = {} if (start, end) == (0, size) else {"Range": f"bytes={start}-{end - 1}"}
+        # A reader waiting for the first bytes gets them before a whole chunk has arrived.
+        chunks = _chunk_sizes(end - start)
         with self._errors(key, "download"):
-            # No Range header for a whole object: some servers (moto) copy the object for every range.
-            whole = {} if (start, end) == (0, size) else {"Range": f"bytes={start}-{end - 1}"}
-            body = self.client.get_object(Bucket=self.bucket, Key=key, **whole)["Body"]
+            if self._gets is not None:
+                yield from self._gets.stream(key, ranged, chunks)
+                return
+            body = self.client.get_object(Bucket=self.bucket, Key=key, **ranged)["Body"]
             try:
-                step = FIRST_CHUNK
-                while start < end and (chunk := body.read(min(step, end - start))):
-                    start += len(chunk)
-                    step = CHUNK
+                for step in chunks:
+                    if not (chunk := body.read(step)):
+                        break
                     yield chunk
             finally:
                 body.close()
@@ -377,8 +392,20 @@ class S3Store(ObjectStore):
             raise StoreUnavailableError(f"cannot reach {where}: {exc}") from None
         except bex.BotoCoreError as exc:
             raise StoreUnavailableError(f"{action} of {key} failed at {where}: {exc}") from None
+        except urllib3.exceptions.HTTPError as exc:  # the signed GETs of s3http
+            reason = getattr(exc, "reason", None) or exc
+            raise StoreUnavailableError(f"cannot reach {where}: {reason}") from None
         except OSError as exc:
             raise StoreUnavailableError(f"{action} of {key} at {where}: {exc.strerror or exc}") from None
+
+
+def _chunk_sizes(length: int) -> Iterator[int]:
+    """The sizes to read ``length`` bytes in: FIRST_CHUNK, then CHUNKs (the last one short)."""
+    step = FIRST_CHUNK
+    while length > 0:
+        yield min(step, length)
+        length -= step
+        step = CHUNK
 
 
 def open_store(config) -> ObjectStore:

@@ -297,10 +297,15 @@ class Tree:
             raise
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
+        return os.pread(self.readable_fd(fh, size, offset), size, offset)
+
+    def readable_fd(self, fh: int, size: int, offset: int) -> int:
+        """The file descriptor holding the handle's bytes, once [offset, offset + size) is there
+        (waits for a download still writing them): the FUSE layer lets libfuse read it directly."""
         handle = self._handle(fh)
         if isinstance(handle, ReadHandle):
-            return handle.reader.read(size, offset)
-        return os.pread(handle.fd, size, offset)
+            return handle.reader.ready(size, offset)
+        return handle.fd
 
     # -- writing --------------------------------------------------------------------------------
 
