@@ -1,8 +1,9 @@
 """Downloading one object into a local file, in parallel ranged parts, while readers use what has arrived.
 
-A ``Download`` splits the object into parts of ``part_size`` bytes (0: one stream for the whole
-object) and fetches them in a shared pool, while the thread that runs it hashes the file in order
-behind them (receiving and hashing then run side by side: both release the GIL). Readers wait only
+A ``Download`` fetches the object as one stream (``part_size`` 0, the default), hashing each chunk
+as it arrives, or in parts of ``part_size`` bytes fetched by a shared pool while the thread that runs
+it hashes the file in order behind them (receiving and hashing then run side by side: both release
+the GIL). Readers wait only
 for the range they asked for, so the first bytes of a large cold file are served while the rest is
 still arriving; a read that reaches the end of the object also waits for the digest check (xxh3, or
 md5 for versions recorded without one), so a reader that sees EOF has seen verified bytes.
@@ -49,24 +50,18 @@ class Download:
     def run(self) -> None:
         """Fetch and verify the whole object (blocks); raises, and fails every waiting reader, on error."""
         futures: list[Future] = []
+        digest = HASHES[self.digest_name]()
         try:
-            # Every part is fetched by the pool; this thread hashes behind them, in order, so that
-            # receiving and hashing run side by side (both release the GIL).
-            if self.size <= SMALL:  # not worth other threads
+            if len(self._starts) == 1 or self.size <= SMALL:
+                # In order, on this thread: each chunk is hashed as it arrives (no re-read, no handoff).
                 for index in range(len(self._starts)):
-                    self._fetch_part(index)
+                    self._fetch_part(index, digest)
             else:
+                # Parts arrive out of order from the pool; this thread hashes behind them, in order.
                 futures = [self._parts.submit(self._fetch_part, i) for i in range(len(self._starts))]
-            digest = HASHES[self.digest_name]()
-            hashed = 0
-            while hashed < self.size:
-                present = self._wait_prefix(hashed)
-                while hashed < present:
-                    chunk = os.pread(self.fd, min(HASH_CHUNK, present - hashed), hashed)
-                    digest.update(chunk)
-                    hashed += len(chunk)
-            for future in futures:
-                future.result()
+                self._hash_behind(digest)
+                for future in futures:
+                    future.result()
             if digest.hexdigest() != self.expected:
                 raise VerificationError(f"{self.what}: {self.digest_name} {digest.hexdigest()} does not match "
                                         f"the recorded {self.expected}")
@@ -80,7 +75,17 @@ class Download:
             self._verified = True
             self._cond.notify_all()
 
-    def _fetch_part(self, index: int) -> None:
+    def _hash_behind(self, digest) -> None:
+        hashed = 0
+        while hashed < self.size:
+            present = self._wait_prefix(hashed)
+            while hashed < present:
+                chunk = os.pread(self.fd, min(HASH_CHUNK, present - hashed), hashed)
+                digest.update(chunk)
+                hashed += len(chunk)
+
+    def _fetch_part(self, index: int, digest=None) -> None:
+        """Write part ``index`` into the file as it arrives (and hash it, if given ``digest``)."""
         start, end = self._starts[index], self._part_end(index)
         offset = start
         try:
@@ -90,6 +95,8 @@ class Download:
                 if offset + len(chunk) > end:
                     raise VerificationError(f"{self.what}: the store sent more than the recorded {self.size} bytes")
                 os.pwrite(self.fd, chunk, offset)
+                if digest is not None:
+                    digest.update(chunk)
                 offset += len(chunk)
                 with self._cond:
                     self._filled[index] = offset - start
