@@ -239,7 +239,7 @@ class S3Store(ObjectStore):
         import botocore.config
         import botocore.session
 
-        from .s3http import SignedGets
+        from .s3http import SignedRequests
 
         self.bucket = bucket
         self.endpoint_url = endpoint_url
@@ -257,9 +257,9 @@ class S3Store(ObjectStore):
             # Integrity is ours: Content-MD5 on every body we send, a digest of every object we read.
             # botocore's default CRC32 of each body on top costs CPU for nothing.
             request_checksum_calculation="when_required", response_checksum_validation="when_required"))
-        # Object reads (the hot path) skip botocore's client pipeline: see s3http.
-        self._gets = (SignedGets(self.client, core, bucket, connections, READ_TIMEOUT)
-                      if SignedGets.usable(endpoint_url) else None)
+        # Object reads and single PUTs (the hot paths) skip botocore's client pipeline: see s3http.
+        self._direct = (SignedRequests(self.client, core, bucket, connections, READ_TIMEOUT)
+                        if SignedRequests.usable(endpoint_url) else None)
 
     def describe_location(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -271,13 +271,23 @@ class S3Store(ObjectStore):
             if size >= self.multipart_threshold:
                 self._put_multipart(key, source, metadata)
             else:
+                content_md5 = base64.b64encode(bytes.fromhex(md5)).decode()
                 with open(source, "rb") as f:
-                    etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=FileSlice(f, 0, size),
-                                                  Metadata=metadata,
-                                                  ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode())["ETag"]
-                # The server checked the body against Content-MD5; an ETag equal to the md5 confirms it
-                # stored exactly these bytes. (Encrypted buckets answer other ETags: ask for the size.)
-                if etag.strip('"') == md5:
+                    body = FileSlice(f, 0, size)
+                    if self._direct is not None:
+                        etag, sse, sse_c = self._direct.put(key, body, size, content_md5, metadata)
+                    else:
+                        response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                                          Metadata=metadata, ContentMD5=content_md5)
+                        etag, sse, sse_c = (response["ETag"], response.get("ServerSideEncryption"),
+                                            response.get("SSECustomerAlgorithm"))
+                encrypted = _etag_is_not_md5(sse, sse_c)
+                try:
+                    check_etag(f"upload of {key} to {self.describe_location()}", etag, md5, encrypted)
+                except VerificationError:
+                    self.client.delete_object(Bucket=self.bucket, Key=key)  # no row calls it uploaded
+                    raise
+                if not encrypted:
                     return
             stored = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
         if stored != size:
@@ -292,9 +302,13 @@ class S3Store(ObjectStore):
             number, offset = number_offset
             with open(source, "rb") as f:
                 part = FileSlice(f, offset, min(self.multipart_chunksize, size - offset))
-                part_md5 = base64.b64encode(part.md5()).decode()
-                etag = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                               Body=part, ContentMD5=part_md5)["ETag"]
+                digest = part.md5()
+                response = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                   PartNumber=number, Body=part,
+                                                   ContentMD5=base64.b64encode(digest).decode())
+            etag = response["ETag"]
+            check_etag(f"upload of part {number} of {key}", etag, digest.hex(),
+                       _etag_is_not_md5(response.get("ServerSideEncryption"), response.get("SSECustomerAlgorithm")))
             return {"PartNumber": number, "ETag": etag}
 
         try:
@@ -317,8 +331,8 @@ class S3Store(ObjectStore):
         # A reader waiting for the first bytes gets them before a whole chunk has arrived.
         chunks = _chunk_sizes(end - start)
         with self._errors(key, "download"):
-            if self._gets is not None:
-                yield from self._gets.stream(key, ranged, chunks)
+            if self._direct is not None:
+                yield from self._direct.stream(key, ranged, chunks)
                 return
             body = self.client.get_object(Bucket=self.bucket, Key=key, **ranged)["Body"]
             try:
@@ -397,6 +411,22 @@ class S3Store(ObjectStore):
             raise StoreUnavailableError(f"cannot reach {where}: {reason}") from None
         except OSError as exc:
             raise StoreUnavailableError(f"{action} of {key} at {where}: {exc.strerror or exc}") from None
+
+
+def check_etag(what: str, etag: str, md5: str, etag_is_not_md5: bool) -> None:
+    """Raise VerificationError unless the server stored the bytes whose md5 we sent.
+
+    Servers should refuse a body that does not match its Content-MD5, but not all do (moto and
+    s3rver store it anyway), so the answer is checked too: the ETag of a single PUT or part is the
+    md5 of what was stored, except for SSE-KMS and SSE-C objects (``etag_is_not_md5``), whose size
+    is checked instead."""
+    if not etag_is_not_md5 and etag.strip('"') != md5:
+        raise VerificationError(f"{what}: the server stored bytes with md5 {etag.strip(chr(34))}, "
+                                f"not the {md5} sent")
+
+
+def _etag_is_not_md5(server_side_encryption: str | None, customer_algorithm: str | None) -> bool:
+    return bool(customer_algorithm) or (server_side_encryption or "").startswith("aws:kms")
 
 
 def _chunk_sizes(length: int) -> Iterator[int]:

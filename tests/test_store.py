@@ -3,13 +3,14 @@ through s3http's signed GETs, and must behave exactly like botocore's get_object
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 
 import pytest
 
-from s3repofs.errors import ObjectMissingError, StoreUnavailableError
-from s3repofs.s3http import SignedGets
+from s3repofs.errors import ObjectMissingError, StoreUnavailableError, VerificationError
+from s3repofs.s3http import SignedRequests
 from s3repofs.store import CHUNK, FIRST_CHUNK, S3Store
 
 DATA = os.urandom(3 * CHUNK + 12345)
@@ -24,7 +25,7 @@ def store(s3_server, s3_bucket):
 
 
 def test_reads_use_the_signed_gets_on_a_direct_endpoint(store):
-    assert isinstance(store._gets, SignedGets)
+    assert isinstance(store._direct, SignedRequests)
 
 
 @pytest.mark.parametrize("start, end", [(0, len(DATA)), (0, 1), (5, 6), (100, CHUNK + 7), (CHUNK, len(DATA))])
@@ -66,6 +67,25 @@ def test_a_proxy_for_the_endpoint_means_botocore_reads(monkeypatch):
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    assert not SignedGets.usable("http://10.1.2.3:9000")
+    assert not SignedRequests.usable("http://10.1.2.3:9000")
     monkeypatch.setenv("no_proxy", "10.1.2.3")
-    assert SignedGets.usable("http://10.1.2.3:9000")
+    assert SignedRequests.usable("http://10.1.2.3:9000")
+
+
+def test_a_put_stores_the_bytes_and_their_description(store, tmp_path):
+    source = tmp_path / "body"
+    source.write_bytes(DATA[:70_000])
+    md5 = hashlib.md5(DATA[:70_000]).hexdigest()
+    description = {"path": "t/a%20b.txt", "md5": md5}
+    store.put("t/put", source, 70_000, md5, description)
+    info = store.head("t/put")
+    assert info.size == 70_000 and info.description == {"path": "t/a b.txt", "md5": md5}
+    assert store.client.get_object(Bucket=store.bucket, Key="t/put")["Body"].read() == DATA[:70_000]
+
+
+def test_a_put_whose_body_does_not_match_its_md5_is_refused(store, tmp_path):
+    source = tmp_path / "body"
+    source.write_bytes(b"the bytes on disk")
+    with pytest.raises(VerificationError):
+        store.put("t/bad", source, 17, hashlib.md5(b"other bytes").hexdigest(), {})
+    assert store.head("t/bad") is None
