@@ -146,6 +146,10 @@ class Directory:
 
 _VERSION_COLUMNS = ", ".join(f.name for f in fields(Version))
 _DIR_COLUMNS = ", ".join(f.name for f in fields(Directory))
+_VERSION_FIELDS = [f.name for f in fields(Version)]
+_DIR_FIELDS = [f.name for f in fields(Directory)]
+_VERSION_COLUMNS_OF_V = ", ".join(f"v.{name}" for name in _VERSION_FIELDS)
+_DIR_COLUMNS_OF_D = ", ".join(f"d.{name} AS d_{name}" for name in _DIR_FIELDS)
 
 
 def _version(row: dict | None) -> Version | None:
@@ -250,6 +254,26 @@ class MetaStore:
                 ORDER BY id DESC LIMIT 1""",
             (path.file_type, path.dir, path.name, state),
         )), write=False)
+
+    def find_entry(self, path: RepoPath, state: str) -> Version | Directory | None:
+        """What a mount path names, in one query: the newest version of ``path`` in ``state``, else
+        the directory of that name, else None (a lookup of a new name, before each create, then
+        costs one round trip instead of two)."""
+        directory = DirPath(path.file_type, f"{path.dir}/{path.name}" if path.dir else path.name)
+        row = self.db.run(lambda tx: tx.one(
+            f"""SELECT {_VERSION_COLUMNS_OF_V}, {_DIR_COLUMNS_OF_D}
+                FROM (SELECT 1 AS one) AS o
+                LEFT JOIN (SELECT {_VERSION_COLUMNS} FROM versions
+                           WHERE file_type = ? AND dir = ? AND name = ? AND state = ?
+                           ORDER BY id DESC LIMIT 1) AS v ON 1 = 1
+                LEFT JOIN directories AS d ON d.file_type = ? AND d.dir = ?""",
+            (path.file_type, path.dir, path.name, state, directory.file_type, directory.dir),
+        ), write=False)
+        if row["id"] is not None:
+            return Version(**{name: row[name] for name in _VERSION_FIELDS})
+        if row["d_file_type"] is not None:
+            return _directory({name: row[f"d_{name}"] for name in _DIR_FIELDS})
+        return None
 
     def history(self, path: RepoPath) -> list[Version]:
         rows = self.db.run(lambda tx: tx.all(
@@ -542,8 +566,8 @@ class MetaStore:
 
     def _ensure_dirs(self, tx: Tx, directory: DirPath, now: float) -> None:
         rows = [(d.file_type, d.dir, d.parent_dir, now) for d in directory.ancestors()]
-        # One multi-row statement: one round trip, however deep the path.
-        tx.execute(f"""INSERT INTO directories (file_type, dir, parent, created_at)
+        # One multi-row statement, sent with the next one: no round trip of its own, however deep the path.
+        tx.defer(f"""INSERT INTO directories (file_type, dir, parent, created_at)
                        VALUES {", ".join(["(?, ?, ?, ?)"] * len(rows))}
                        ON CONFLICT (file_type, dir) DO NOTHING""",
                    [value for row in rows for value in row])
@@ -555,8 +579,8 @@ class MetaStore:
 
     def _lock_path(self, tx: Tx, path: RepoPath) -> None:
         # An upsert that always writes the row: it creates the lock row if needed and holds its row
-        # lock until commit, in one round trip (SQLite locks the whole database for a writer anyway).
-        tx.execute("""INSERT INTO path_locks (file_type, dir, name) VALUES (?, ?, ?)
+        # lock until commit, sent with the next statement (SQLite locks the whole database for a writer anyway).
+        tx.defer("""INSERT INTO path_locks (file_type, dir, name) VALUES (?, ?, ?)
                       ON CONFLICT (file_type, dir, name) DO UPDATE SET name = excluded.name""",
                    (path.file_type, path.dir, path.name))
 
