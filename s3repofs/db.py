@@ -38,17 +38,21 @@ class Tx:
     transaction on PostgreSQL opens with a deferred BEGIN, so it costs no round trip of its own.
     """
 
-    def __init__(self, cursor: Any, dialect: "Dialect", begin: str = "") -> None:
+    def __init__(self, cursor: Any, dialect: "Dialect", begin: str = "", one_trip: bool = False) -> None:
         self._cursor = cursor
         self._dialect = dialect
         self._deferred: list[tuple[str, tuple]] = [(begin, ())] if begin else []
         self.sent = False  # a statement has reached the server: a transaction may be open
+        # The server runs one query string as one transaction: everything goes in a single execute.
+        self.one_trip = one_trip
 
     @property
     def kind(self) -> str:
         return self._dialect.name
 
     def execute(self, sql: str, params: tuple | list = ()) -> int:
+        if self.one_trip and self.sent:
+            raise RuntimeError("a one-trip transaction defers every statement but its last")
         statements = [*self._deferred, (self._dialect.translate(sql), tuple(params))]
         self._deferred = []
         self._cursor.execute("; ".join(text for text, _ in statements),
@@ -117,8 +121,8 @@ class SQLiteDialect(Dialect):
             raise DatabaseUnavailableError(f"cannot open SQLite database {self.path}: {exc}") from None
         return conn
 
-    def begin(self, conn: sqlite3.Connection, write: bool) -> Tx:
-        cursor = conn.cursor()
+    def begin(self, conn: sqlite3.Connection, write: bool, one_trip: bool = False) -> Tx:
+        cursor = conn.cursor()  # SQLite has no round trips: a one-trip transaction is an ordinary one
         cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         return Tx(cursor, self)
 
@@ -168,17 +172,24 @@ class PostgresDialect(Dialect):
             raise DatabaseUnavailableError(f"cannot connect to {self.describe()}: {self._clean(exc)}") from None
         return conn
 
-    def begin(self, conn: Any, write: bool) -> Tx:
+    def begin(self, conn: Any, write: bool, one_trip: bool = False) -> Tx:
         """A write opens its transaction with its first statement, in the same round trip; a read runs
-        each statement on its own (every read transaction here is one statement)."""
+        each statement on its own (every read transaction here is one statement). A one-trip write
+        sends no BEGIN or COMMIT: PostgreSQL runs the statements of one query string as one
+        transaction, committed (or rolled back) as a whole when it ends."""
+        if one_trip:
+            return Tx(conn.cursor(), self, one_trip=True)
         return Tx(conn.cursor(), self, "BEGIN" if write else "")
 
     def commit(self, tx: Tx) -> None:
-        if tx.sent or tx.pending:
+        if tx.one_trip:
+            if not tx.sent and tx.pending:
+                tx.execute("SELECT 1")  # the deferred statements, as one transaction
+        elif tx.sent or tx.pending:
             tx.execute("COMMIT")  # with any statements still deferred
 
     def rollback(self, conn: Any, tx: Tx | None) -> None:
-        if tx is not None and tx.sent:
+        if tx is not None and tx.sent and not tx.one_trip:  # a failed one-trip string rolled itself back
             conn.cursor().execute("ROLLBACK")
 
     def is_transient(self, exc: BaseException) -> bool:
@@ -223,11 +234,14 @@ class Database:
     def describe(self) -> str:
         return self.dialect.describe()
 
-    def run(self, fn: Callable[[Tx], T], write: bool = True) -> T:
-        """Run ``fn(tx)`` in one transaction, retrying transient conflicts; commit and return its result."""
+    def run(self, fn: Callable[[Tx], T], write: bool = True, one_trip: bool = False) -> T:
+        """Run ``fn(tx)`` in one transaction, retrying transient conflicts; commit and return its result.
+
+        ``one_trip``: ``fn`` defers every statement but its last, and decides nothing after that one
+        (it is committed as it returns): the whole transaction is one round trip."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                with self._transaction(write) as tx:
+                with self._transaction(write, one_trip) as tx:
                     return fn(tx)
             except Exception as exc:
                 retry = self.dialect.is_transient(exc) or self.dialect.is_disconnect(exc)
@@ -251,12 +265,12 @@ class Database:
             self._idle.get_nowait()
 
     @contextmanager
-    def _transaction(self, write: bool) -> Iterator[Tx]:
+    def _transaction(self, write: bool, one_trip: bool = False) -> Iterator[Tx]:
         conn = self._acquire()
         healthy = False
         tx = None
         try:
-            tx = self.dialect.begin(conn, write)
+            tx = self.dialect.begin(conn, write, one_trip)
             yield tx
             self.dialect.commit(tx)
             healthy = True

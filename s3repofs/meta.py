@@ -156,8 +156,6 @@ def _version(row: dict | None) -> Version | None:
     return Version(**row) if row else None
 
 
-class _NotAsStaged(Exception):
-    """publish_staged found the row changed: undo its transaction and take the general path."""
 
 
 def _directory(row: dict) -> Directory:
@@ -237,7 +235,7 @@ class MetaStore:
             )
             return Version(**row)
 
-        return self.db.run(insert)
+        return self.db.run(insert, one_trip=True)
 
     def get(self, version_id: int) -> Version:
         row = self.db.run(lambda tx: tx.one(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE id = ?",
@@ -351,34 +349,39 @@ class MetaStore:
 
     def publish_staged(self, staged: Version, content: Content) -> tuple[Version, Version | None]:
         """``publish(staged.id, uploaded=content)`` for the common case, a staged version just
-        stored and published at its own path: three statements instead of seven (each a round trip
-        on PostgreSQL). ``staged`` is the caller's copy of the row; if the row is no longer that
-        (moved, published or discarded meanwhile), the general ``publish`` decides."""
+        stored and published at its own path, in one round trip (seven before). ``staged`` is the
+        caller's copy of the row; if the row is no longer that (moved, published or discarded
+        meanwhile), nothing changes and the general ``publish`` decides.
+
+        Atomic without a decision in between: with the path lock and the version's row lock held,
+        the current version is expired only if the staged row is as expected, and the staged row is
+        published under the same condition, so both happen or neither."""
         now = self.clock()
         path = staged.path
-        publish = f"""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = 'uploaded', uploaded_at = ?,
-                          state = 'published', published_at = ?, expired_at = NULL, publish_pending = 0
-                      WHERE id = ? AND state = 'unpublished' AND storage = 'local'
-                          AND file_type = ? AND dir = ? AND name = ?
-                      RETURNING {_VERSION_COLUMNS}"""
+        where_path = "file_type = ? AND dir = ? AND name = ?"
+        at_path = (path.file_type, path.dir, path.name)
+        as_staged = f"id = ? AND state = 'unpublished' AND storage = 'local' AND {where_path}"
 
-        def run(tx: Tx) -> tuple[Version, Version | None]:
+        def run(tx: Tx) -> list[dict]:
             self._lock_path(tx, path)
-            expired = _version(tx.one(
-                f"""UPDATE versions SET state = 'expired', expired_at = ?
-                    WHERE file_type = ? AND dir = ? AND name = ? AND state = 'published' AND id <> ?
-                    RETURNING {_VERSION_COLUMNS}""",
-                (now, path.file_type, path.dir, path.name, staged.id)))
-            published = _version(tx.one(publish, (content.size, content.md5, content.xxh3, now, now, staged.id,
-                                                  path.file_type, path.dir, path.name)))
-            if published is None:
-                raise _NotAsStaged()  # rolls the expiry back
-            return published, expired
+            tx.defer("SELECT id FROM versions WHERE id = ?" + self.db.dialect.for_update, (staged.id,))
+            tx.defer(f"""UPDATE versions SET state = 'expired', expired_at = ?
+                         WHERE {where_path} AND state = 'published' AND id <> ?
+                             AND EXISTS (SELECT 1 FROM versions WHERE {as_staged})""",
+                     (now, *at_path, staged.id, staged.id, *at_path))
+            tx.defer(f"""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = 'uploaded', uploaded_at = ?,
+                             state = 'published', published_at = ?, expired_at = NULL, publish_pending = 0
+                         WHERE {as_staged}""",
+                     (content.size, content.md5, content.xxh3, now, now, staged.id, *at_path))
+            return tx.all(f"""SELECT {_VERSION_COLUMNS} FROM versions
+                              WHERE id = ? OR ({where_path} AND state = 'expired' AND expired_at = ?)""",
+                          (staged.id, *at_path, now))
 
-        try:
-            return self.db.run(run)
-        except _NotAsStaged:
+        rows = [Version(**row) for row in self.db.run(run, one_trip=True)]
+        published = next((v for v in rows if v.id == staged.id and v.state == "published"), None)
+        if published is None or published.published_at != now:
             return self.publish(staged.id, uploaded=content)
+        return published, next((v for v in rows if v.id != staged.id), None)
 
     def expire(self, version_id: int) -> Version:
         now = self.clock()
