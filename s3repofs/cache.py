@@ -14,6 +14,7 @@ Lock order: ``_lock`` (the index) is never held while waiting on a download or o
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -64,6 +65,7 @@ class LocalCache:
         self._used = 0  # bytes of every indexed object and every download in flight
         self._pins: dict[str, int] = {}  # key -> open handles; pinned objects are never evicted
         self._fills: dict[str, _Fill] = {}
+        self._fill_numbers = itertools.count()  # temp files of one process never share a name
         self._download_threads = download_threads
         self._runner: Executor | None = None
         self._ready = False
@@ -128,12 +130,15 @@ class LocalCache:
         it (None once complete). Starts the download if nobody has; joins it otherwise."""
         self.pin(key)
         try:
-            with self._lock:
-                fill = self._fill_unless_present(key, size, start)
-                fd = os.dup(fill.download.fd) if fill else None
-            if fill is None:
-                return os.open(self.object_path(key), os.O_RDONLY), None
-            return fd, fill.download
+            fill, _started = self._fill_unless_present(key, size, start)
+            if fill is not None:
+                with self._lock:  # still in flight: its fd is open until it lands, which takes the lock
+                    if self._fills.get(key) is fill:
+                        return os.dup(fill.download.fd), fill.download
+                fill.landed.wait()  # it landed (or failed) just now
+                if fill.error is not None:
+                    raise fill.error
+            return os.open(self.object_path(key), os.O_RDONLY), None
         except BaseException:
             self.unpin(key)
             raise
@@ -142,8 +147,7 @@ class LocalCache:
         """The verified cached file of ``key``, downloading it first if needed (blocks)."""
         self.pin(key)
         try:
-            with self._lock:
-                fill = self._fill_unless_present(key, size, start)
+            fill, _started = self._fill_unless_present(key, size, start)
             if fill is not None:
                 fill.landed.wait()
                 if fill.error is not None:
@@ -154,10 +158,8 @@ class LocalCache:
 
     def prefetch(self, key: str, size: int, start: StartDownload) -> Download | None:
         """Start downloading ``key`` in the background unless it is cached or on its way."""
-        with self._lock:
-            if key in self._fills or self._present(key, size):
-                return None
-            return self._begin(key, size, start).download
+        fill, started = self._fill_unless_present(key, size, start)
+        return fill.download if started else None
 
     def adopt(self, key: str, staged: Path, size: int) -> None:
         """Move an uploaded, verified staging file into the cache (no second download needed). The
@@ -197,13 +199,25 @@ class LocalCache:
 
     # -- internals (``_lock`` held where noted) -------------------------------------------------
 
-    def _fill_unless_present(self, key: str, size: int, start: StartDownload) -> _Fill | None:
-        """The download of ``key`` in flight, started if needed; None if the object is cached.
-        (``_lock`` held.)"""
-        fill = self._fills.get(key)
-        if fill is None and not self._present(key, size):
-            fill = self._begin(key, size, start)
-        return fill
+    def _fill_unless_present(self, key: str, size: int, start: StartDownload) -> tuple[_Fill | None, bool]:
+        """The download of ``key`` in flight, started if needed, or None if the object is cached; and
+        whether this call started it.
+
+        The temp file is created without the lock held (file creation waits for the journal while
+        other downloads fsync); if another thread registered a download meanwhile, ours is dropped."""
+        with self._lock:
+            fill = self._fills.get(key)
+            if fill is not None or self._present(key, size):
+                return fill, False
+        new = self._new_fill(key, size, start)
+        with self._lock:
+            fill = self._fills.get(key)
+            if fill is None and not self._present(key, size):
+                self._launch(key, new)
+                return new, True
+        os.close(new.download.fd)
+        new.tmp.unlink(missing_ok=True)
+        return fill, False
 
     def _present(self, key: str, size: int) -> bool:
         """Is the complete object on disk? Marks it recently used. (``_lock`` held.)"""
@@ -221,25 +235,27 @@ class LocalCache:
             self._index(key, size)
         return True
 
-    def _begin(self, key: str, size: int, start: StartDownload) -> _Fill:
-        """Create the temp file, register and launch the download. (``_lock`` held.)"""
+    def _new_fill(self, key: str, size: int, start: StartDownload) -> _Fill:
+        """Create the temp file and its download (not started yet)."""
         path = self.object_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f"{FILL_PREFIX}{path.name}-{os.getpid()}"
+        tmp = path.parent / f"{FILL_PREFIX}{path.name}-{os.getpid()}.{next(self._fill_numbers)}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, size)
-            fill = _Fill(start(fd), tmp)
+            return _Fill(start(fd), tmp)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
+
+    def _launch(self, key: str, fill: _Fill) -> None:
+        """Register and start the download. (``_lock`` held.)"""
         self._fills[key] = fill
-        self._used += size
+        self._used += fill.download.size
         if self._runner is None:
             self._runner = ThreadPoolExecutor(self._download_threads, thread_name_prefix="download")
         self._runner.submit(self._run, key, fill)
-        return fill
 
     def _run(self, key: str, fill: _Fill) -> None:
         download = fill.download
@@ -296,9 +312,9 @@ class LocalCache:
 
 
 def _writer_alive(fill_name: str) -> bool:
-    """Is the process that named this temp file (``.fill-<name>-<pid>``) still running?"""
+    """Is the process that named this temp file (``.fill-<name>-<pid>.<n>``) still running?"""
     try:
-        os.kill(int(fill_name.rsplit("-", 1)[1]), 0)
+        os.kill(int(fill_name.rsplit("-", 1)[1].split(".")[0]), 0)
     except (ValueError, IndexError, ProcessLookupError):
         return False
     except PermissionError:

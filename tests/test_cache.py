@@ -49,9 +49,8 @@ def test_least_recently_used_objects_are_evicted_by_bytes(cache):
 
 
 def test_open_objects_are_never_evicted(cache):
-    fd, download = cache.open_object("t/open", 600, source(b"x" * 600))
-    if download:
-        download.wait_verified()
+    fd, _download = cache.open_object("t/open", 600, source(b"x" * 600))
+    cache.fetch("t/open", 600, source(b"x" * 600))  # joins that download and returns once it has landed
     cache.fetch("t/b", 600, source(b"y" * 600))
     cache.fetch("t/c", 100, source(b"c" * 100))
     assert cache.has("t/open")  # the least recently used, but open: b was evicted instead
@@ -124,3 +123,28 @@ def test_clear_keeps_open_objects(cache):
     os.close(fd)
     cache.unpin("t/b")
 
+
+
+def test_threads_opening_one_cold_object_at_once_share_one_download(cache):
+    calls: list = []
+    start = source(b"q" * 700, calls)
+    barrier = threading.Barrier(8)
+    opened: list = []
+
+    def open_it() -> None:
+        barrier.wait()
+        opened.append(cache.open_object("t/race", 700, start))
+
+    threads = [threading.Thread(target=open_it) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cache.fetch("t/race", 700, start)  # returns once the download has landed
+    assert len(calls) == 1 and len(opened) == 8
+    for fd, _download in opened:
+        assert os.pread(fd, 1000, 0) == b"q" * 700
+        os.close(fd)
+        cache.unpin("t/race")
+    leftovers = [p.name for p in cache.objects_dir.rglob("*") if p.name.startswith(".fill-")]
+    assert leftovers == []  # the temp files of the threads that lost the race are gone
