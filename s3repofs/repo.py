@@ -103,6 +103,7 @@ class S3Repo:
         """Kept for the original S3Repo's callers: every operation already commits when it returns."""
 
     def close(self) -> None:
+        self.cache.close()
         self.db.close()
 
     def __enter__(self) -> "S3Repo":
@@ -204,21 +205,15 @@ class S3Repo:
         if not staged.exists():
             raise LifecycleError(f"{version.path}: the staged bytes of version {version.id} are not on this host "
                                  f"({version.origin_host} staged them)")
-        # The staged file becomes the cached copy (see _uploaded), which must survive a crash whole:
-        # it is written back to disk while the upload runs, not after it (64 MiB: ~100 ms here).
-        synced = self._parts.submit(_fsync, staged)
-        try:
-            content = file_content(staged)
-            self.store.put(version.s3_key, staged, content.size, content.md5, describe(
-                path=str(version.path), file_type=version.file_type, version_id=version.id, content=content,
-                origin_host=version.origin_host))
-        finally:
-            synced.result()
+        content = file_content(staged)
+        self.store.put(version.s3_key, staged, content.size, content.md5, describe(
+            path=str(version.path), file_type=version.file_type, version_id=version.id, content=content,
+            origin_host=version.origin_host))
         return content
 
     def _uploaded(self, version: Version) -> None:
-        """The staged file (fsynced by _store_staged) is now a verified copy of a stored object: keep
-        it as cached."""
+        """The staged file is now a verified copy of a stored object: keep it as cached (made durable
+        by the cache's next checkpoint, like a download)."""
         self.cache.adopt(version.s3_key, self.cache.staging_path(version.s3_key), version.size)
         log.info("uploaded %s (version %d, %d bytes, md5 %s)", version.path, version.id, version.size, version.md5)
 
@@ -434,14 +429,6 @@ class RepoFile:
                 "origin_host": v.origin_host, "mode": v.mode, "uid": v.uid, "gid": v.gid,
                 "created_at": v.created_at, "uploaded_at": v.uploaded_at, "published_at": v.published_at,
                 "expired_at": v.expired_at}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _create_empty(path: Path) -> None:

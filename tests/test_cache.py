@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from mount_helper import wait_for
 
+from s3repofs import cache as cache_module
 from s3repofs.cache import LocalCache
 from s3repofs.errors import StoreUnavailableError
 from s3repofs.transfer import Download
@@ -90,14 +91,39 @@ def test_a_failed_download_leaves_nothing(cache):
 
 def test_the_index_is_rebuilt_from_disk(tmp_path, cache):
     cache.fetch("t/a", 300, source(b"a" * 300))
-    stale = cache.objects_dir / "t" / ".fill-b-999999999"  # a dead process's interrupted download
+    stale = cache.objects_dir / "t" / ".fill-b-999999999.0"  # a dead process's interrupted download
     stale.write_bytes(b"partial")
-    live = cache.objects_dir / "t" / f".fill-c-{os.getpid()}"  # a live process's download
+    live = cache.objects_dir / "t" / f".fill-c-{os.getpid()}.0"  # a live process's download
     live.write_bytes(b"partial")
+    cache.close()  # a clean stop: what landed is synced
     again = LocalCache(tmp_path, max_bytes=1000)
     again.prepare()
     assert again.has("t/a") and again.usage().used_bytes == 300
     assert not stale.exists() and live.exists()
+
+
+def test_after_a_crash_objects_landed_since_the_last_checkpoint_are_dropped(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(cache_module, "SYNC_INTERVAL", 3600.0)  # no checkpoint but the ones below
+    cache.fetch("t/a", 300, source(b"a" * 300))
+    cache.close()
+    crashed = LocalCache(tmp_path, max_bytes=1000)
+    crashed.prepare()  # checkpoints: t/a is durable
+    crashed.fetch("t/b", 300, source(b"b" * 300))  # lands after it, and the process dies unsynced
+    again = LocalCache(tmp_path, max_bytes=1000)
+    again.prepare()
+    assert again.has("t/a") and not again.has("t/b") and not again.object_path("t/b").exists()
+    calls: list = []
+    assert again.fetch("t/b", 300, source(b"b" * 300, calls)).read_bytes() == b"b" * 300 and len(calls) == 1
+
+
+def test_a_cache_from_before_checkpoints_is_trusted(tmp_path):
+    old = LocalCache(tmp_path, max_bytes=1000)  # every object of such a cache was fsynced as it landed
+    old.objects_dir.mkdir(parents=True)
+    (old.objects_dir.parent / "LAYOUT").write_text("1\n")
+    (old.objects_dir / "t").mkdir()
+    (old.objects_dir / "t" / "a").write_bytes(b"a" * 10)
+    old.prepare()
+    assert old.has("t/a") and (old.objects_dir.parent / "SYNCED").is_file()
 
 
 def test_an_object_placed_by_another_process_is_used(tmp_path, cache):
