@@ -146,10 +146,6 @@ class Directory:
 
 _VERSION_COLUMNS = ", ".join(f.name for f in fields(Version))
 _DIR_COLUMNS = ", ".join(f.name for f in fields(Directory))
-_VERSION_FIELDS = [f.name for f in fields(Version)]
-_DIR_FIELDS = [f.name for f in fields(Directory)]
-_VERSION_COLUMNS_OF_V = ", ".join(f"v.{name}" for name in _VERSION_FIELDS)
-_DIR_COLUMNS_OF_D = ", ".join(f"d.{name} AS d_{name}" for name in _DIR_FIELDS)
 
 
 def _version(row: dict | None) -> Version | None:
@@ -252,26 +248,6 @@ class MetaStore:
                 ORDER BY id DESC LIMIT 1""",
             (path.file_type, path.dir, path.name, state),
         )), write=False)
-
-    def find_entry(self, path: RepoPath, state: str) -> Version | Directory | None:
-        """What a mount path names, in one query: the newest version of ``path`` in ``state``, else
-        the directory of that name, else None (a lookup of a new name, before each create, then
-        costs one round trip instead of two)."""
-        directory = DirPath(path.file_type, f"{path.dir}/{path.name}" if path.dir else path.name)
-        row = self.db.run(lambda tx: tx.one(
-            f"""SELECT {_VERSION_COLUMNS_OF_V}, {_DIR_COLUMNS_OF_D}
-                FROM (SELECT 1 AS one) AS o
-                LEFT JOIN (SELECT {_VERSION_COLUMNS} FROM versions
-                           WHERE file_type = ? AND dir = ? AND name = ? AND state = ?
-                           ORDER BY id DESC LIMIT 1) AS v ON 1 = 1
-                LEFT JOIN directories AS d ON d.file_type = ? AND d.dir = ?""",
-            (path.file_type, path.dir, path.name, state, directory.file_type, directory.dir),
-        ), write=False)
-        if row["id"] is not None:
-            return Version(**{name: row[name] for name in _VERSION_FIELDS})
-        if row["d_file_type"] is not None:
-            return _directory({name: row[f"d_{name}"] for name in _DIR_FIELDS})
-        return None
 
     def history(self, path: RepoPath) -> list[Version]:
         rows = self.db.run(lambda tx: tx.all(

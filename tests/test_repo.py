@@ -319,15 +319,3 @@ def test_threads_starting_on_a_fresh_host_at_once_all_succeed(repo_config, tmp_p
         assert sorted(f.path for f in repo.list_files("t")) == [f"t/f{i}" for i in range(8)]
         assert (tmp_path / "fresh-host" / "cache" / "LAYOUT").read_text() == "1\n"
 
-
-def test_find_entry_names_a_version_a_directory_or_nothing_in_one_query(repo):
-    from s3repofs.meta import Directory, Version
-
-    rf = repo.add_file(path="t/d/a.txt").touch("x").publish()
-    repo.add_file(path="t/d/sub/b.txt").touch("y").publish()
-    found = repo.meta.find_entry(RepoPath.parse("t/d/a.txt"), "published")
-    assert isinstance(found, Version) and found.id == rf.id and found.xxh3 == rf.version.xxh3
-    directory = repo.meta.find_entry(RepoPath.parse("t/d/sub"), "published")
-    assert isinstance(directory, Directory) and (directory.file_type, directory.dir) == ("t", "d/sub")
-    assert repo.meta.find_entry(RepoPath.parse("t/d/none"), "published") is None
-    assert repo.meta.find_entry(RepoPath.parse("t/d/a.txt"), "expired") is None
