@@ -22,6 +22,7 @@ Lock order: ``_lock`` (the index) is never held while waiting on a download or o
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import itertools
 import logging
 import os
@@ -40,12 +41,14 @@ from .transfer import Download
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)
 
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"  # 2: objects are made durable by checkpoints (SYNCED); 1: each was fsynced
 FILL_PREFIX = ".fill-"
 SYNC_INTERVAL = 5.0  # seconds between checkpoints while downloads land
 # Trust only what was written this long before a checkpoint began: a file's time comes from the
-# kernel's coarse clock, up to a tick (4-10 ms) behind time.time().
+# kernel's coarse clock, up to a tick (4-10 ms) behind time.time(); on a file system that keeps
+# whole seconds, up to a second.
 SYNC_MARGIN = 0.05
+COARSE_SYNC_MARGIN = 2.0
 
 # start(fd) -> the Download that will write the object into the file open at fd
 StartDownload = Callable[[int], Download]
@@ -83,6 +86,8 @@ class LocalCache:
         self._synced_file = local_root / "cache" / "SYNCED"
         self._unsynced = threading.Event()  # an object landed since the last checkpoint
         self._last_landed = 0.0
+        self._margin = SYNC_MARGIN
+        self._holder: int | None = None  # fd of cache/lock, shared-locked while this process uses the cache
         self._closing = threading.Event()
         self._syncer: threading.Thread | None = None
         self._download_threads = download_threads
@@ -104,14 +109,17 @@ class LocalCache:
     def _prepare(self) -> None:
         for directory in (self.objects_dir, self.staging_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        layout = self.objects_dir.parent / "LAYOUT"
-        if not layout.exists():  # written whole (temp + rename): another process may be reading it
-            tmp = layout.with_name(f".LAYOUT-{os.getpid()}")
-            tmp.write_text(LAYOUT_VERSION + "\n")
-            os.replace(tmp, layout)
-        elif layout.read_text().strip() != LAYOUT_VERSION:
-            raise RepoError(f"cache {self.objects_dir.parent} has an unknown layout: move it aside")
-        synced = self._last_checkpoint()
+        layout = self._read_layout()
+        # Every process using this cache holds a shared lock on it; only one that finds itself alone
+        # may judge what a crash left (a live process's newest objects are unsynced, not lost).
+        self._holder = os.open(self.objects_dir.parent / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        # A cache from before checkpoints (layout 1) had every object fsynced as it landed.
+        synced = self._last_checkpoint(missing=float("inf") if layout == "1" else 0.0) if alone else float("inf")
         found, lost = [], 0
         for key, path in self._walk():
             st = path.stat()
@@ -127,31 +135,63 @@ class LocalCache:
             for _atime, key, size in sorted(found):
                 self._index(key, size)
         self._checkpoint()  # what is on disk now is trusted from here on
+        if layout != LAYOUT_VERSION:
+            self._write_whole(self.objects_dir.parent / "LAYOUT", LAYOUT_VERSION + "\n")
+        fcntl.flock(self._holder, fcntl.LOCK_SH)
         self._evict()
 
-    def _last_checkpoint(self) -> float:
-        """When the last checkpoint began (objects written before it are durable); infinity for a
-        cache from before checkpoints, whose every object was fsynced as it landed."""
+    def _read_layout(self) -> str | None:
+        """The cache's layout version (None for a new cache); RepoError for one this code does not know."""
+        try:
+            layout = (self.objects_dir.parent / "LAYOUT").read_text().strip()
+        except FileNotFoundError:
+            return None
+        if layout not in ("1", LAYOUT_VERSION):
+            raise RepoError(f"cache {self.objects_dir.parent} has an unknown layout: move it aside")
+        return layout
+
+    def _last_checkpoint(self, missing: float) -> float:
+        """When the last checkpoint began (objects written before it are durable); ``missing`` if
+        no checkpoint was ever recorded."""
         try:
             return float(self._synced_file.read_text())
         except FileNotFoundError:
-            return float("inf")
+            return missing
         except (OSError, ValueError):
             return 0.0  # unreadable: trust nothing
 
     def _checkpoint(self) -> float:
         """Make every object written so far durable, then say so in SYNCED; when it counts as begun."""
-        began = time.time() - SYNC_MARGIN
+        began = time.time() - self._margin
         fd = os.open(self.objects_dir, os.O_RDONLY)
         try:
             if _libc.syncfs(fd) != 0:
                 raise OSError(ctypes.get_errno(), f"syncfs {self.objects_dir}: {os.strerror(ctypes.get_errno())}")
         finally:
             os.close(fd)
-        tmp = self._synced_file.with_name(f".SYNCED-{os.getpid()}-{threading.get_ident()}")
-        tmp.write_text(f"{began!r}\n")
-        os.replace(tmp, self._synced_file)  # durable with the next checkpoint; older is only more cautious
+        written = self._write_whole(self._synced_file, f"{began!r}\n")
+        if written.st_mtime_ns % 1_000_000_000 == 0:
+            # Whole-second file times (ext3, FAT, some NFS): a file may look up to 1 s older than it is.
+            self._margin = COARSE_SYNC_MARGIN
         return began
+
+    def _write_whole(self, path: Path, text: str) -> os.stat_result:
+        """Replace ``path`` by ``text`` durably (temp, fsync, rename, fsync of the directory)."""
+        tmp = path.with_name(f".{path.name}-{os.getpid()}-{threading.get_ident()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+            written = os.fstat(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return written
 
     def _landed(self) -> None:
         """An object landed unsynced: the next checkpoint covers it."""
@@ -181,8 +221,12 @@ class LocalCache:
         """Checkpoint what landed unsynced (a clean stop keeps every cached object) and stop syncing."""
         self._closing.set()
         if self._unsynced.is_set():
-            time.sleep(SYNC_MARGIN)  # so that what landed a moment ago counts as written before it
+            # so that what landed a moment ago counts as written before the checkpoint
+            time.sleep(max(0.0, self._margin - (time.time() - self._last_landed)))
             self._sync_now()
+        if self._holder is not None:
+            os.close(self._holder)  # releases this process's hold on the cache
+            self._holder = None
 
     def _walk(self):
         """(key, path) of every cached object; removes temp files that no live process is writing."""

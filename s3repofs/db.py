@@ -41,8 +41,10 @@ class Tx:
     def __init__(self, cursor: Any, dialect: "Dialect", begin: str = "", one_trip: bool = False) -> None:
         self._cursor = cursor
         self._dialect = dialect
-        self._deferred: list[tuple[str, tuple]] = [(begin, ())] if begin else []
-        self.sent = False  # a statement has reached the server: a transaction may be open
+        self._begin = begin  # sent with the first statement, then cleared
+        self._deferred: list[tuple[str, tuple]] = []
+        self.opened = False  # the BEGIN reached the server: the transaction must be ended
+        self.sent = False  # a statement reached the server
         # The server runs one query string as one transaction: everything goes in a single execute.
         self.one_trip = one_trip
 
@@ -54,6 +56,9 @@ class Tx:
         if self.one_trip and self.sent:
             raise RuntimeError("a one-trip transaction defers every statement but its last")
         statements = [*self._deferred, (self._dialect.translate(sql), tuple(params))]
+        if self._begin:
+            statements.insert(0, (self._begin, ()))
+            self._begin, self.opened = "", True
         self._deferred = []
         self._cursor.execute("; ".join(text for text, _ in statements),
                              tuple(value for _, values in statements for value in values))
@@ -69,8 +74,8 @@ class Tx:
 
     @property
     def pending(self) -> bool:
-        """Are statements other than BEGIN waiting to be sent?"""
-        return any(text != "BEGIN" for text, _ in self._deferred)
+        """Are deferred statements waiting to be sent?"""
+        return bool(self._deferred)
 
     def all(self, sql: str, params: tuple | list = ()) -> list[dict]:
         self.execute(sql, params)
@@ -129,9 +134,11 @@ class SQLiteDialect(Dialect):
     def commit(self, tx: Tx) -> None:
         tx.execute("COMMIT")
 
-    def rollback(self, conn: sqlite3.Connection, tx: Tx | None) -> None:
+    def reusable(self, conn: sqlite3.Connection) -> bool:
+        """After a failure: roll back what is open; may the connection serve the next transaction?"""
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        return True
 
     def is_transient(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
@@ -185,12 +192,23 @@ class PostgresDialect(Dialect):
         if tx.one_trip:
             if not tx.sent and tx.pending:
                 tx.execute("SELECT 1")  # the deferred statements, as one transaction
-        elif tx.sent or tx.pending:
-            tx.execute("COMMIT")  # with any statements still deferred
+        elif tx.opened or tx.pending:
+            tx.execute("COMMIT")  # with any statements still deferred (and their BEGIN)
 
-    def rollback(self, conn: Any, tx: Tx | None) -> None:
-        if tx is not None and tx.sent and not tx.one_trip:  # a failed one-trip string rolled itself back
+    def reusable(self, conn: Any) -> bool:
+        """After a failure: roll back what is open; may the connection serve the next transaction?
+        Judged by the connection's own state (no round trip): a closed connection, or one whose
+        state is unknown (it broke mid-query), is dropped; one left in a transaction, aborted or
+        not (a failed ``BEGIN; ...`` string), is rolled back first."""
+        extensions = self._psycopg2.extensions
+        if conn.closed:
+            return False
+        status = conn.get_transaction_status()
+        if status == extensions.TRANSACTION_STATUS_UNKNOWN:
+            return False
+        if status != extensions.TRANSACTION_STATUS_IDLE:
             conn.cursor().execute("ROLLBACK")
+        return conn.get_transaction_status() == extensions.TRANSACTION_STATUS_IDLE
 
     def is_transient(self, exc: BaseException) -> bool:
         code = getattr(exc, "pgcode", None)
@@ -268,7 +286,6 @@ class Database:
     def _transaction(self, write: bool, one_trip: bool = False) -> Iterator[Tx]:
         conn = self._acquire()
         healthy = False
-        tx = None
         try:
             tx = self.dialect.begin(conn, write, one_trip)
             yield tx
@@ -276,13 +293,12 @@ class Database:
             healthy = True
         finally:
             if not healthy:
-                healthy = self._rollback(conn, tx)
+                healthy = self._reusable(conn)
             self._release(conn, healthy)
 
-    def _rollback(self, conn: Any, tx: Tx | None) -> bool:
+    def _reusable(self, conn: Any) -> bool:
         try:
-            self.dialect.rollback(conn, tx)
-            return True
+            return self.dialect.reusable(conn)
         except Exception:  # the connection is broken; it is dropped, not reused
             return False
 

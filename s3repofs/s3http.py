@@ -70,14 +70,17 @@ class SignedRequests:
         response = self._pool.request("GET", url, headers=signed, preload_content=False, redirect=False)
         complete = False
         try:
-            if response.status not in (200, 206):
+            expected = 206 if "Range" in headers else 200
+            if response.status in (200, 206) and response.status != expected:  # would send from byte 0
+                raise _client_error(response.status, b"<Code>RangeNotHonoured</Code>", "GetObject")
+            if response.status != expected:
                 raise _client_error(response.status, response.read(), "GetObject")
             for size in chunks:
                 chunk = response.read(size)
                 if not chunk:
-                    complete = True
-                    return
+                    break
                 yield chunk
+            complete = True
         finally:
             if complete:
                 response.release_conn()  # read to its end: the connection is reused

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import quote, unquote
-
-import urllib3
 
 from .content import Content
 from .errors import ArchivedError, ObjectMissingError, RepoError, StoreUnavailableError, VerificationError
@@ -34,6 +33,7 @@ CHUNK = 1024 * 1024
 FIRST_CHUNK = 128 * 1024  # a reader waiting for the first bytes is served before a whole chunk arrived
 META_PREFIX = "s3repo-"
 READ_TIMEOUT = 60  # seconds without a byte before a request to S3 fails
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -274,24 +274,49 @@ class S3Store(ObjectStore):
                 content_md5 = base64.b64encode(bytes.fromhex(md5)).decode()
                 with open(source, "rb") as f:
                     body = FileSlice(f, 0, size)
-                    if self._direct is not None:
-                        etag, sse, sse_c = self._direct.put(key, body, size, content_md5, metadata)
+                    direct = self._direct_put(key, body, size, content_md5, metadata)
+                    if direct is not None:
+                        etag, sse, sse_c = direct
                     else:
                         response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
                                                           Metadata=metadata, ContentMD5=content_md5)
                         etag, sse, sse_c = (response["ETag"], response.get("ServerSideEncryption"),
                                             response.get("SSECustomerAlgorithm"))
-                encrypted = _etag_is_not_md5(sse, sse_c)
                 try:
-                    check_etag(f"upload of {key} to {self.describe_location()}", etag, md5, encrypted)
+                    if check_etag(f"upload of {key} to {self.describe_location()}", etag, md5,
+                                  _etag_is_not_md5(sse, sse_c)):
+                        return
                 except VerificationError:
                     self.client.delete_object(Bucket=self.bucket, Key=key)  # no row calls it uploaded
                     raise
-                if not encrypted:
-                    return
             stored = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
         if stored != size:
             raise VerificationError(f"upload of {key}: {self.bucket} holds {stored} bytes, expected {size}")
+
+    def _direct_put(self, key: str, body: FileSlice, size: int, content_md5: str,
+                    metadata: dict[str, str]) -> tuple[str, str | None, str | None] | None:
+        """The signed PUT's answer, or None if botocore must do it (no direct path, or the bucket is
+        elsewhere: the body is rewound for it)."""
+        if self._direct is None:
+            return None
+        try:
+            return self._direct.put(key, body, size, content_md5, metadata)
+        except _client_error() as exc:
+            if not self._elsewhere(exc):
+                raise
+            body.seek(0)
+            return None
+
+    def _elsewhere(self, exc: Exception) -> bool:
+        """Does the server redirect us (the bucket is in another region than configured)? Then the
+        signed requests stop, and botocore, which follows such redirects, makes every request."""
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code not in ("PermanentRedirect", "TemporaryRedirect", "AuthorizationHeaderMalformed", "301", "307"):
+            return False
+        log.info("%s answers %s to signed requests: botocore makes them from now on (set s3_region)",
+                 self.describe_location(), code)
+        self._direct = None
+        return True
 
     def _put_multipart(self, key: str, source: Path, metadata: dict[str, str]) -> None:
         upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata)["UploadId"]
@@ -332,8 +357,12 @@ class S3Store(ObjectStore):
         chunks = _chunk_sizes(end - start)
         with self._errors(key, "download"):
             if self._direct is not None:
-                yield from self._direct.stream(key, ranged, chunks)
-                return
+                try:
+                    yield from self._direct.stream(key, ranged, chunks)
+                    return
+                except _client_error() as exc:  # raised before any byte is yielded
+                    if not self._elsewhere(exc):
+                        raise
             body = self.client.get_object(Bucket=self.bucket, Key=key, **ranged)["Body"]
             try:
                 for step in chunks:
@@ -374,6 +403,7 @@ class S3Store(ObjectStore):
     def _errors(self, key: str, action: str) -> Iterator[None]:
         """The one table from boto3's failures to repository errors."""
         import botocore.exceptions as bex
+        import urllib3
 
         where = self.describe_location()
         try:
@@ -413,16 +443,27 @@ class S3Store(ObjectStore):
             raise StoreUnavailableError(f"{action} of {key} at {where}: {exc.strerror or exc}") from None
 
 
-def check_etag(what: str, etag: str, md5: str, etag_is_not_md5: bool) -> None:
-    """Raise VerificationError unless the server stored the bytes whose md5 we sent.
+def _client_error() -> type:
+    import botocore.exceptions  # loaded with boto3 by S3Store; the local store never needs it
+
+    return botocore.exceptions.ClientError
+
+
+def check_etag(what: str, etag: str, md5: str, etag_is_not_md5: bool) -> bool:
+    """Does the ETag prove that the server stored the bytes whose md5 we sent? VerificationError if
+    it proves otherwise; False if it cannot tell (the caller checks the size instead).
 
     Servers should refuse a body that does not match its Content-MD5, but not all do (moto and
     s3rver store it anyway), so the answer is checked too: the ETag of a single PUT or part is the
-    md5 of what was stored, except for SSE-KMS and SSE-C objects (``etag_is_not_md5``), whose size
-    is checked instead."""
-    if not etag_is_not_md5 and etag.strip('"') != md5:
-        raise VerificationError(f"{what}: the server stored bytes with md5 {etag.strip(chr(34))}, "
+    md5 of what was stored, except for SSE-KMS and SSE-C objects (``etag_is_not_md5``) and servers
+    whose ETags have another form."""
+    etag = etag.strip('"')
+    if etag_is_not_md5 or not _MD5_HEX.fullmatch(etag):
+        return False
+    if etag != md5:
+        raise VerificationError(f"{what}: the server stored bytes with md5 {etag}, "
                                 f"not the {md5} sent")
+    return True
 
 
 def _etag_is_not_md5(server_side_encryption: str | None, customer_algorithm: str | None) -> bool:

@@ -121,6 +121,7 @@ class WriteHandle:
     written: bool = False  # a write arrived since the version started
     sealed: bool = False  # flushed: further writes start a new version
     failed: bool = False  # the last flush could not upload: the background retry owns the version now
+    retired_fds: list[int] = field(default_factory=list)  # of earlier versions of this handle, closed at release
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -426,7 +427,9 @@ class Tree:
         old = handle.version
         version = self.repo.copy_on_write(old, old.path, mode=old.mode, uid=old.uid, gid=old.gid, keep_content=True)
         fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
-        os.close(handle.fd)
+        # The old descriptor stays open until release: libfuse may still be reading it for a read
+        # answered a moment ago (read_buf), and a closed number could be reused by another file.
+        handle.retired_fds.append(handle.fd)
         handle.fd, handle.version, handle.sealed = fd, version, False
 
     def release(self, fh: int) -> None:
@@ -441,7 +444,8 @@ class Tree:
             handle.reader.close()
         elif isinstance(handle, WriteHandle):
             fd, handle.fd = handle.fd, -1  # a concurrent stat of this writer now finds it closed
-            os.close(fd)
+            for number in (fd, *handle.retired_fds):
+                os.close(number)
             self.forget(handle.mount_path)
 
     def _finish_writer(self, handle: WriteHandle) -> None:

@@ -108,12 +108,22 @@ def test_after_a_crash_objects_landed_since_the_last_checkpoint_are_dropped(tmp_
     cache.close()
     crashed = LocalCache(tmp_path, max_bytes=1000)
     crashed.prepare()  # checkpoints: t/a is durable
-    crashed.fetch("t/b", 300, source(b"b" * 300))  # lands after it, and the process dies unsynced
+    crashed.fetch("t/b", 300, source(b"b" * 300))  # lands after it, and the machine dies unsynced
+    os.close(crashed._holder)  # the dead process no longer holds the cache
     again = LocalCache(tmp_path, max_bytes=1000)
     again.prepare()
     assert again.has("t/a") and not again.has("t/b") and not again.object_path("t/b").exists()
     calls: list = []
     assert again.fetch("t/b", 300, source(b"b" * 300, calls)).read_bytes() == b"b" * 300 and len(calls) == 1
+
+
+def test_a_process_starting_beside_a_live_one_keeps_its_unsynced_objects(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(cache_module, "SYNC_INTERVAL", 3600.0)
+    cache.fetch("t/new", 300, source(b"n" * 300))  # landed after the cache's last checkpoint
+    other = LocalCache(tmp_path, max_bytes=1000)  # `s3repofs ls` while the mount runs, say
+    other.prepare()
+    assert other.has("t/new") and cache.object_path("t/new").read_bytes() == b"n" * 300
+    other.close()
 
 
 def test_a_cache_from_before_checkpoints_is_trusted(tmp_path):
@@ -124,6 +134,12 @@ def test_a_cache_from_before_checkpoints_is_trusted(tmp_path):
     (old.objects_dir / "t" / "a").write_bytes(b"a" * 10)
     old.prepare()
     assert old.has("t/a") and (old.objects_dir.parent / "SYNCED").is_file()
+    assert (old.objects_dir.parent / "LAYOUT").read_text() == "2\n"  # from now on, checkpoints decide
+    (old.objects_dir.parent / "SYNCED").unlink()  # an operator deleted it: nothing is trusted
+    old.close()
+    again = LocalCache(tmp_path, max_bytes=1000)
+    again.prepare()
+    assert not again.has("t/a")
 
 
 def test_an_object_placed_by_another_process_is_used(tmp_path, cache):

@@ -317,5 +317,5 @@ def test_threads_starting_on_a_fresh_host_at_once_all_succeed(repo_config, tmp_p
             t.join()
         assert errors == []
         assert sorted(f.path for f in repo.list_files("t")) == [f"t/f{i}" for i in range(8)]
-        assert (tmp_path / "fresh-host" / "cache" / "LAYOUT").read_text() == "1\n"
+        assert (tmp_path / "fresh-host" / "cache" / "LAYOUT").read_text() == "2\n"
 

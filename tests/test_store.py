@@ -11,7 +11,7 @@ import pytest
 
 from s3repofs.errors import ObjectMissingError, StoreUnavailableError, VerificationError
 from s3repofs.s3http import SignedRequests
-from s3repofs.store import CHUNK, FIRST_CHUNK, S3Store
+from s3repofs.store import CHUNK, FIRST_CHUNK, S3Store, check_etag
 
 DATA = os.urandom(3 * CHUNK + 12345)
 
@@ -89,3 +89,12 @@ def test_a_put_whose_body_does_not_match_its_md5_is_refused(store, tmp_path):
     with pytest.raises(VerificationError):
         store.put("t/bad", source, 17, hashlib.md5(b"other bytes").hexdigest(), {})
     assert store.head("t/bad") is None
+
+
+def test_an_etag_proves_the_stored_bytes_only_when_it_is_an_md5():
+    md5 = hashlib.md5(b"x").hexdigest()
+    assert check_etag("upload", f'"{md5}"', md5, etag_is_not_md5=False)
+    with pytest.raises(VerificationError, match="stored bytes with md5"):
+        check_etag("upload", '"' + "0" * 32 + '"', md5, etag_is_not_md5=False)
+    assert not check_etag("upload", '"' + "0" * 32 + '"', md5, etag_is_not_md5=True)  # SSE-KMS, SSE-C
+    assert not check_etag("upload", '"abc-3"', md5, etag_is_not_md5=False)  # another form: the size decides

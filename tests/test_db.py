@@ -1,0 +1,90 @@
+"""Transactions and round trips: what reaches PostgreSQL, and connections after failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from s3repofs.db import Database, PostgresDialect
+from s3repofs.errors import DatabaseUnavailableError
+
+
+class RecordingCursor:
+    rowcount = 0
+    description = [("x",)]
+
+    def __init__(self, sent: list[str]) -> None:
+        self.sent = sent
+
+    def execute(self, sql: str, params: tuple = ()) -> None:
+        self.sent.append(sql)
+
+    def fetchall(self) -> list:
+        return [(1,)]
+
+
+class RecordingConnection:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def cursor(self) -> RecordingCursor:
+        return RecordingCursor(self.sent)
+
+
+def statements_of(write: bool, one_trip: bool, body) -> list[str]:
+    dialect, conn = PostgresDialect("postgresql://u@127.0.0.1/db"), RecordingConnection()
+    tx = dialect.begin(conn, write, one_trip)
+    body(tx)
+    dialect.commit(tx)
+    return conn.sent
+
+
+def test_a_read_is_one_round_trip_without_begin_or_commit():
+    assert statements_of(False, False, lambda tx: tx.one("SELECT ?", (1,))) == ["SELECT %s"]
+
+
+def test_a_write_sends_begin_and_deferred_statements_with_its_first_statement():
+    def body(tx):
+        tx.defer("LOCK ?", (1,))
+        tx.one("UPDATE ?", (2,))
+        tx.execute("UPDATE again")
+
+    assert statements_of(True, False, body) == ["BEGIN; LOCK %s; UPDATE %s", "UPDATE again", "COMMIT"]
+
+
+def test_a_write_of_only_deferred_statements_commits_them_in_one_trip():
+    assert statements_of(True, False, lambda tx: tx.defer("INSERT x")) == ["BEGIN; INSERT x; COMMIT"]
+    assert statements_of(True, False, lambda tx: None) == []
+
+
+def test_a_one_trip_write_is_one_string_and_refuses_a_second_one():
+    def body(tx):
+        tx.defer("A")
+        tx.one("B")
+
+    assert statements_of(True, True, body) == ["A; B"]
+    with pytest.raises(RuntimeError, match="one-trip"):
+        statements_of(True, True, lambda tx: (tx.execute("A"), tx.execute("B")))
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_failed_statement_leaves_the_pooled_connection_usable(pg_url, write):
+    db = Database(pg_url, max_connections=1)  # one connection: the next transaction gets the same one
+    try:
+        with pytest.raises(DatabaseUnavailableError, match="division by zero"):
+            db.run(lambda tx: tx.one("SELECT 1 / 0 AS x"), write=write)
+        assert db.run(lambda tx: tx.scalar("SELECT 41 + 1")) == 42
+        assert db.run(lambda tx: tx.scalar("SELECT 7"), write=False) == 7
+    finally:
+        db.close()
+
+
+def test_a_closed_connection_is_dropped_not_pooled_again(pg_url):
+    db = Database(pg_url, max_connections=1)
+    try:
+        db.run(lambda tx: tx.scalar("SELECT 1"))
+        (conn,) = list(db._all)
+        conn.close()  # as if the server had gone away
+        assert db.run(lambda tx: tx.scalar("SELECT 2"), write=False) == 2  # retried on a new connection
+        assert conn not in db._all
+    finally:
+        db.close()
