@@ -137,7 +137,8 @@ class LocalCache:
         with self._lock:
             for _atime, key, size in sorted(found):
                 self._index(key, size)
-        self._checkpoint()  # what is on disk now is trusted from here on
+        if layout == "1":  # its objects were each fsynced: record that as a checkpoint, once
+            self._checkpoint()
         if layout != LAYOUT_VERSION:
             self._write_whole(self.objects_dir.parent / "LAYOUT", LAYOUT_VERSION + "\n")
         fcntl.flock(self._holder, fcntl.LOCK_SH)

@@ -107,7 +107,7 @@ def test_after_a_crash_objects_landed_since_the_last_checkpoint_are_dropped(tmp_
     cache.fetch("t/a", 300, source(b"a" * 300))
     cache.close()
     crashed = LocalCache(tmp_path, max_bytes=1000)
-    crashed.prepare()  # checkpoints: t/a is durable
+    crashed.prepare()  # t/a landed before the checkpoint of the clean stop: durable
     crashed.fetch("t/b", 300, source(b"b" * 300))  # lands after it, and the machine dies unsynced
     os.close(crashed._holder)  # the dead process no longer holds the cache
     again = LocalCache(tmp_path, max_bytes=1000)
