@@ -91,7 +91,7 @@ MIGRATIONS: dict[int, list[str]] = {
             PRIMARY KEY (file_type, dir, name)
         )""",
     ],
-    # The digest downloads are verified with (see store.Content); rows without one fall back to md5.
+    # The digest downloads are verified with (see content.Content); rows without one fall back to md5.
     2: ["ALTER TABLE versions ADD COLUMN xxh3 TEXT"],
 }
 
@@ -150,8 +150,6 @@ _DIR_COLUMNS = ", ".join(f.name for f in fields(Directory))
 
 def _version(row: dict | None) -> Version | None:
     return Version(**row) if row else None
-
-
 
 
 def _directory(row: dict) -> Directory:

@@ -72,9 +72,9 @@ class SignedRequests:
         try:
             expected = 206 if "Range" in headers else 200
             if response.status in (200, 206) and response.status != expected:  # would send from byte 0
-                raise _client_error(response.status, b"<Code>RangeNotHonoured</Code>", "GetObject")
+                raise _error_answer(response.status, b"<Code>RangeNotHonoured</Code>", "GetObject")
             if response.status != expected:
-                raise _client_error(response.status, response.read(), "GetObject")
+                raise _error_answer(response.status, response.read(), "GetObject")
             for size in chunks:
                 chunk = response.read(size)
                 if not chunk:
@@ -88,19 +88,20 @@ class SignedRequests:
                 response.close()
 
     def put(self, key: str, body: BinaryIO, length: int, md5_base64: str,
-            metadata: dict[str, str]) -> tuple[str, str | None, str | None]:
+            metadata: dict[str, str]) -> dict[str, str | None]:
         """PUT ``length`` bytes of ``body`` (seekable: rewound for a retry) as ``key``, with its
-        Content-MD5 and user metadata. Returns what botocore's put_object would name ETag,
-        ServerSideEncryption and SSECustomerAlgorithm."""
+        Content-MD5 and user metadata. Returns the answer's ETag, ServerSideEncryption and
+        SSECustomerAlgorithm under the names botocore's put_object gives them."""
         headers = {"Content-Length": str(length), "Content-MD5": md5_base64,
                    **{f"x-amz-meta-{name}": value for name, value in metadata.items()}}
         url, signed = self._signed("PUT", key, headers, _UnsignedPayload)
         response = self._pool.request("PUT", url, body=body, headers=signed, redirect=False)
         if response.status != 200:
-            raise _client_error(response.status, response.data, "PutObject")
+            raise _error_answer(response.status, response.data, "PutObject")
         answered = response.headers
-        return (answered.get("ETag", ""), answered.get("x-amz-server-side-encryption"),
-                answered.get("x-amz-server-side-encryption-customer-algorithm"))
+        return {"ETag": answered.get("ETag", ""),
+                "ServerSideEncryption": answered.get("x-amz-server-side-encryption"),
+                "SSECustomerAlgorithm": answered.get("x-amz-server-side-encryption-customer-algorithm")}
 
     def _signed(self, method: str, key: str, headers: dict[str, str], auth: type) -> tuple[str, dict[str, str]]:
         url = self._base + quote(key, safe="/~")
@@ -112,7 +113,7 @@ class SignedRequests:
         return url, dict(request.headers.items())
 
 
-def _client_error(status: int, body: bytes, operation: str) -> botocore.exceptions.ClientError:
+def _error_answer(status: int, body: bytes, operation: str) -> botocore.exceptions.ClientError:
     code = _ERROR_CODE.search(body)
     message = _ERROR_MESSAGE.search(body)
     error = {"Code": code.group(1).decode() if code else str(status),

@@ -274,17 +274,12 @@ class S3Store(ObjectStore):
                 content_md5 = base64.b64encode(bytes.fromhex(md5)).decode()
                 with open(source, "rb") as f:
                     body = FileSlice(f, 0, size)
-                    direct = self._direct_put(key, body, size, content_md5, metadata)
-                    if direct is not None:
-                        etag, sse, sse_c = direct
-                    else:
+                    response = self._direct_put(key, body, size, content_md5, metadata)
+                    if response is None:
                         response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
                                                           Metadata=metadata, ContentMD5=content_md5)
-                        etag, sse, sse_c = (response["ETag"], response.get("ServerSideEncryption"),
-                                            response.get("SSECustomerAlgorithm"))
                 try:
-                    if check_etag(f"upload of {key} to {self.describe_location()}", etag, md5,
-                                  _etag_is_not_md5(sse, sse_c)):
+                    if check_etag(f"upload of {key} to {self.describe_location()}", response, md5):
                         return
                 except VerificationError:
                     self.client.delete_object(Bucket=self.bucket, Key=key)  # no row calls it uploaded
@@ -294,14 +289,14 @@ class S3Store(ObjectStore):
             raise VerificationError(f"upload of {key}: {self.bucket} holds {stored} bytes, expected {size}")
 
     def _direct_put(self, key: str, body: FileSlice, size: int, content_md5: str,
-                    metadata: dict[str, str]) -> tuple[str, str | None, str | None] | None:
+                    metadata: dict[str, str]) -> dict[str, str | None] | None:
         """The signed PUT's answer, or None if botocore must do it (no direct path, or the bucket is
         elsewhere: the body is rewound for it)."""
         if self._direct is None:
             return None
         try:
             return self._direct.put(key, body, size, content_md5, metadata)
-        except _client_error() as exc:
+        except _client_error_type() as exc:
             if not self._elsewhere(exc):
                 raise
             body.seek(0)
@@ -331,10 +326,8 @@ class S3Store(ObjectStore):
                 response = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                    PartNumber=number, Body=part,
                                                    ContentMD5=base64.b64encode(digest).decode())
-            etag = response["ETag"]
-            check_etag(f"upload of part {number} of {key}", etag, digest.hex(),
-                       _etag_is_not_md5(response.get("ServerSideEncryption"), response.get("SSECustomerAlgorithm")))
-            return {"PartNumber": number, "ETag": etag}
+            check_etag(f"upload of part {number} of {key}", response, digest.hex())
+            return {"PartNumber": number, "ETag": response["ETag"]}
 
         try:
             with ThreadPoolExecutor(self.concurrency) as pool:
@@ -360,7 +353,7 @@ class S3Store(ObjectStore):
                 try:
                     yield from self._direct.stream(key, ranged, chunks)
                     return
-                except _client_error() as exc:  # raised before any byte is yielded
+                except _client_error_type() as exc:  # raised before any byte is yielded
                     if not self._elsewhere(exc):
                         raise
             body = self.client.get_object(Bucket=self.bucket, Key=key, **ranged)["Body"]
@@ -443,31 +436,29 @@ class S3Store(ObjectStore):
             raise StoreUnavailableError(f"{action} of {key} at {where}: {exc.strerror or exc}") from None
 
 
-def _client_error() -> type:
+def _client_error_type() -> type:
     import botocore.exceptions  # loaded with boto3 by S3Store; the local store never needs it
 
     return botocore.exceptions.ClientError
 
 
-def check_etag(what: str, etag: str, md5: str, etag_is_not_md5: bool) -> bool:
-    """Does the ETag prove that the server stored the bytes whose md5 we sent? VerificationError if
-    it proves otherwise; False if it cannot tell (the caller checks the size instead).
+def check_etag(what: str, answer: dict, md5: str) -> bool:
+    """Does the ETag of a PUT's ``answer`` (botocore's names) prove that the server stored the bytes
+    whose md5 we sent? VerificationError if it proves otherwise; False if it cannot tell (the
+    caller checks the size instead).
 
     Servers should refuse a body that does not match its Content-MD5, but not all do (moto and
     s3rver store it anyway), so the answer is checked too: the ETag of a single PUT or part is the
-    md5 of what was stored, except for SSE-KMS and SSE-C objects (``etag_is_not_md5``) and servers
-    whose ETags have another form."""
-    etag = etag.strip('"')
-    if etag_is_not_md5 or not _MD5_HEX.fullmatch(etag):
+    md5 of what was stored, except for SSE-KMS and SSE-C objects and servers whose ETags have
+    another form."""
+    etag = str(answer.get("ETag", "")).strip('"')
+    sse_kms = str(answer.get("ServerSideEncryption") or "").startswith("aws:kms")
+    if sse_kms or answer.get("SSECustomerAlgorithm") or not _MD5_HEX.fullmatch(etag):
         return False
     if etag != md5:
         raise VerificationError(f"{what}: the server stored bytes with md5 {etag}, "
                                 f"not the {md5} sent")
     return True
-
-
-def _etag_is_not_md5(server_side_encryption: str | None, customer_algorithm: str | None) -> bool:
-    return bool(customer_algorithm) or (server_side_encryption or "").startswith("aws:kms")
 
 
 def _chunk_sizes(length: int) -> Iterator[int]:

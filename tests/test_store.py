@@ -93,8 +93,9 @@ def test_a_put_whose_body_does_not_match_its_md5_is_refused(store, tmp_path):
 
 def test_an_etag_proves_the_stored_bytes_only_when_it_is_an_md5():
     md5 = hashlib.md5(b"x").hexdigest()
-    assert check_etag("upload", f'"{md5}"', md5, etag_is_not_md5=False)
+    assert check_etag("upload", {"ETag": f'"{md5}"'}, md5)
     with pytest.raises(VerificationError, match="stored bytes with md5"):
-        check_etag("upload", '"' + "0" * 32 + '"', md5, etag_is_not_md5=False)
-    assert not check_etag("upload", '"' + "0" * 32 + '"', md5, etag_is_not_md5=True)  # SSE-KMS, SSE-C
-    assert not check_etag("upload", '"abc-3"', md5, etag_is_not_md5=False)  # another form: the size decides
+        check_etag("upload", {"ETag": '"' + "0" * 32 + '"'}, md5)
+    for encrypted in ({"ServerSideEncryption": "aws:kms"}, {"SSECustomerAlgorithm": "AES256"}):
+        assert not check_etag("upload", {"ETag": '"' + "0" * 32 + '"', **encrypted}, md5)
+    assert not check_etag("upload", {"ETag": '"abc-3"'}, md5)  # another form: the size decides
