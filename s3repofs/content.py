@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,3 +42,80 @@ def download_digest(md5: str, xxh3: str | None) -> tuple[str, str]:
     """(name, expected hex value) of the digest to verify a download with: xxh3 where the version
     has one (recorded since schema 2), else md5."""
     return ("xxh3", xxh3) if xxh3 else ("md5", md5)
+
+
+class AppendDigest:
+    """The content of a file that is being written from start to end, hashed while it is written.
+
+    A writer reports each write with ``appended``; once the file passes ``background_from`` bytes a
+    thread hashes what has been written so far, reading it back from the page cache, so the digests
+    are ready almost as soon as the last write is (a 64 MiB file's md5 costs ~90 ms here, which
+    close() would otherwise pay after the writes). A write anywhere but at the end, or a truncate,
+    spoils it: ``content()`` is then None and the caller hashes the file as usual. The reader holds
+    no copy of the bytes, so memory stays at one chunk however far it lags.
+    """
+
+    def __init__(self, fd: int, length: int = 0, background_from: int = 4 * CHUNK) -> None:
+        self._fd = fd
+        self._end = length  # bytes written from the start without a gap
+        self._hashed = 0
+        self._md5, self._xxh3 = hashlib.md5(), xxhash.xxh3_128()
+        self._background_from = background_from
+        self._spoiled = self._stopping = False
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def appended(self, offset: int, length: int) -> None:
+        """``length`` bytes were written at ``offset``."""
+        with self._changed:
+            if offset != self._end:
+                self._spoiled = True
+            self._end += length
+            if self._thread is None and self._end >= self._background_from and not self._spoiled:
+                self._thread = threading.Thread(target=self._hash_in_background, name="append-digest", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def spoil(self) -> None:
+        with self._changed:
+            self._spoiled = True
+            self._changed.notify()
+
+    def content(self) -> Content | None:
+        """The size and digests of everything written, or None if they are unknown (spoiled)."""
+        self.stop()
+        if self._spoiled:
+            return None
+        self._hash_until(self._end)  # the rest, or all of a small file
+        if self._spoiled:
+            return None
+        return Content(self._end, self._md5.hexdigest(), self._xxh3.hexdigest())
+
+    def stop(self) -> None:
+        """End the background hashing (before the descriptor is closed)."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _hash_in_background(self) -> None:
+        while True:
+            with self._changed:
+                while self._hashed >= self._end and not (self._stopping or self._spoiled):
+                    self._changed.wait()
+                if self._stopping or self._spoiled:
+                    return
+                end = self._end
+            self._hash_until(end)
+
+    def _hash_until(self, end: int) -> None:
+        while self._hashed < end and not self._spoiled:
+            chunk = os.pread(self._fd, min(CHUNK, end - self._hashed), self._hashed)
+            if not chunk:  # shorter than written: truncated by something we did not see
+                self._spoiled = True
+                return
+            self._md5.update(chunk)
+            self._xxh3.update(chunk)
+            self._hashed += len(chunk)

@@ -170,20 +170,22 @@ class S3Repo:
 
     # -- version operations (RepoFile delegates here) ---------------------------------------------
 
-    def upload(self, version: Version) -> Version:
-        """Upload and verify a staged version, then record its size and md5 and mark it uploaded."""
+    def upload(self, version: Version, *, content: Content | None = None) -> Version:
+        """Upload and verify a staged version, then record its size and md5 and mark it uploaded.
+        ``content``: what the staged bytes are, if the caller hashed them as it wrote them."""
         if version.storage == "uploaded":
             return version
-        version = self.meta.mark_uploaded(version.id, self._store_staged(version))
+        version = self.meta.mark_uploaded(version.id, self._store_staged(version, content))
         self._uploaded(version)
         return version
 
-    def publish(self, version: Version, path: RepoPath | None = None) -> Version:
-        """Upload if needed, then publish atomically (at ``path`` if given); expires the previous one."""
+    def publish(self, version: Version, path: RepoPath | None = None, *, content: Content | None = None) -> Version:
+        """Upload if needed, then publish atomically (at ``path`` if given); expires the previous one.
+        ``content``: as for ``upload``."""
         if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
             version = self.meta.get(version.id)  # a stale copy: uploaded meanwhile (by the retry thread)
         if version.storage == "local":  # the upload is recorded in the publishing transaction
-            content = self._store_staged(version)
+            content = self._store_staged(version, content)
             if path is None or path == version.path:
                 published, expired = self.meta.publish_staged(version, content)
             else:
@@ -196,8 +198,10 @@ class S3Repo:
         log.info("published %s (version %d)", published.path, published.id)
         return published
 
-    def _store_staged(self, version: Version) -> Content:
-        """Put a staged version's bytes in the store, verified; what they are (size and digests)."""
+    def _store_staged(self, version: Version, content: Content | None = None) -> Content:
+        """Put a staged version's bytes in the store, verified; what they are (size and digests).
+        A ``content`` given is trusted for the digests (the store's verification of the upload
+        would catch a wrong md5) once its size matches the staged file's."""
         if version.state != "unpublished" or version.storage != "local":
             raise LifecycleError(f"{version.path}: version {version.id} is {version.state}/{version.storage}; "
                                  "nothing to upload")
@@ -205,7 +209,8 @@ class S3Repo:
         if not staged.exists():
             raise LifecycleError(f"{version.path}: the staged bytes of version {version.id} are not on this host "
                                  f"({version.origin_host} staged them)")
-        content = file_content(staged)
+        if content is None or content.size != staged.stat().st_size:
+            content = file_content(staged)
         self.store.put(version.s3_key, staged, content.size, content.md5, describe(
             path=str(version.path), file_type=version.file_type, version_id=version.id, content=content,
             origin_host=version.origin_host))

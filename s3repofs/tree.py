@@ -25,6 +25,7 @@ from typing import Callable
 
 from cachetools import TTLCache
 
+from .content import AppendDigest
 from .errors import (
     AlreadyExistsError,
     BadHandleError,
@@ -117,6 +118,7 @@ class WriteHandle:
     state: str  # where the version goes on flush: published or unpublished
     version: Version
     fd: int
+    digest: AppendDigest  # of the bytes written to fd, hashed as they arrive
     dirty: bool = True
     written: bool = False  # a write arrived since the version started
     sealed: bool = False  # flushed: further writes start a new version
@@ -344,7 +346,7 @@ class Tree:
 
     def _start_writer(self, path: str, state: str, version: Version, dirty: bool = True) -> int:
         fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
-        handle = WriteHandle(path, state, version, fd, dirty=dirty)
+        handle = WriteHandle(path, state, version, fd, AppendDigest(fd, os.fstat(fd).st_size), dirty=dirty)
         with self._lock:
             self._writers[path] = handle
         self.forget(path)
@@ -356,7 +358,9 @@ class Tree:
             if handle.sealed:
                 self._reopen_sealed(handle)
             handle.dirty = handle.written = True
-            return os.pwrite(handle.fd, data, offset)
+            written = os.pwrite(handle.fd, data, offset)
+            handle.digest.appended(offset, written)
+            return written
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         if fh:
@@ -366,12 +370,14 @@ class Tree:
                     self._reopen_sealed(handle)
                 handle.dirty = handle.written = True
                 os.ftruncate(handle.fd, length)
+                handle.digest.spoil()
             return
         # truncate(1) on a path: a new version with the truncated bytes, published at once
         new = self._open_write(path, os.O_WRONLY, 0, 0)
         try:
             handle = self._write_handle(new)
             os.ftruncate(handle.fd, length)
+            handle.digest.spoil()
             handle.dirty = handle.written = True
             self.flush(new)
         finally:
@@ -394,10 +400,11 @@ class Tree:
                 return
             version = handle.version
             try:
+                content = handle.digest.content()
                 if handle.state == "published":
-                    version = self.repo.publish(version)
+                    version = self.repo.publish(version, content=content)
                 else:
-                    version = self.repo.upload(version)
+                    version = self.repo.upload(version, content=content)
                     self._discard_older_staged(version)
             except RepoError as exc:
                 # The staged bytes are now the only copy: make them durable for the retry.
@@ -430,7 +437,9 @@ class Tree:
         # The old descriptor stays open until release: libfuse may still be reading it for a read
         # answered a moment ago (read_buf), and a closed number could be reused by another file.
         handle.retired_fds.append(handle.fd)
+        handle.digest.stop()
         handle.fd, handle.version, handle.sealed = fd, version, False
+        handle.digest = AppendDigest(fd, os.fstat(fd).st_size)
 
     def release(self, fh: int) -> None:
         handle = self._handles.get(fh)
@@ -443,6 +452,7 @@ class Tree:
         if isinstance(handle, ReadHandle):
             handle.reader.close()
         elif isinstance(handle, WriteHandle):
+            handle.digest.stop()
             fd, handle.fd = handle.fd, -1  # a concurrent stat of this writer now finds it closed
             for number in (fd, *handle.retired_fds):
                 os.close(number)
