@@ -101,8 +101,10 @@ class Operations(mfusepy.Operations):
         return 0
 
     @translated
-    def write(self, path, data, offset, fh):
-        return self.tree.write(fh, data, offset)
+    def write_buf(self, path, bufv, offset, fh):
+        # libfuse copies the request's bytes into the staged file in C, without the GIL: mfusepy's
+        # write() would first copy each one into a Python bytes object.
+        return self.tree.write_with(fh, offset, lambda fd: copy_to_fd(bufv, fd, offset))
 
     @translated
     def truncate(self, path, length, fh=None):
@@ -225,6 +227,26 @@ def fd_bufvec(fd: int, size: int, offset: int) -> int:
     buf = vec.buf[0]
     buf.size, buf.flags, buf.mem, buf.fd, buf.pos = size, FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK, None, fd, offset
     return address
+
+
+_libfuse = mfusepy._libfuse
+_libfuse.fuse_buf_size.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_buf_size.restype = ctypes.c_size_t
+_libfuse.fuse_buf_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_libfuse.fuse_buf_copy.restype = ctypes.c_ssize_t
+
+
+def copy_to_fd(bufv, fd: int, offset: int) -> int:
+    """Copy the bytes of libfuse's bufvec ``bufv`` into ``fd`` at ``offset``; how many were copied."""
+    source = ctypes.cast(bufv, ctypes.c_void_p)
+    target = FdBufvec(count=1)
+    buf = target.buf[0]
+    buf.size, buf.flags, buf.fd, buf.pos = (_libfuse.fuse_buf_size(source), FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK,
+                                            fd, offset)
+    copied = _libfuse.fuse_buf_copy(ctypes.byref(target), source, 0)
+    if copied < 0:
+        raise OSError(-copied, os.strerror(-copied))
+    return copied
 
 
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14

@@ -353,12 +353,17 @@ class Tree:
         return self._add_handle(handle)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
+        return self.write_with(fh, offset, lambda fd: os.pwrite(fd, data, offset))
+
+    def write_with(self, fh: int, offset: int, write_to: Callable[[int], int]) -> int:
+        """Write at ``offset`` by calling ``write_to(fd)`` on the staged file's descriptor, which
+        returns the bytes written (the FUSE layer lets libfuse copy them in C)."""
         handle = self._write_handle(fh)
         with handle.lock:
             if handle.sealed:
                 self._reopen_sealed(handle)
             handle.dirty = handle.written = True
-            written = os.pwrite(handle.fd, data, offset)
+            written = write_to(handle.fd)
             handle.digest.appended(offset, written)
             return written
 
