@@ -217,6 +217,20 @@ _libc.malloc.restype = ctypes.c_void_p
 _libc.malloc.argtypes = [ctypes.c_size_t]
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Let the daemon's threads share ``arenas`` glibc malloc arenas (default: 8 per core, each
+    keeping the freed 1 MiB buffers of the transfers its threads made). Over eight runs of the
+    cold-read figures each: peak RSS 100-137 MB (mean 114) with the default, 93-124 MB (mean 107)
+    with 2, at the same speed.
+    An operator's MALLOC_ARENA_MAX wins; a C library without mallopt is left alone."""
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(M_ARENA_MAX, arenas)
+
+
 def fd_bufvec(fd: int, size: int, offset: int) -> int:
     """A malloc'ed bufvec that reads ``size`` bytes of ``fd`` at ``offset``; libfuse frees it."""
     address = _libc.malloc(ctypes.sizeof(FdBufvec))

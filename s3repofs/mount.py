@@ -125,8 +125,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) -> None:
-    from .fs import serve  # loads libfuse: only in the process that mounts
+    from .fs import limit_malloc_arenas, serve  # loads libfuse: only in the process that mounts
     from .tree import Tree
+
+    limit_malloc_arenas()
 
     repo = S3Repo(config)
     repo.ensure_ready()
