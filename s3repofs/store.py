@@ -237,6 +237,7 @@ class S3Store(ObjectStore):
                  concurrency: int = 8) -> None:
         import boto3
         import botocore.config
+        import botocore.exceptions
         import botocore.session
 
         from .s3http import SignedRequests
@@ -258,8 +259,12 @@ class S3Store(ObjectStore):
             # botocore's default CRC32 of each body on top costs CPU for nothing.
             request_checksum_calculation="when_required", response_checksum_validation="when_required"))
         # Object reads and single PUTs (the hot paths) skip botocore's client pipeline: see s3http.
-        self._direct = (SignedRequests(self.client, core, bucket, connections, READ_TIMEOUT)
-                        if SignedRequests.usable(endpoint_url) else None)
+        self._direct = None
+        if SignedRequests.usable(endpoint_url):
+            try:
+                self._direct = SignedRequests(self.client, core, bucket, connections, READ_TIMEOUT)
+            except botocore.exceptions.NoCredentialsError:
+                pass  # nothing to sign with: botocore's first request reports it (see _errors)
 
     def describe_location(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""

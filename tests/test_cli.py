@@ -106,6 +106,20 @@ def test_unreachable_s3_is_a_clear_error(tmp_path):
     assert b"topsecret" not in result.stderr
 
 
+def test_missing_s3_credentials_are_a_clear_error(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"local_root": str(tmp_path), "default_s3_bucket": "some-bucket",
+                                "database": f"sqlite:///{tmp_path}/r.db"}))
+    path.chmod(0o600)
+    nowhere = str(tmp_path / "none")
+    no_credentials = {name: "" for name in os.environ if name.startswith("AWS_") and "CA_BUNDLE" not in name}
+    no_credentials.update(AWS_SHARED_CREDENTIALS_FILE=nowhere, AWS_CONFIG_FILE=nowhere,
+                          AWS_EC2_METADATA_DISABLED="true")
+    result = run("init", config=str(path), env=no_credentials)
+    assert_clean_failure(result, 5, "no S3 credentials for S3 bucket some-bucket")
+    assert_clean_failure(run("status", config=str(path), env=no_credentials), 3, "s3repofs init")
+
+
 def test_missing_bucket_is_a_clear_error(tmp_path, s3_server):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"local_root": str(tmp_path), "default_s3_bucket": "no-such-bucket",
