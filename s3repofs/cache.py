@@ -10,11 +10,16 @@ holds open. The files on disk are the truth: the index is rebuilt from them at s
 object placed by another process (``s3repofs cache prefetch``) is found on first use.
 
 Crash safety without an fsync per download (which cost 2,000 cold small files a third of their
-speed): downloads land unsynced, and every few seconds while they do, a checkpoint syncs the
-whole file system (syncfs) and then records when it began in ``cache/SYNCED``. Every object last
-written before that moment is durable. At start-up, objects written after the last checkpoint
-(the daemon died before syncing them) are deleted and downloaded again when needed; closing the
-cache checkpoints, so a clean stop loses nothing.
+speed): downloads land unsynced, and every few seconds while they do, a checkpoint makes them
+durable. Every object last written before the time recorded in ``cache/SYNCED`` is durable. At
+start-up, objects written after it (the process died before syncing them) are deleted and
+downloaded again when needed; closing the cache checkpoints, so a clean stop loses nothing.
+
+A checkpoint after many landings syncs the whole file system (syncfs) and then records when it
+began in SYNCED. After a few (a CLI command's download, a quiet daemon) it fsyncs just those
+objects and then dates each one's mtime back before the recorded time: a syncfs waits for every
+dirty byte on the file system, a busy database's too. Dating back touches no other process's
+objects, and if the new mtime is lost in a crash, the object only looks new and is fetched again.
 
 Lock order: ``_lock`` (the index) is never held while waiting on a download or on slow I/O.
 """
@@ -49,6 +54,8 @@ SYNC_INTERVAL = 5.0  # seconds between checkpoints while downloads land
 # whole seconds, up to a second.
 SYNC_MARGIN = 0.05
 COARSE_SYNC_MARGIN = 2.0
+# A checkpoint fsyncs up to this many objects one by one; after more, one syncfs is cheaper.
+FSYNC_EACH_UP_TO = 64
 # After a download this large, freed buffers go back to the system: glibc keeps the 1 MiB chunks of
 # every thread that handled it in that thread's arena (one cold read of 256 MiB: 38 MB kept).
 TRIM_AFTER = 16 * 1024 * 1024
@@ -89,6 +96,8 @@ class LocalCache:
         self._synced_file = local_root / "cache" / "SYNCED"
         self._unsynced = threading.Event()  # an object landed since the last checkpoint
         self._last_landed = 0.0
+        self._landed_since: list[Path] | None = []  # since the last checkpoint; None: too many to list
+        self._synced_at: float | None = None  # the time in SYNCED, once known
         self._margin = SYNC_MARGIN
         self._holder: int | None = None  # fd of cache/lock, shared-locked while this process uses the cache
         self._closing = threading.Event()
@@ -121,6 +130,8 @@ class LocalCache:
             alone = True
         except BlockingIOError:
             alone = False
+        recorded = self._last_checkpoint(missing=0.0)
+        self._synced_at = recorded if recorded > 0 else None
         # A cache from before checkpoints (layout 1) had every object fsynced as it landed.
         synced = self._last_checkpoint(missing=float("inf") if layout == "1" else 0.0) if alone else float("inf")
         found, lost = [], 0
@@ -174,6 +185,7 @@ class LocalCache:
         finally:
             os.close(fd)
         written = self._write_whole(self._synced_file, f"{began!r}\n")
+        self._synced_at = began
         if written.st_mtime_ns % 1_000_000_000 == 0:
             # Whole-second file times (ext3, FAT, some NFS): a file may look up to 1 s older than it is.
             self._margin = COARSE_SYNC_MARGIN
@@ -197,6 +209,29 @@ class LocalCache:
             os.close(directory)
         return written
 
+    def _note_landed(self, path: Path) -> None:
+        """(``_lock`` held, in the same hold that makes the object visible: a checkpoint taking the
+        list must not miss it.)"""
+        if self._landed_since is not None:
+            self._landed_since.append(path)
+            if len(self._landed_since) > FSYNC_EACH_UP_TO:
+                self._landed_since = None
+
+    def _make_durable(self, objects: list[Path], synced_at: float) -> None:
+        """fsync each object, then date its mtime back before ``synced_at`` (the time in SYNCED):
+        a later start-up trusts it as checkpointed."""
+        back = synced_at - 2 * COARSE_SYNC_MARGIN
+        for path in objects:
+            try:
+                fd = _open_noatime(path)
+            except FileNotFoundError:  # evicted meanwhile
+                continue
+            try:
+                os.fsync(fd)
+                os.utime(fd, ns=(time.time_ns(), int(back * 1e9)))  # the access time orders the LRU index
+            finally:
+                os.close(fd)
+
     def _landed(self) -> None:
         """An object landed unsynced: the next checkpoint covers it."""
         self._last_landed = time.time()
@@ -212,12 +247,21 @@ class LocalCache:
             if self._unsynced.is_set():
                 self._sync_now()
 
-    def _sync_now(self) -> None:
+    def _sync_now(self, closing: bool = False) -> None:
         self._unsynced.clear()
+        with self._lock:
+            landed, self._landed_since = self._landed_since, []
         try:
+            if landed is not None and self._synced_at is not None:
+                self._make_durable(landed, self._synced_at)
+                return
+            if closing:  # so that what landed a moment ago counts as written before the checkpoint
+                time.sleep(max(0.0, self._margin - (time.time() - self._last_landed)))
             if self._checkpoint() <= self._last_landed:  # landed within the margin: the next one covers it
                 self._unsynced.set()
         except OSError as exc:
+            with self._lock:
+                self._landed_since = None  # the retry syncs everything
             self._unsynced.set()
             log.warning("cache: checkpoint failed, will retry: %s", exc)
 
@@ -225,9 +269,7 @@ class LocalCache:
         """Checkpoint what landed unsynced (a clean stop keeps every cached object) and stop syncing."""
         self._closing.set()
         if self._unsynced.is_set():
-            # so that what landed a moment ago counts as written before the checkpoint
-            time.sleep(max(0.0, self._margin - (time.time() - self._last_landed)))
-            self._sync_now()
+            self._sync_now(closing=True)
         if self._holder is not None:
             os.close(self._holder)  # releases this process's hold on the cache
             self._holder = None
@@ -300,6 +342,7 @@ class LocalCache:
         os.replace(staged, path)
         with self._lock:
             self._index(key, size)
+            self._note_landed(path)
         self._landed()  # its rename is made durable by the next checkpoint
         self._evict()
 
@@ -407,6 +450,7 @@ class LocalCache:
                 self._used -= download.size
                 if landed:
                     self._index(key, download.size)
+                    self._note_landed(self.object_path(key))
                 os.close(download.fd)  # readers hold their own duplicates
             if landed:
                 self._landed()

@@ -117,6 +117,61 @@ def test_after_a_crash_objects_landed_since_the_last_checkpoint_are_dropped(tmp_
     assert again.fetch("t/b", 300, source(b"b" * 300, calls)).read_bytes() == b"b" * 300 and len(calls) == 1
 
 
+class _CountingSyncfs:
+    """The C library, counting syncfs calls."""
+
+    def __init__(self, real) -> None:
+        self.real, self.syncfs_calls = real, 0
+
+    def syncfs(self, fd: int) -> int:
+        self.syncfs_calls += 1
+        return self.real.syncfs(fd)
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+def test_a_checkpoint_after_a_few_landings_fsyncs_only_them_and_they_survive_a_crash(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(cache_module, "SYNC_INTERVAL", 3600.0)
+    libc = _CountingSyncfs(cache_module._libc)
+    monkeypatch.setattr(cache_module, "_libc", libc)
+    cache.fetch("t/a", 300, source(b"a" * 300))
+    cache.close()  # a new cache's first checkpoint records a time in SYNCED: a syncfs
+    assert libc.syncfs_calls == 1
+    synced = (tmp_path / "cache" / "SYNCED").read_text()
+    crashed = LocalCache(tmp_path, max_bytes=1000)
+    crashed.prepare()
+    crashed.fetch("t/b", 300, source(b"b" * 300))
+    crashed._sync_now()  # the checkpoint thread's turn
+    assert libc.syncfs_calls == 1 and (tmp_path / "cache" / "SYNCED").read_text() == synced
+    assert os.stat(crashed.object_path("t/b")).st_mtime < float(synced)
+    crashed.fetch("t/c", 300, source(b"c" * 300))  # after the checkpoint: lost with the machine
+    os.close(crashed._holder)
+    again = LocalCache(tmp_path, max_bytes=1000)
+    again.prepare()
+    assert again.has("t/a") and again.has("t/b") and not again.has("t/c")
+    assert again.object_path("t/b").read_bytes() == b"b" * 300
+
+
+def test_a_checkpoint_after_many_landings_syncs_the_file_system(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(cache_module, "SYNC_INTERVAL", 3600.0)
+    monkeypatch.setattr(cache_module, "FSYNC_EACH_UP_TO", 2)
+    cache.fetch("t/first", 10, source(b"f" * 10))
+    cache.close()
+    libc = _CountingSyncfs(cache_module._libc)
+    monkeypatch.setattr(cache_module, "_libc", libc)
+    busy = LocalCache(tmp_path, max_bytes=1000)
+    busy.prepare()
+    before = float((tmp_path / "cache" / "SYNCED").read_text())
+    for name in "abc":
+        busy.fetch(f"t/{name}", 10, source(name.encode() * 10))
+    busy.close()
+    assert libc.syncfs_calls == 1 and float((tmp_path / "cache" / "SYNCED").read_text()) > before
+    again = LocalCache(tmp_path, max_bytes=1000)
+    again.prepare()
+    assert all(again.has(f"t/{name}") for name in ("first", "a", "b", "c"))
+
+
 def test_a_process_starting_beside_a_live_one_keeps_its_unsynced_objects(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(cache_module, "SYNC_INTERVAL", 3600.0)
     cache.fetch("t/new", 300, source(b"n" * 300))  # landed after the cache's last checkpoint
