@@ -136,7 +136,10 @@ class LocalCache:
         synced = self._last_checkpoint(missing=float("inf") if layout == "1" else 0.0) if alone else float("inf")
         found, lost = [], 0
         for key, path in self._walk():
-            st = path.stat()
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # evicted by another process meanwhile
+                continue
             if st.st_mtime >= synced:  # landed after the last checkpoint: perhaps not whole on disk
                 path.unlink(missing_ok=True)
                 lost += 1
@@ -218,9 +221,16 @@ class LocalCache:
                 self._landed_since = None
 
     def _make_durable(self, objects: list[Path], synced_at: float) -> None:
-        """fsync each object, then date its mtime back before ``synced_at`` (the time in SYNCED):
-        a later start-up trusts it as checkpointed."""
+        """fsync each object and its directory (the rename that placed it), then date its mtime back
+        before ``synced_at`` (the time in SYNCED): a later start-up trusts it as checkpointed."""
         back = synced_at - 2 * COARSE_SYNC_MARGIN
+        for directory in {path.parent for path in objects}:
+            with suppress(FileNotFoundError):
+                fd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         for path in objects:
             try:
                 fd = _open_noatime(path)
@@ -251,23 +261,50 @@ class LocalCache:
         self._unsynced.clear()
         with self._lock:
             landed, self._landed_since = self._landed_since, []
+        # Dating back needs new objects to look newer than SYNCED: not so while the clock is behind it.
+        few = landed is not None and self._synced_at is not None and time.time() - self._margin > self._synced_at
         try:
-            if landed is not None and self._synced_at is not None:
+            if few:
                 self._make_durable(landed, self._synced_at)
                 return
             if closing:  # so that what landed a moment ago counts as written before the checkpoint
                 time.sleep(max(0.0, self._margin - (time.time() - self._last_landed)))
             if self._checkpoint() <= self._last_landed:  # landed within the margin: the next one covers it
+                with self._lock:
+                    self._landed_since = None  # they are not in the next list: it syncs everything again
                 self._unsynced.set()
         except OSError as exc:
+            log.error("cache: checkpoint failed (%s): objects written since the last one are dropped", exc)
             with self._lock:
-                self._landed_since = None  # the retry syncs everything
-            self._unsynced.set()
-            log.warning("cache: checkpoint failed, will retry: %s", exc)
+                self._landed_since = None
+            self._drop_unsynced()
+
+    def _drop_unsynced(self) -> None:
+        """After a failed checkpoint: its objects may have lost bytes on their way to disk (a failed
+        fsync reports a failed write, once), and a later checkpoint that succeeds would vouch for
+        them. Forget and delete every object written since the last good one, as a start-up after a
+        crash would; they are downloaded again when read."""
+        since = self._synced_at if self._synced_at is not None else 0.0
+        with self._lock:
+            keys = list(self._sizes)
+        for key in keys:
+            path = self.object_path(key)
+            try:
+                if os.stat(path).st_mtime < since:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("cache: %s: %s", path, exc)
+            with self._lock:
+                self._unindex(key)
 
     def close(self) -> None:
         """Checkpoint what landed unsynced (a clean stop keeps every cached object) and stop syncing."""
         self._closing.set()
+        if self._syncer is not None:
+            self._syncer.join()  # a checkpoint it is making finishes first
         if self._unsynced.is_set():
             self._sync_now(closing=True)
         if self._holder is not None:

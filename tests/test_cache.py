@@ -172,6 +172,45 @@ def test_a_checkpoint_after_many_landings_syncs_the_file_system(tmp_path, cache,
     assert all(again.has(f"t/{name}") for name in ("first", "a", "b", "c"))
 
 
+def test_objects_landed_within_the_margin_of_a_file_system_sync_are_kept_by_a_clean_stop(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(cache_module, "SYNC_INTERVAL", 3600.0)
+    monkeypatch.setattr(cache_module, "FSYNC_EACH_UP_TO", 2)
+    cache.fetch("t/first", 10, source(b"f" * 10))
+    cache.close()
+    busy = LocalCache(tmp_path, max_bytes=1000)
+    busy.prepare()
+    for name in "abc":
+        busy.fetch(f"t/{name}", 10, source(name.encode() * 10))
+    busy._margin = 0.5  # they landed less than a margin before this checkpoint: it does not cover them
+    busy._sync_now()
+    busy.close()
+    again = LocalCache(tmp_path, max_bytes=1000)
+    again.prepare()
+    assert all(again.has(f"t/{name}") for name in "abc")
+
+
+def test_a_failed_checkpoint_drops_what_it_was_to_make_durable(tmp_path, cache, monkeypatch):
+    import errno
+
+    monkeypatch.setattr(cache_module, "SYNC_INTERVAL", 3600.0)
+    cache.fetch("t/old", 10, source(b"o" * 10))
+    cache.close()
+    live = LocalCache(tmp_path, max_bytes=1000)
+    live.prepare()
+    live.fetch("t/new", 10, source(b"n" * 10))
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    live._sync_now()
+    monkeypatch.undo()
+    assert live.has("t/old") and not live.has("t/new") and not live.object_path("t/new").exists()
+    calls: list = []
+    assert live.fetch("t/new", 10, source(b"n" * 10, calls)).read_bytes() == b"n" * 10 and len(calls) == 1
+    live.close()
+
+
 def test_a_process_starting_beside_a_live_one_keeps_its_unsynced_objects(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(cache_module, "SYNC_INTERVAL", 3600.0)
     cache.fetch("t/new", 300, source(b"n" * 300))  # landed after the cache's last checkpoint
