@@ -32,7 +32,7 @@ from .cache import LocalCache, StartDownload
 from .config import EMBEDDED, Config, load_config
 from .content import Content, download_digest, file_content
 from .db import Database
-from .errors import ArchivedError, LifecycleError, NotFoundError, ReadOnlyError, RepoError
+from .errors import ArchivedError, LifecycleError, NotFoundError, ReadOnlyError, RepoError, VerificationError
 from .meta import SCHEMA_VERSION, VISIBLE_STATES, MetaStore, Version
 from .paths import DirPath, RepoPath, validate_type
 from .store import ObjectStore, S3Store, describe, open_store
@@ -200,8 +200,9 @@ class S3Repo:
 
     def _store_staged(self, version: Version, content: Content | None = None) -> Content:
         """Put a staged version's bytes in the store, verified; what they are (size and digests).
-        A ``content`` given is trusted for the digests (the store's verification of the upload
-        would catch a wrong md5) once its size matches the staged file's."""
+        A ``content`` given (hashed while the bytes were written) spares hashing the file when its
+        size matches the staged file's and the store proves the md5 of what it stored; where the
+        store can check only the size, the file is hashed after all and must agree."""
         if version.state != "unpublished" or version.storage != "local":
             raise LifecycleError(f"{version.path}: version {version.id} is {version.state}/{version.storage}; "
                                  "nothing to upload")
@@ -209,11 +210,15 @@ class S3Repo:
         if not staged.exists():
             raise LifecycleError(f"{version.path}: the staged bytes of version {version.id} are not on this host "
                                  f"({version.origin_host} staged them)")
-        if content is None or content.size != staged.stat().st_size:
+        given = content is not None and content.size == staged.stat().st_size
+        if not given:
             content = file_content(staged)
-        self.store.put(version.s3_key, staged, content.size, content.md5, describe(
+        proven = self.store.put(version.s3_key, staged, content.size, content.md5, describe(
             path=str(version.path), file_type=version.file_type, version_id=version.id, content=content,
             origin_host=version.origin_host))
+        if given and not proven and file_content(staged) != content:  # its description is wrong: upload again
+            raise VerificationError(f"{version.path}: the digests of version {version.id} computed while it was "
+                                    "written do not match its bytes; it stays staged")
         return content
 
     def _uploaded(self, version: Version) -> None:

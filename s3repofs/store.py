@@ -116,8 +116,10 @@ class ObjectStore(ABC):
     bucket: str
 
     @abstractmethod
-    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> None:
-        """Store ``source`` under ``key``; raises VerificationError if the stored object is not ``size`` bytes."""
+    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> bool:
+        """Store ``source`` under ``key``; raises VerificationError if the stored object is not ``size``
+        bytes, or if it is proven not to have ``md5``. True if the store proved the md5, False if it
+        could check only the size (a multipart upload, an ETag that is not an md5)."""
 
     @abstractmethod
     def stream(self, key: str, start: int, end: int, size: int) -> Iterator[bytes]:
@@ -159,7 +161,7 @@ class LocalStore(ObjectStore):
     def _meta(self, key: str) -> Path:
         return self.root / "meta" / (key + ".json")
 
-    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> None:
+    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> bool:
         with self._errors(key):
             with open(source, "rb") as src:
                 _atomic_write(self._data(key), lambda f: copy_verified(src, f, f"upload of {key}", size, md5))
@@ -167,6 +169,7 @@ class LocalStore(ObjectStore):
             stored = self._data(key).stat().st_size
         if stored != size:
             raise VerificationError(f"upload of {key}: stored {stored} bytes, expected {size}")
+        return True
 
     def stream(self, key: str, start: int, end: int, size: int) -> Iterator[bytes]:
         with self._errors(key), open(self._data(key), "rb") as src:
@@ -252,25 +255,29 @@ class S3Store(ObjectStore):
                                         region_name=region or "us-east-1", botocore_session=core)
         connections = max(10, 2 * concurrency)
         # One client per store, shared by every thread (boto3 clients are thread-safe).
-        self.client = session.client("s3", endpoint_url=endpoint_url, config=botocore.config.Config(
+        config = botocore.config.Config(
             connect_timeout=5, read_timeout=READ_TIMEOUT, retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=connections,
             # Integrity is ours: Content-MD5 on every body we send, a digest of every object we read.
             # botocore's default CRC32 of each body on top costs CPU for nothing.
-            request_checksum_calculation="when_required", response_checksum_validation="when_required"))
+            request_checksum_calculation="when_required", response_checksum_validation="when_required")
+        try:
+            self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        except botocore.exceptions.BotoCoreError as exc:  # half of a key pair in the environment, say
+            raise StoreUnavailableError(f"{self.describe_location()}: {exc}") from None
         # Object reads and single PUTs (the hot paths) skip botocore's client pipeline: see s3http.
         self._direct = None
         if SignedRequests.usable(endpoint_url):
             try:
                 self._direct = SignedRequests(self.client, core, bucket, connections, READ_TIMEOUT)
-            except botocore.exceptions.NoCredentialsError:
-                pass  # nothing to sign with: botocore's first request reports it (see _errors)
+            except botocore.exceptions.BotoCoreError as exc:  # no credentials (yet): botocore's requests say so
+                log.info("%s: requests go through botocore (%s)", self.describe_location(), exc)
 
     def describe_location(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
         return f"S3 bucket {self.bucket}{where}"
 
-    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> None:
+    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> bool:
         metadata = {META_PREFIX + k: v for k, v in description.items()}
         with self._errors(key, "upload"):
             if size >= self.multipart_threshold:
@@ -285,13 +292,14 @@ class S3Store(ObjectStore):
                                                           Metadata=metadata, ContentMD5=content_md5)
                 try:
                     if check_etag(f"upload of {key} to {self.describe_location()}", response, md5):
-                        return
+                        return True
                 except VerificationError:
                     self.client.delete_object(Bucket=self.bucket, Key=key)  # no row calls it uploaded
                     raise
             stored = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
         if stored != size:
             raise VerificationError(f"upload of {key}: {self.bucket} holds {stored} bytes, expected {size}")
+        return False
 
     def _direct_put(self, key: str, body: FileSlice, size: int, content_md5: str,
                     metadata: dict[str, str]) -> dict[str, str | None] | None:

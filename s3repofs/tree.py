@@ -205,6 +205,8 @@ class Tree:
         """The attributes of a file being written (None once its writer has closed)."""
         # No lock: a flush holds the writer's lock for a whole upload, and stat must not wait for it.
         v = writer.version
+        if writer.sealed:  # flushed: the stored version (its file is a cache object now, whose mtime the cache sets)
+            return file_entry(v, writer.state)
         try:
             st = os.fstat(writer.fd)
         except OSError:  # closed meanwhile (fd -1)
@@ -410,7 +412,6 @@ class Tree:
                     version = self.repo.publish(version, content=content)
                 else:
                     version = self.repo.upload(version, content=content)
-                    self._discard_older_staged(version)
             except RepoError as exc:
                 # The staged bytes are now the only copy: make them durable for the retry.
                 os.fsync(handle.fd)
@@ -427,7 +428,12 @@ class Tree:
                 self.forget(handle.mount_path)
             handle.version = version
             handle.dirty = handle.failed = False
-            handle.sealed = True
+            handle.sealed = True  # before anything else can fail: the file is a cached object now
+            if handle.state == "unpublished":
+                try:
+                    self._discard_older_staged(version)
+                except RepoError as exc:  # they stay in unpublished/, where they were
+                    log.warning("%s: older staged versions not discarded: %s", handle.mount_path, exc)
 
     def _discard_older_staged(self, version: Version) -> None:
         for older in self.repo.meta.history(version.path):
@@ -448,8 +454,13 @@ class Tree:
 
     def release(self, fh: int) -> None:
         handle = self._handles.get(fh)
-        if isinstance(handle, WriteHandle):
-            self._finish_writer(handle)
+        try:
+            if isinstance(handle, WriteHandle):
+                self._finish_writer(handle)
+        finally:  # whatever the last flush met, the handle and its descriptors go
+            self._drop_handle(fh, handle)
+
+    def _drop_handle(self, fh: int, handle: ReadHandle | WriteHandle | None) -> None:
         with self._lock:
             self._handles.pop(fh, None)
             if isinstance(handle, WriteHandle) and self._writers.get(handle.mount_path) is handle:

@@ -118,6 +118,8 @@ def test_missing_s3_credentials_are_a_clear_error(tmp_path):
     result = run("init", config=str(path), env=no_credentials)
     assert_clean_failure(result, 5, "no S3 credentials for S3 bucket some-bucket")
     assert_clean_failure(run("status", config=str(path), env=no_credentials), 3, "s3repofs init")
+    half = {**no_credentials, "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE"}  # without its secret
+    assert_clean_failure(run("init", config=str(path), env=half), 5, "some-bucket", "AWS_SECRET_ACCESS_KEY")
 
 
 def test_missing_bucket_is_a_clear_error(tmp_path, s3_server):

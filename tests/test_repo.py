@@ -319,3 +319,20 @@ def test_threads_starting_on_a_fresh_host_at_once_all_succeed(repo_config, tmp_p
         assert sorted(f.path for f in repo.list_files("t")) == [f"t/f{i}" for i in range(8)]
         assert (tmp_path / "fresh-host" / "cache" / "LAYOUT").read_text() == "2\n"
 
+
+
+@pytest.mark.parametrize("store_checks", ["md5", "size only"])
+def test_digests_given_for_an_upload_that_do_not_match_its_bytes_are_refused(repo, store_checks):
+    data = b"the bytes on disk"
+    staged = repo.add_file(path="t/given").touch(data).version
+    if store_checks == "size only":
+        if not isinstance(repo.store, S3Store):
+            pytest.skip("a local object directory always checks the md5")
+        repo.store.multipart_threshold = 1  # a multipart upload: the server checks parts, not the whole md5
+    wrong = Content(len(data), hashlib.md5(b"other bytes here!").hexdigest(), "0" * 32)
+    with pytest.raises(VerificationError):
+        repo.publish(staged, content=wrong)
+    assert repo.get_version(staged.id).state == "unpublished"
+    published = repo.publish(repo.meta.get(staged.id))
+    assert published.md5 == hashlib.md5(data).hexdigest()
+    assert published.xxh3 == xxhash.xxh3_128(data).hexdigest()

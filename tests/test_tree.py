@@ -84,3 +84,17 @@ def test_the_published_digests_are_the_written_bytes_whatever_the_order_of_write
         published = repo.get_file(f"t/{name}")
         assert published.version.md5 == hashlib.md5(expected).hexdigest(), name
         assert published.read_bytes() == expected, name
+
+
+def test_a_flushed_writer_shows_its_stored_version_not_the_cache_files_times(repo):
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    fh = tree.create("/published/t/f", 0o644, 0, 0)
+    tree.write(fh, b"bytes", 0)
+    tree.flush(fh)  # close() returned; the kernel's release comes later
+    published = repo.get_file("t/f")
+    os.utime(repo.cache.object_path(published.s3_key), ns=(0, 0))  # what a cache checkpoint may do to it
+    attrs = tree.getattr("/published/t/f", fh)
+    assert attrs["st_mtime"] == tree.getattr("/published/t/f")["st_mtime"] > 0
+    assert attrs["st_size"] == 5
+    tree.release(fh)
