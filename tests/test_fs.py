@@ -1,0 +1,26 @@
+"""The FUSE layer's own additions to mfusepy (fs.py), called as libfuse calls them, without a mount."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+
+from s3repofs import fs
+
+
+class _Opened:
+    def open(self, path, flags):
+        return 7
+
+
+@pytest.mark.parametrize("flags, skips_flush", [(os.O_RDONLY, True), (os.O_WRONLY, False), (os.O_RDWR, False)])
+def test_only_a_read_only_open_lets_the_kernel_skip_the_flush_at_close(flags, skips_flush):
+    if not hasattr(fs.mfusepy.fuse_file_info, "noflush"):
+        pytest.skip("this libfuse has no noflush")
+    bindings = fs.FUSE.__new__(fs.FUSE)  # the method alone: no mount
+    bindings.raw_fi, bindings.operations, bindings.encoding, bindings.errors = False, _Opened(), "utf-8", "strict"
+    info = fs.mfusepy.fuse_file_info(flags=flags)
+    assert bindings.open(b"/published/t/f", ctypes.pointer(info)) == 0
+    assert info.fh == 7 and bool(info.noflush) == skips_flush
