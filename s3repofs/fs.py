@@ -225,9 +225,11 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     keeping the freed 1 MiB buffers of the transfers its threads made). Over eight runs of the
     cold-read figures each: peak RSS 100-137 MB (mean 114) with the default, 93-124 MB (mean 107)
     with 2, at the same speed.
-    An operator's MALLOC_ARENA_MAX wins; a C library without mallopt is left alone."""
+    An operator's MALLOC_ARENA_MAX or glibc.malloc.arena_max tunable wins; a C library without
+    mallopt is left alone."""
     mallopt = getattr(_libc, "mallopt", None)
-    if mallopt is not None and "MALLOC_ARENA_MAX" not in os.environ:
+    chosen = "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", "")
+    if mallopt is not None and not chosen:
         mallopt(M_ARENA_MAX, arenas)
 
 

@@ -24,3 +24,24 @@ def test_only_a_read_only_open_lets_the_kernel_skip_the_flush_at_close(flags, sk
     info = fs.mfusepy.fuse_file_info(flags=flags)
     assert bindings.open(b"/published/t/f", ctypes.pointer(info)) == 0
     assert info.fh == 7 and bool(info.noflush) == skips_flush
+
+
+@pytest.mark.parametrize("environment, limited", [
+    ({}, True),
+    ({"MALLOC_ARENA_MAX": "8"}, False),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, False),
+])
+def test_the_daemon_limits_malloc_arenas_unless_the_operator_chose(monkeypatch, environment, limited):
+    calls = []
+
+    class _Libc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(fs, "_libc", _Libc())
+    fs.limit_malloc_arenas()
+    assert calls == ([(fs.M_ARENA_MAX, 2)] if limited else [])
