@@ -130,10 +130,14 @@ class LocalCache:
             alone = True
         except BlockingIOError:
             alone = False
-        recorded = self._last_checkpoint(missing=0.0)
-        self._synced_at = recorded if recorded > 0 else None
-        # A cache from before checkpoints (layout 1) had every object fsynced as it landed.
-        synced = self._last_checkpoint(missing=float("inf") if layout == "1" else 0.0) if alone else float("inf")
+        recorded = self._last_checkpoint()
+        self._synced_at = recorded or None
+        if not alone:
+            synced = float("inf")
+        elif recorded is None:  # never checkpointed: a layout-1 cache had every object fsynced as it landed
+            synced = float("inf") if layout == "1" else 0.0
+        else:
+            synced = recorded
         found, lost = [], 0
         for key, path in self._walk():
             try:
@@ -168,13 +172,13 @@ class LocalCache:
             raise RepoError(f"cache {self.objects_dir.parent} has an unknown layout: move it aside")
         return layout
 
-    def _last_checkpoint(self, missing: float) -> float:
-        """When the last checkpoint began (objects written before it are durable); ``missing`` if
-        no checkpoint was ever recorded."""
+    def _last_checkpoint(self) -> float | None:
+        """When the last checkpoint began (objects written before it are durable); None if no
+        checkpoint was ever recorded."""
         try:
             return float(self._synced_file.read_text())
         except FileNotFoundError:
-            return missing
+            return None
         except (OSError, ValueError):
             return 0.0  # unreadable: trust nothing
 
@@ -205,11 +209,7 @@ class LocalCache:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _fsync_path(path.parent)
         return written
 
     def _note_landed(self, path: Path) -> None:
@@ -226,11 +226,7 @@ class LocalCache:
         back = synced_at - 2 * COARSE_SYNC_MARGIN
         for directory in {path.parent for path in objects}:
             with suppress(FileNotFoundError):
-                fd = os.open(directory, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_path(directory)
         for path in objects:
             try:
                 fd = _open_noatime(path)
@@ -525,6 +521,14 @@ class LocalCache:
                 log.debug("cache: evicting %s", key)
                 with suppress(OSError):
                     self.object_path(key).unlink(missing_ok=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _open_noatime(path: Path) -> int:

@@ -26,15 +26,27 @@ class Content:
     xxh3: str
 
 
+def feed(fd: int, start: int, end: int, digests: tuple) -> int:
+    """Hash the bytes of ``fd`` in [start, end) into each of ``digests``, read back a chunk at a time;
+    the offset reached (short of ``end`` only if the file is shorter)."""
+    while start < end:
+        chunk = os.pread(fd, min(CHUNK, end - start), start)
+        if not chunk:
+            break
+        for digest in digests:
+            digest.update(chunk)
+        start += len(chunk)
+    return start
+
+
 def file_content(path: Path) -> Content:
     """Size, md5 and xxh3 of a local file, in one pass."""
     md5, xxh3 = hashlib.md5(), xxhash.xxh3_128()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            md5.update(chunk)
-            xxh3.update(chunk)
-            size += len(chunk)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = feed(fd, 0, os.fstat(fd).st_size, (md5, xxh3))
+    finally:
+        os.close(fd)
     return Content(size, md5.hexdigest(), xxh3.hexdigest())
 
 
@@ -111,11 +123,7 @@ class AppendDigest:
             self._hash_until(end)
 
     def _hash_until(self, end: int) -> None:
-        while self._hashed < end and not self._spoiled:
-            chunk = os.pread(self._fd, min(CHUNK, end - self._hashed), self._hashed)
-            if not chunk:  # shorter than written: truncated by something we did not see
+        if self._hashed < end and not self._spoiled:
+            self._hashed = feed(self._fd, self._hashed, end, (self._md5, self._xxh3))
+            if self._hashed < end:  # shorter than written: truncated by something we did not see
                 self._spoiled = True
-                return
-            self._md5.update(chunk)
-            self._xxh3.update(chunk)
-            self._hashed += len(chunk)

@@ -238,11 +238,15 @@ def fd_bufvec(fd: int, size: int, offset: int) -> int:
     address = _libc.malloc(ctypes.sizeof(FdBufvec))
     if not address:
         raise mfusepy.FuseOSError(errno.ENOMEM)
-    vec = FdBufvec.from_address(address)
+    _point_at_fd(FdBufvec.from_address(address), fd, size, offset)
+    return address
+
+
+def _point_at_fd(vec: FdBufvec, fd: int, size: int, offset: int) -> None:
+    """Make ``vec`` one buffer: ``size`` bytes of ``fd`` at ``offset``."""
     vec.count, vec.idx, vec.off = 1, 0, 0
     buf = vec.buf[0]
     buf.size, buf.flags, buf.mem, buf.fd, buf.pos = size, FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK, None, fd, offset
-    return address
 
 
 _libfuse = mfusepy._libfuse
@@ -255,10 +259,8 @@ _libfuse.fuse_buf_copy.restype = ctypes.c_ssize_t
 def copy_to_fd(bufv, fd: int, offset: int) -> int:
     """Copy the bytes of libfuse's bufvec ``bufv`` into ``fd`` at ``offset``; how many were copied."""
     source = ctypes.cast(bufv, ctypes.c_void_p)
-    target = FdBufvec(count=1)
-    buf = target.buf[0]
-    buf.size, buf.flags, buf.fd, buf.pos = (_libfuse.fuse_buf_size(source), FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK,
-                                            fd, offset)
+    target = FdBufvec()
+    _point_at_fd(target, fd, _libfuse.fuse_buf_size(source), offset)
     copied = _libfuse.fuse_buf_copy(ctypes.byref(target), source, 0)
     if copied < 0:
         raise OSError(-copied, os.strerror(-copied))

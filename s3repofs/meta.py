@@ -545,9 +545,9 @@ class MetaStore:
         rows = [(d.file_type, d.dir, d.parent_dir, now) for d in directory.ancestors()]
         # One multi-row statement, sent with the next one: no round trip of its own, however deep the path.
         tx.defer(f"""INSERT INTO directories (file_type, dir, parent, created_at)
-                       VALUES {", ".join(["(?, ?, ?, ?)"] * len(rows))}
-                       ON CONFLICT (file_type, dir) DO NOTHING""",
-                   [value for row in rows for value in row])
+                     VALUES {", ".join(["(?, ?, ?, ?)"] * len(rows))}
+                     ON CONFLICT (file_type, dir) DO NOTHING""",
+                 [value for row in rows for value in row])
 
     def _get_dir(self, tx: Tx, directory: DirPath) -> Directory | None:
         row = tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
@@ -558,8 +558,8 @@ class MetaStore:
         # An upsert that always writes the row: it creates the lock row if needed and holds its row
         # lock until commit, sent with the next statement (SQLite locks the whole database for a writer anyway).
         tx.defer("""INSERT INTO path_locks (file_type, dir, name) VALUES (?, ?, ?)
-                      ON CONFLICT (file_type, dir, name) DO UPDATE SET name = excluded.name""",
-                   (path.file_type, path.dir, path.name))
+                    ON CONFLICT (file_type, dir, name) DO UPDATE SET name = excluded.name""",
+                 (path.file_type, path.dir, path.name))
 
     def _lock_version(self, tx: Tx, version_id: int) -> Version:
         row = tx.one(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE id = ?" + self.db.dialect.for_update,

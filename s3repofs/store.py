@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import quote, unquote
 
-from .content import Content
+from .content import CHUNK, Content
 from .errors import ArchivedError, ObjectMissingError, RepoError, StoreUnavailableError, VerificationError
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024
 FIRST_CHUNK = 128 * 1024  # a reader waiting for the first bytes is served before a whole chunk arrived
 META_PREFIX = "s3repo-"
 READ_TIMEOUT = 60  # seconds without a byte before a request to S3 fails

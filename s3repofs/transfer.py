@@ -19,10 +19,9 @@ import threading
 from concurrent.futures import Executor, Future, wait
 from typing import Callable, Iterator
 
-from .content import HASHES
+from .content import HASHES, feed
 from .errors import VerificationError
 
-HASH_CHUNK = 1024 * 1024
 SMALL = 1024 * 1024  # objects up to this size are fetched and hashed by the one thread that runs them
 
 # fetch(start, end) yields the object's bytes in [start, end), in order.
@@ -79,10 +78,9 @@ class Download:
         hashed = 0
         while hashed < self.size:
             present = self._wait_prefix(hashed)
-            while hashed < present:
-                chunk = os.pread(self.fd, min(HASH_CHUNK, present - hashed), hashed)
-                digest.update(chunk)
-                hashed += len(chunk)
+            hashed = feed(self.fd, hashed, present, (digest,))
+            if hashed < present:
+                raise VerificationError(f"{self.what}: the cache file is shorter than the bytes written to it")
 
     def _fetch_part(self, index: int, digest=None) -> None:
         """Write part ``index`` into the file as it arrives (and hash it, if given ``digest``)."""

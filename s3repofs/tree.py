@@ -303,9 +303,6 @@ class Tree:
             reader.close()
             raise
 
-    def read(self, fh: int, size: int, offset: int) -> bytes:
-        return os.pread(self.readable_fd(fh, size, offset), size, offset)
-
     def readable_fd(self, fh: int, size: int, offset: int) -> int:
         """The file descriptor holding the handle's bytes, once [offset, offset + size) is there
         (waits for a download still writing them): the FUSE layer lets libfuse read it directly."""
@@ -347,8 +344,7 @@ class Tree:
         return self._start_writer(path, loc.state, version, dirty=not keep)
 
     def _start_writer(self, path: str, state: str, version: Version, dirty: bool = True) -> int:
-        fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
-        handle = WriteHandle(path, state, version, fd, AppendDigest(fd, os.fstat(fd).st_size), dirty=dirty)
+        handle = WriteHandle(path, state, version, *self._open_staged(version), dirty=dirty)
         with self._lock:
             self._writers[path] = handle
         self.forget(path)
@@ -444,13 +440,17 @@ class Tree:
         """More writes after a flush published the bytes: continue in a new version with a copy."""
         old = handle.version
         version = self.repo.copy_on_write(old, old.path, mode=old.mode, uid=old.uid, gid=old.gid, keep_content=True)
-        fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
         # The old descriptor stays open until release: libfuse may still be reading it for a read
         # answered a moment ago (read_buf), and a closed number could be reused by another file.
         handle.retired_fds.append(handle.fd)
         handle.digest.stop()
-        handle.fd, handle.version, handle.sealed = fd, version, False
-        handle.digest = AppendDigest(fd, os.fstat(fd).st_size)
+        handle.fd, handle.digest = self._open_staged(version)
+        handle.version, handle.sealed = version, False
+
+    def _open_staged(self, version: Version) -> tuple[int, AppendDigest]:
+        """A writer's descriptor of the version's staged file, and the digest of what it holds."""
+        fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
+        return fd, AppendDigest(fd, os.fstat(fd).st_size)
 
     def release(self, fh: int) -> None:
         handle = self._handles.get(fh)
