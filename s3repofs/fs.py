@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 
 # libfuse3: 1 MiB reads once read_ahead_kb is raised, atomic O_TRUNC, and the maintained library.
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
@@ -272,6 +273,22 @@ FUSE_READDIR_PLUS = 1 << 0  # the kernel asks for attributes with the names
 FUSE_FILL_DIR_PLUS = 1 << 1  # the attributes we pass are complete: no lookup needed
 
 
+_thread_state = threading.local()
+
+
+def _keep_thread_state() -> None:
+    """Give the calling libfuse worker thread a Python thread state for its whole life.
+
+    ctypes runs each callback from a thread Python did not start in a thread state created for
+    that call and destroyed after it (with its frame stack mapped and unmapped): about a tenth of
+    the daemon's time for a small file. One extra PyGILState_Ensure, never released, keeps the
+    thread's state alive; libfuse 3.12+ keeps its workers until unmount (max_idle_threads unlimited).
+    threading.local lives in the thread state, so the mark survives exactly as long as the state."""
+    if not getattr(_thread_state, "kept", False):
+        ctypes.pythonapi.PyGILState_Ensure()
+        _thread_state.kept = True
+
+
 class FUSE(mfusepy.FUSE):
     """mfusepy, plus READDIRPLUS answered with each entry's attributes, and reads closed without a FLUSH.
 
@@ -279,6 +296,10 @@ class FUSE(mfusepy.FUSE):
     round trips for ``ls -l`` of 10,000 files. With the attributes in the listing (one query),
     the kernel caches entries and attributes at once.
     """
+
+    def _wrapper(self, func, *args, **kwargs):
+        _keep_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
 
     def open(self, path, fip):
         result = super().open(path, fip)
