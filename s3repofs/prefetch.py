@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+from typing import Callable
 
 from cachetools import LRUCache
 
@@ -29,9 +30,13 @@ class _Reader:
         self.ahead: list[str] = []  # names already scheduled, in order
 
 
+ListAhead = Callable[[DirPath, str, int], "list[Version]"]  # (directory, after name, limit) -> published versions
+
+
 class Prefetcher:
-    def __init__(self, repo, window: int, max_size: int) -> None:
+    def __init__(self, repo, window: int, max_size: int, list_ahead: ListAhead) -> None:
         self.repo = repo
+        self.list_ahead = list_ahead
         self.window = window
         self.max_size = max_size
         self._lock = threading.Lock()
@@ -58,7 +63,7 @@ class Prefetcher:
             log.debug("prefetch in %s: %s", directory, exc)
 
     def _schedule(self, directory: DirPath, reader: _Reader, after: str) -> None:
-        upcoming = self.repo.meta.list_dir(directory, "published", after=after, limit=self.window)
+        upcoming = self.list_ahead(directory, after, self.window)
         with self._lock:
             reader.ahead.extend(v.name for v in upcoming)
         for version in upcoming:

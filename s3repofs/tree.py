@@ -142,7 +142,7 @@ class Tree:
         self._failed_uploads: set[int] = set()  # versions whose upload failed at a flush here
         self._generation = 0  # bumped by every local change (forget)
         config = repo.config
-        self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size)
+        self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size, self._list_ahead)
 
     # -- paths and lookups ----------------------------------------------------------------------
 
@@ -262,6 +262,18 @@ class Tree:
             for version in self.repo.meta.list_dir(loc.directory, loc.state):
                 found[version.name] = self._file_entry(version, loc.state)
         return sorted(found.items())
+
+    def _list_ahead(self, directory: DirPath, after: str, limit: int) -> list[Version]:
+        """The published files after ``after`` in ``directory``, for the prefetcher. Like a listing, they
+        answer the lookups that follow: the reader opens them next, perhaps after the listing's entries expired."""
+        with self._lock:
+            generation = self._generation
+        versions = self.repo.meta.list_dir(directory, "published", after=after, limit=limit)
+        with self._lock:
+            if generation == self._generation:  # nothing changed here while we queried
+                for version in versions:
+                    self._entries[f"/published/{version.path}"] = self._file_entry(version, "published")
+        return versions
 
     def forget(self, *paths: str) -> None:
         """Forget cached entries of these mount paths in every state's tree, after a change made here

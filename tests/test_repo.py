@@ -284,7 +284,8 @@ def test_a_sequential_reader_of_a_directory_gets_the_next_files_prefetched(repo_
         files = [repo.add_file(path=f"t/d/f{i:02}").touch(f"{i}").publish() for i in range(10)]
         repo.add_file(path="t/d/huge").touch(b"x" * 2000).publish()
         repo.cache.clear()
-        prefetcher = Prefetcher(repo, window=4, max_size=1000)
+        prefetcher = Prefetcher(repo, window=4, max_size=1000, list_ahead=lambda directory, after, limit:
+                                repo.meta.list_dir(directory, "published", after=after, limit=limit))
         prefetcher.opened(files[5].version)  # one open is not a sequence: nothing fetched
         assert not any(repo.cache.has(f.s3_key) for f in files)
         prefetcher.opened(files[6].version)

@@ -98,3 +98,17 @@ def test_a_flushed_writer_shows_its_stored_version_not_the_cache_files_times(rep
     assert attrs["st_mtime"] == tree.getattr("/published/t/f")["st_mtime"] > 0
     assert attrs["st_size"] == 5
     tree.release(fh)
+
+
+def test_the_prefetchers_listing_answers_a_sequential_readers_next_lookups(repo, monkeypatch):
+    for i in range(10):
+        repo.add_file(path=f"t/d/f{i:02}").touch(f"{i}").publish()
+    tree = Tree(repo, metadata_ttl=3600)
+    for name in ("f00", "f01"):  # two opens in name order: the prefetcher lists what comes next
+        tree.release(tree.open(f"/published/t/d/{name}", os.O_RDONLY))
+    queried = []
+    monkeypatch.setattr(repo.meta, "find", lambda *args, **kwargs: queried.append(args))
+    assert [tree.lookup(f"/published/t/d/f{i:02}").size for i in range(2, 10)] == [1] * 8
+    fh = tree.open("/published/t/d/f05", os.O_RDONLY)
+    tree.release(fh)
+    assert queried == []
