@@ -263,7 +263,7 @@ class S3Repo:
                 version = self.upload(version)
                 if version.publish_pending:
                     self._publish_unless_superseded(version)
-            except RepoError as exc:
+            except (RepoError, OSError) as exc:  # the next version may still succeed
                 log.warning("retry of %s (version %d) failed again: %s", version.path, version.id, exc)
                 continue
             done += 1

@@ -420,17 +420,12 @@ class Tree:
                     version = self.repo.publish(version, content=content)
                 else:
                     version = self.repo.upload(version, content=content)
-            except RepoError as exc:
-                # The staged bytes are now the only copy: make them durable for the retry.
-                os.fsync(handle.fd)
+            except (RepoError, OSError) as exc:  # S3 or the database, or the local disk (EIO, ENOSPC)
+                # The staged bytes are now the only copy: the retry thread takes the version over.
                 handle.failed = True
                 with self._lock:
                     self._failed_uploads.add(version.id)
-                handle.version = self.repo.meta.get(version.id)  # perhaps uploaded, not published
-                if handle.state == "published":
-                    self.repo.meta.set_publish_pending(version.id, True)
-                log.error("%s: version %d kept in staging (unpublished/), will retry: %s",
-                          handle.mount_path, version.id, exc)
+                self._keep_for_retry(handle, version, exc)
                 raise
             finally:
                 self.forget(handle.mount_path)
@@ -442,6 +437,20 @@ class Tree:
                     self._discard_older_staged(version)
                 except RepoError as exc:  # they stay in unpublished/, where they were
                     log.warning("%s: older staged versions not discarded: %s", handle.mount_path, exc)
+
+    def _keep_for_retry(self, handle: WriteHandle, version: Version, failure: Exception) -> None:
+        """Make a version whose flush failed durable on this disk and tell the retry to publish it, as
+        far as the disk and the database allow: they may be what failed."""
+        log.error("%s: version %d kept in staging (unpublished/), will retry: %s",
+                  handle.mount_path, version.id, failure)
+        try:
+            os.fsync(handle.fd)
+            handle.version = self.repo.meta.get(version.id)  # perhaps uploaded, not published
+            if handle.state == "published":
+                self.repo.meta.set_publish_pending(version.id, True)
+        except (RepoError, OSError) as exc:
+            log.error("%s: version %d may not survive a crash, or may stay unpublished after its retry: %s",
+                      handle.mount_path, version.id, exc)
 
     def _discard_older_staged(self, version: Version) -> None:
         for older in self.repo.meta.history(version.path):
@@ -494,7 +503,7 @@ class Tree:
             return
         try:
             self._flush(handle, final=True)  # created or truncated, never written (touch)
-        except RepoError:
+        except (RepoError, OSError):
             pass  # logged by _flush; the version stays staged and is retried
 
     def fsync(self, fh: int) -> None:

@@ -296,6 +296,24 @@ def test_a_sequential_reader_of_a_directory_gets_the_next_files_prefetched(repo_
 
 
 
+def test_a_retry_goes_on_past_a_version_it_cannot_read(repo, monkeypatch):
+    import errno
+
+    unreadable = repo.add_file(path="t/a").touch("a").version  # staged, never uploaded (a crash, say)
+    readable = repo.add_file(path="t/b").touch("b").version
+    upload = repo.upload
+
+    def upload_unless_unreadable(version, *args, **kwargs):
+        if version.id == unreadable.id:
+            raise OSError(errno.EIO, "Input/output error")
+        return upload(version, *args, **kwargs)
+
+    monkeypatch.setattr(repo, "upload", upload_unless_unreadable)
+    assert repo.retry_staged_uploads() == 1
+    assert repo.get_version(readable.id).storage == "uploaded"
+    assert repo.get_version(unreadable.id).storage == "local"
+
+
 def test_threads_starting_on_a_fresh_host_at_once_all_succeed(repo_config, tmp_path):
     with S3Repo(repo_config) as first:
         first.create_repository()

@@ -112,3 +112,28 @@ def test_the_prefetchers_listing_answers_a_sequential_readers_next_lookups(repo,
     fh = tree.open("/published/t/d/f05", os.O_RDONLY)
     tree.release(fh)
     assert queried == []
+
+
+def test_a_flush_failing_on_the_local_disk_leaves_the_version_to_the_retry(repo, monkeypatch):
+    import errno
+
+    import pytest
+
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    fh = tree.create("/published/t/f", 0o644, 0, 0)
+    tree.write(fh, b"bytes", 0)
+    version = tree._handles[fh].version
+    publish = repo.publish
+
+    def failing_disk(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(repo, "publish", failing_disk)
+    with pytest.raises(OSError):
+        tree.flush(fh)  # close() reports EIO
+    tree.release(fh)
+    monkeypatch.setattr(repo, "publish", publish)  # the disk is back
+    assert tree.retryable(repo.get_version(version.id))
+    assert repo.retry_staged_uploads(tree.retryable) == 1
+    assert repo.get_file("t/f").read_bytes() == b"bytes"
