@@ -39,8 +39,8 @@ def test_quick_run_measures_every_figure(tmp_path: Path) -> None:
         pytest.fail(f"benchmarks/run.py --quick took over 300 s:\n{stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
     figures = json.loads(out.read_text())["figures"]
-    assert {f["figure"] for f in figures} >= {"1a", "1b", "2a", "2b", "2c", "2d", "3a", "3b", "3c", "3d", "4a", "4b",
-                                             "5a", "5b", "6a", "6b", "6c", "6d", "7"}
+    assert {f["figure"] for f in figures} >= {"1a", "1b", "2a", "2b", "2c", "2d", "2e", "3a", "3b", "3c", "3d",
+                                             "4a", "4b", "5a", "5b", "6a", "6b", "6c", "6d", "7"}
     for f in figures:  # n/a only where the machine cannot do it (drop_caches in a container)
         assert f["value"] is not None or f["note"].startswith("n/a"), f
     assert "cold read" in stdout
