@@ -45,3 +45,27 @@ def test_the_daemon_limits_malloc_arenas_unless_the_operator_chose(monkeypatch, 
     monkeypatch.setattr(fs, "_libc", _Libc())
     fs.limit_malloc_arenas()
     assert calls == ([(fs.M_ARENA_MAX, 2)] if limited else [])
+
+
+def test_threads_python_did_not_start_keep_a_bounded_number_of_thread_states(monkeypatch):
+    """As libfuse's workers call back: each keeps its thread state, up to the bound, however many come and go."""
+    before = fs._kept_states
+    monkeypatch.setattr(fs, "KEPT_STATES_MAX", before + 3)
+    libc = ctypes.CDLL(None)
+    libc.pthread_create.argtypes = [ctypes.POINTER(ctypes.c_ulong), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    libc.pthread_join.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
+    kept = []
+
+    @ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
+    def worker(_argument):
+        fs._keep_thread_state()
+        fs._keep_thread_state()  # a second call on the same thread keeps nothing more
+        kept.append(getattr(fs._thread_state, "kept", False))
+        return None
+
+    for _ in range(6):  # one after another: each thread exits, and its kept state stays behind
+        thread = ctypes.c_ulong()
+        assert libc.pthread_create(ctypes.byref(thread), None, ctypes.cast(worker, ctypes.c_void_p), None) == 0
+        assert libc.pthread_join(thread.value, None) == 0
+    assert kept == [True, True, True, False, False, False]
+    assert fs._kept_states == before + 3
