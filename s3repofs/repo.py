@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import IO, BinaryIO, Callable, Mapping
 
@@ -223,9 +224,16 @@ class S3Repo:
 
     def _uploaded(self, version: Version) -> None:
         """The staged file is now a verified copy of a stored object: keep it as cached (made durable
-        by the cache's next checkpoint, like a download)."""
-        self.cache.adopt(version.s3_key, self.cache.staging_path(version.s3_key), version.size)
+        by the cache's next checkpoint, like a download). The version is stored and recorded whatever
+        the local disk does now: if the file cannot become cached, it goes, and a read downloads it."""
         log.info("uploaded %s (version %d, %d bytes, md5 %s)", version.path, version.id, version.size, version.md5)
+        staged = self.cache.staging_path(version.s3_key)
+        try:
+            self.cache.adopt(version.s3_key, staged, version.size)
+        except OSError as exc:
+            log.warning("%s (version %d) is stored, but not kept in the cache: %s", version.path, version.id, exc)
+            with suppress(OSError):
+                staged.unlink(missing_ok=True)
 
     def expire(self, version: Version) -> Version:
         expired = self.meta.expire(version.id)
@@ -257,9 +265,9 @@ class S3Repo:
         for version in self.meta.staged_on(self.host):
             if not retryable(version):
                 continue
-            if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
-                continue
             try:
+                if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
+                    continue
                 version = self.upload(version)
                 if version.publish_pending:
                     self._publish_unless_superseded(version)

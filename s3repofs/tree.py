@@ -269,10 +269,10 @@ class Tree:
         with self._lock:
             generation = self._generation
         versions = self.repo.meta.list_dir(directory, "published", after=after, limit=limit)
+        entries = [(f"/published/{version.path}", self._file_entry(version, "published")) for version in versions]
         with self._lock:
             if generation == self._generation:  # nothing changed here while we queried
-                for version in versions:
-                    self._entries[f"/published/{version.path}"] = self._file_entry(version, "published")
+                self._entries.update(entries)
         return versions
 
     def forget(self, *paths: str) -> None:
@@ -421,10 +421,6 @@ class Tree:
                 else:
                     version = self.repo.upload(version, content=content)
             except (RepoError, OSError) as exc:  # S3 or the database, or the local disk (EIO, ENOSPC)
-                # The staged bytes are now the only copy: the retry thread takes the version over.
-                handle.failed = True
-                with self._lock:
-                    self._failed_uploads.add(version.id)
                 self._keep_for_retry(handle, version, exc)
                 raise
             finally:
@@ -435,22 +431,31 @@ class Tree:
             if handle.state == "unpublished":
                 try:
                     self._discard_older_staged(version)
-                except RepoError as exc:  # they stay in unpublished/, where they were
+                except (RepoError, OSError) as exc:  # they stay in unpublished/, where they were
                     log.warning("%s: older staged versions not discarded: %s", handle.mount_path, exc)
 
     def _keep_for_retry(self, handle: WriteHandle, version: Version, failure: Exception) -> None:
-        """Make a version whose flush failed durable on this disk and tell the retry to publish it, as
-        far as the disk and the database allow: they may be what failed."""
+        """After a failed flush the staged bytes may be the only copy: the retry thread takes the version
+        over, made durable on this disk and marked for publishing as far as the disk and the database
+        allow (either may be what failed). A flush that went through before its error (the answer to a
+        commit lost) leaves the bytes stored: the handle is sealed, and more writes make a new version."""
         log.error("%s: version %d kept in staging (unpublished/), will retry: %s",
                   handle.mount_path, version.id, failure)
+        handle.failed = True
+        with self._lock:
+            self._failed_uploads.add(version.id)
         try:
             os.fsync(handle.fd)
-            handle.version = self.repo.meta.get(version.id)  # perhaps uploaded, not published
-            if handle.state == "published":
+        except OSError as exc:
+            log.error("%s: version %d may not survive a crash: %s", handle.mount_path, version.id, exc)
+        try:
+            handle.version = self.repo.meta.get(version.id)  # perhaps stored, or even published
+            if handle.version.storage != "local":
+                handle.sealed, handle.dirty = True, False  # its bytes are immutable now
+            if handle.state == "published" and handle.version.state == "unpublished":
                 self.repo.meta.set_publish_pending(version.id, True)
-        except (RepoError, OSError) as exc:
-            log.error("%s: version %d may not survive a crash, or may stay unpublished after its retry: %s",
-                      handle.mount_path, version.id, exc)
+        except RepoError as exc:
+            log.error("%s: version %d may stay unpublished after its retry: %s", handle.mount_path, version.id, exc)
 
     def _discard_older_staged(self, version: Version) -> None:
         for older in self.repo.meta.history(version.path):
@@ -466,7 +471,7 @@ class Tree:
         handle.retired_fds.append(handle.fd)
         handle.digest.stop()
         handle.fd, handle.digest = self._open_staged(version)
-        handle.version, handle.sealed = version, False
+        handle.version, handle.sealed, handle.failed = version, False, False
 
     def _open_staged(self, version: Version) -> tuple[int, AppendDigest]:
         """A writer's descriptor of the version's staged file, and the digest of what it holds."""
@@ -718,7 +723,7 @@ class Tree:
         for fh in handles:
             try:
                 self.flush(fh)
-            except RepoError as exc:
+            except (RepoError, OSError) as exc:  # logged by the flush; the others are flushed all the same
                 if on_error:
                     on_error(str(fh), exc)
 

@@ -355,3 +355,18 @@ def test_digests_given_for_an_upload_that_do_not_match_its_bytes_are_refused(rep
     published = repo.publish(repo.meta.get(staged.id))
     assert published.md5 == hashlib.md5(data).hexdigest()
     assert published.xxh3 == xxhash.xxh3_128(data).hexdigest()
+
+
+def test_a_stored_version_is_published_even_if_the_cache_cannot_keep_its_file(repo, monkeypatch):
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    staged = repo.add_file(path="t/f").touch("bytes")
+    monkeypatch.setattr(repo.cache, "adopt", full_disk)
+    published = staged.publish()  # stored and recorded before the cache's turn: no error for it
+    monkeypatch.undo()
+    assert published.version.state == "published"
+    assert not repo.cache.staging_path(published.s3_key).exists()  # not left behind in staging
+    assert repo.get_file("t/f").read_bytes() == b"bytes"  # downloaded

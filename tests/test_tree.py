@@ -137,3 +137,77 @@ def test_a_flush_failing_on_the_local_disk_leaves_the_version_to_the_retry(repo,
     assert tree.retryable(repo.get_version(version.id))
     assert repo.retry_staged_uploads(tree.retryable) == 1
     assert repo.get_file("t/f").read_bytes() == b"bytes"
+
+
+def _failing(error: Exception):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+def test_a_publish_whose_answer_was_lost_leaves_later_writes_to_a_new_version(repo, monkeypatch):
+    import pytest
+
+    from s3repofs.errors import DatabaseUnavailableError
+
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    fh = tree.create("/published/t/f", 0o644, 0, 0)
+    tree.write(fh, b"bytes", 0)
+    publish = repo.publish
+
+    def committed_then_lost(*args, **kwargs):
+        publish(*args, **kwargs)
+        raise DatabaseUnavailableError("connection lost after the commit")
+
+    monkeypatch.setattr(repo, "publish", committed_then_lost)
+    with pytest.raises(DatabaseUnavailableError):
+        tree.flush(fh)
+    monkeypatch.setattr(repo, "publish", publish)
+    tree.write(fh, b"more!", 5)  # the writer goes on, and closes again
+    tree.flush(fh)
+    tree.release(fh)
+    assert repo.get_file("t/f").read_bytes() == b"bytesmore!"
+
+
+def test_a_failing_fsync_after_a_failed_flush_still_leaves_the_file_to_be_published(repo, monkeypatch):
+    import errno
+
+    import pytest
+
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    fh = tree.create("/published/t/f", 0o644, 0, 0)
+    tree.write(fh, b"bytes", 0)
+    monkeypatch.setattr(repo, "publish", _failing(OSError(errno.EIO, "Input/output error")))
+    monkeypatch.setattr(os, "fsync", _failing(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError):
+        tree.flush(fh)
+    monkeypatch.undo()
+    tree.release(fh)
+    assert repo.retry_staged_uploads(tree.retryable) == 1
+    assert repo.get_file("t/f").read_bytes() == b"bytes"
+
+
+def test_the_flush_at_unmount_goes_on_past_a_file_the_disk_fails(repo, monkeypatch):
+    import errno
+
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    handles = [tree.create(f"/published/t/{name}", 0o644, 0, 0) for name in ("a", "b")]
+    for fh in handles:
+        tree.write(fh, b"bytes", 0)
+    publish = repo.publish
+    calls = []
+
+    def first_fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "publish", first_fails)
+    errors = []
+    tree.flush_all(on_error=lambda fh, exc: errors.append(exc))
+    assert len(errors) == 1 and len(calls) == 2
+    assert sum(repo.get_file(f"t/{name}") is not None for name in ("a", "b")) == 1
