@@ -101,6 +101,16 @@ def file_entry(version: Version, state: str) -> Entry:
                  _ns(changed), version)
 
 
+def _copy_whole(source: int, target: int) -> None:
+    """Copy the file behind descriptor ``source`` into the empty file behind ``target``, in the kernel."""
+    size, copied = os.fstat(source).st_size, 0
+    while copied < size:
+        sent = os.sendfile(target, source, copied, size - copied)
+        if sent == 0:  # cut short meanwhile
+            break
+        copied += sent
+
+
 def dir_entry(directory: Directory, state: str) -> Entry:
     mode = directory.mode & (0o7555 if state == "expired" else 0o7777)
     return Entry(True, mode, directory.uid, directory.gid, 0, _ns(directory.created_at), _ns(directory.created_at))
@@ -122,7 +132,7 @@ class WriteHandle:
     dirty: bool = True
     written: bool = False  # a write arrived since the version started
     sealed: bool = False  # flushed: further writes start a new version
-    failed: bool = False  # the last flush could not upload: the background retry owns the version now
+    failed: bool = False  # the last flush failed: the retry owns the version; further writes start a new one
     retired_fds: list[int] = field(default_factory=list)  # of earlier versions of this handle, closed at release
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -370,8 +380,8 @@ class Tree:
         returns the bytes written (the FUSE layer lets libfuse copy them in C)."""
         handle = self._write_handle(fh)
         with handle.lock:
-            if handle.sealed:
-                self._reopen_sealed(handle)
+            if handle.sealed or handle.failed:
+                self._continue_in_new_version(handle)
             handle.dirty = handle.written = True
             written = write_to(handle.fd)
             handle.digest.appended(offset, written)
@@ -381,8 +391,8 @@ class Tree:
         if fh:
             handle = self._write_handle(fh)
             with handle.lock:
-                if handle.sealed:
-                    self._reopen_sealed(handle)
+                if handle.sealed or handle.failed:
+                    self._continue_in_new_version(handle)
                 handle.dirty = handle.written = True
                 os.ftruncate(handle.fd, length)
                 handle.digest.spoil()
@@ -437,8 +447,7 @@ class Tree:
     def _keep_for_retry(self, handle: WriteHandle, version: Version, failure: Exception) -> None:
         """After a failed flush the staged bytes may be the only copy: the retry thread takes the version
         over, made durable on this disk and marked for publishing as far as the disk and the database
-        allow (either may be what failed). A flush that went through before its error (the answer to a
-        commit lost) leaves the bytes stored: the handle is sealed, and more writes make a new version."""
+        allow (either may be what failed). More writes go to a new version (``_continue_in_new_version``)."""
         log.error("%s: version %d kept in staging (unpublished/), will retry: %s",
                   handle.mount_path, version.id, failure)
         handle.failed = True
@@ -450,8 +459,6 @@ class Tree:
             log.error("%s: version %d may not survive a crash: %s", handle.mount_path, version.id, exc)
         try:
             handle.version = self.repo.meta.get(version.id)  # perhaps stored, or even published
-            if handle.version.storage != "local":
-                handle.sealed, handle.dirty = True, False  # its bytes are immutable now
             if handle.state == "published" and handle.version.state == "unpublished":
                 self.repo.meta.set_publish_pending(version.id, True)
         except RepoError as exc:
@@ -462,10 +469,18 @@ class Tree:
             if older.state == "unpublished" and older.id < version.id and older.id not in self.versions_being_written():
                 self.repo.discard(older)
 
-    def _reopen_sealed(self, handle: WriteHandle) -> None:
-        """More writes after a flush published the bytes: continue in a new version with a copy."""
+    def _continue_in_new_version(self, handle: WriteHandle) -> None:
+        """More writes after a flush stored the bytes, or handed them to the retry (which may find them
+        stored already, even published: a commit's answer can be lost): those bytes stay as they are,
+        and the writer continues in a new version with a copy of what its descriptor holds (wherever the
+        old version's file has gone meanwhile: into the cache, or away)."""
         old = handle.version
-        version = self.repo.copy_on_write(old, old.path, mode=old.mode, uid=old.uid, gid=old.gid, keep_content=True)
+        version = self.repo.copy_on_write(old, old.path, mode=old.mode, uid=old.uid, gid=old.gid, keep_content=False)
+        fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
+        try:
+            _copy_whole(handle.fd, fd)
+        finally:
+            os.close(fd)
         # The old descriptor stays open until release: libfuse may still be reading it for a read
         # answered a moment ago (read_buf), and a closed number could be reused by another file.
         handle.retired_fds.append(handle.fd)

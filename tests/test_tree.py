@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from s3repofs.tree import Tree
 
 
@@ -145,29 +147,32 @@ def _failing(error: Exception):
     return fail
 
 
-def test_a_publish_whose_answer_was_lost_leaves_later_writes_to_a_new_version(repo, monkeypatch):
-    import pytest
-
+@pytest.mark.parametrize("database_back", [True, False], ids=["row-reread", "database-still-down"])
+def test_a_publish_whose_answer_was_lost_leaves_later_writes_to_a_new_version(repo, monkeypatch, database_back):
     from s3repofs.errors import DatabaseUnavailableError
 
     tree = Tree(repo, metadata_ttl=3600)
     tree.mkdir("/published/t", 0o755, 0, 0)
     fh = tree.create("/published/t/f", 0o644, 0, 0)
     tree.write(fh, b"bytes", 0)
+    first = tree._handles[fh].version
     publish = repo.publish
 
     def committed_then_lost(*args, **kwargs):
         publish(*args, **kwargs)
+        if not database_back:  # the flush cannot even learn what became of the version
+            monkeypatch.setattr(repo.meta, "get", _failing(DatabaseUnavailableError("still down")))
         raise DatabaseUnavailableError("connection lost after the commit")
 
     monkeypatch.setattr(repo, "publish", committed_then_lost)
     with pytest.raises(DatabaseUnavailableError):
         tree.flush(fh)
-    monkeypatch.setattr(repo, "publish", publish)
+    monkeypatch.undo()
     tree.write(fh, b"more!", 5)  # the writer goes on, and closes again
     tree.flush(fh)
     tree.release(fh)
     assert repo.get_file("t/f").read_bytes() == b"bytesmore!"
+    assert repo.get_version(first.id).read_bytes() == b"bytes"  # its stored object was not overwritten
 
 
 def test_a_failing_fsync_after_a_failed_flush_still_leaves_the_file_to_be_published(repo, monkeypatch):
