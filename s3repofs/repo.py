@@ -177,7 +177,7 @@ class S3Repo:
         if version.storage == "uploaded":
             return version
         version = self.meta.mark_uploaded(version.id, self._store_staged(version, content))
-        self._uploaded(version)
+        self.cache_uploaded(version)
         return version
 
     def publish(self, version: Version, path: RepoPath | None = None, *, content: Content | None = None) -> Version:
@@ -191,7 +191,7 @@ class S3Repo:
                 published, expired = self.meta.publish_staged(version, content)
             else:
                 published, expired = self.meta.publish(version.id, path, uploaded=content)
-            self._uploaded(published)
+            self.cache_uploaded(published)
         else:
             published, expired = self.meta.publish(version.id, path)
         if expired is not None:
@@ -222,13 +222,17 @@ class S3Repo:
                                     "written do not match its bytes; it stays staged")
         return content
 
-    def _uploaded(self, version: Version) -> None:
-        """The staged file is now a verified copy of a stored object: keep it as cached (made durable
-        by the cache's next checkpoint, like a download). The version is stored and recorded whatever
-        the local disk does now: if the file cannot become cached, it goes, and a read downloads it."""
-        log.info("uploaded %s (version %d, %d bytes, md5 %s)", version.path, version.id, version.size, version.md5)
+    def cache_uploaded(self, version: Version) -> None:
+        """The staged file of a version just recorded as stored is a verified copy of its object: keep
+        it as cached (made durable by the cache's next checkpoint, like a download). The version is
+        stored and recorded whatever the local disk does now: if the file cannot become cached, it
+        goes, and a read downloads it."""
         staged = self.cache.staging_path(version.s3_key)
         try:
+            if not staged.exists():  # cached already
+                return
+            log.info("uploaded %s (version %d, %d bytes, md5 %s)", version.path, version.id, version.size,
+                     version.md5)
             self.cache.adopt(version.s3_key, staged, version.size)
         except OSError as exc:
             log.warning("%s (version %d) is stored, but not kept in the cache: %s", version.path, version.id, exc)

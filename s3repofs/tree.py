@@ -459,6 +459,8 @@ class Tree:
             log.error("%s: version %d may not survive a crash: %s", handle.mount_path, version.id, exc)
         try:
             handle.version = self.repo.meta.get(version.id)  # perhaps stored, or even published
+            if handle.version.storage != "local":  # stored before the error (a commit's answer was lost)
+                self.repo.cache_uploaded(handle.version)
             if handle.state == "published" and handle.version.state == "unpublished":
                 self.repo.meta.set_publish_pending(version.id, True)
         except RepoError as exc:

@@ -175,6 +175,30 @@ def test_a_publish_whose_answer_was_lost_leaves_later_writes_to_a_new_version(re
     assert repo.get_version(first.id).read_bytes() == b"bytes"  # its stored object was not overwritten
 
 
+def test_a_publish_whose_answer_was_lost_leaves_no_staged_file_behind(repo, monkeypatch):
+    from s3repofs.errors import DatabaseUnavailableError
+
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    fh = tree.create("/published/t/f", 0o644, 0, 0)
+    tree.write(fh, b"bytes", 0)
+    key = tree._handles[fh].version.s3_key
+    publish_staged = repo.meta.publish_staged
+
+    def committed_then_lost(*args, **kwargs):
+        publish_staged(*args, **kwargs)
+        raise DatabaseUnavailableError("connection lost after the commit")
+
+    monkeypatch.setattr(repo.meta, "publish_staged", committed_then_lost)
+    with pytest.raises(DatabaseUnavailableError):
+        tree.flush(fh)
+    monkeypatch.undo()
+    tree.release(fh)
+    assert not repo.cache.staging_path(key).exists()  # staging is never evicted: nothing may linger there
+    assert repo.cache.has(key)
+    assert repo.get_file("t/f").read_bytes() == b"bytes"
+
+
 def test_a_failing_fsync_after_a_failed_flush_still_leaves_the_file_to_be_published(repo, monkeypatch):
     import errno
 
