@@ -92,7 +92,7 @@ class Download:
                     self._raise_failure()  # another part failed: the download is over
                 if offset + len(chunk) > end:
                     raise VerificationError(f"{self.what}: the store sent more than the recorded {self.size} bytes")
-                _pwrite_all(self.fd, chunk, offset)
+                pwrite_all(self.fd, chunk, offset)
                 if digest is not None:
                     digest.update(chunk)
                 offset += len(chunk)
@@ -159,7 +159,7 @@ class Download:
             raise self._error
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
     """Write all of ``data`` (a full disk may take part of it: the rest raises ENOSPC)."""
     view = memoryview(data)
     while view:

@@ -14,18 +14,20 @@ database or store I/O.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import stat
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from cachetools import TTLCache
 
-from .content import AppendDigest
+from .content import CHUNK, AppendDigest
 from .errors import (
     AlreadyExistsError,
     BadHandleError,
@@ -46,6 +48,7 @@ from .meta import Directory, Version
 from .paths import DirPath, RepoPath, split_components
 from .prefetch import Prefetcher
 from .repo import S3Repo, VersionReader
+from .transfer import pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +105,14 @@ def file_entry(version: Version, state: str) -> Entry:
 
 
 def _copy_whole(source: int, target: int) -> None:
-    """Copy the file behind descriptor ``source`` into the empty file behind ``target``, in the kernel."""
+    """Copy the file behind descriptor ``source`` into the empty file behind ``target``."""
     size, copied = os.fstat(source).st_size, 0
     while copied < size:
-        sent = os.sendfile(target, source, copied, size - copied)
-        if sent == 0:  # cut short meanwhile
-            break
-        copied += sent
+        chunk = os.pread(source, min(CHUNK, size - copied), copied)
+        if not chunk:
+            raise OSError(errno.EIO, "the file was cut short while it was copied")
+        pwrite_all(target, chunk, copied)
+        copied += len(chunk)
 
 
 def dir_entry(directory: Directory, state: str) -> Entry:
@@ -478,11 +482,16 @@ class Tree:
         old version's file has gone meanwhile: into the cache, or away)."""
         old = handle.version
         version = self.repo.copy_on_write(old, old.path, mode=old.mode, uid=old.uid, gid=old.gid, keep_content=False)
-        fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
         try:
-            _copy_whole(handle.fd, fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
+            try:
+                _copy_whole(handle.fd, fd)
+            finally:
+                os.close(fd)
+        except BaseException:  # the write fails; no half copy is left in unpublished/
+            with suppress(RepoError, OSError):
+                self.repo.discard(version)
+            raise
         # The old descriptor stays open until release: libfuse may still be reading it for a read
         # answered a moment ago (read_buf), and a closed number could be reused by another file.
         handle.retired_fds.append(handle.fd)

@@ -240,3 +240,26 @@ def test_the_flush_at_unmount_goes_on_past_a_file_the_disk_fails(repo, monkeypat
     tree.flush_all(on_error=lambda fh, exc: errors.append(exc))
     assert len(errors) == 1 and len(calls) == 2
     assert sum(repo.get_file(f"t/{name}") is not None for name in ("a", "b")) == 1
+
+
+def test_a_write_after_close_that_cannot_copy_the_file_leaves_no_version_behind(repo, monkeypatch):
+    import errno
+
+    from s3repofs import tree as tree_module
+    from s3repofs.paths import RepoPath
+
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    fh = tree.create("/published/t/f", 0o644, 0, 0)
+    tree.write(fh, b"bytes", 0)
+    tree.flush(fh)  # close() of one descriptor; another (a dup) writes on
+    monkeypatch.setattr(tree_module, "_copy_whole", _failing(OSError(errno.ENOSPC, "No space left on device")))
+    for _ in range(3):
+        with pytest.raises(OSError):
+            tree.write(fh, b"more!", 5)
+    monkeypatch.undo()
+    assert [v.state for v in repo.meta.history(RepoPath("t", "", "f"))] == ["published"] + ["discarded"] * 3
+    tree.write(fh, b"more!", 5)  # the disk is back
+    tree.flush(fh)
+    tree.release(fh)
+    assert repo.get_file("t/f").read_bytes() == b"bytesmore!"
