@@ -125,10 +125,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) -> None:
-    from .fs import limit_malloc_arenas, serve  # loads libfuse: only in the process that mounts
+    from .fs import serve, tune_malloc  # loads libfuse: only in the process that mounts
     from .tree import Tree
 
-    limit_malloc_arenas()
+    tune_malloc()
 
     repo = S3Repo(config)
     repo.ensure_ready()

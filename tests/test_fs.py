@@ -26,25 +26,27 @@ def test_only_a_read_only_open_lets_the_kernel_skip_the_flush_at_close(flags, sk
     assert info.fh == 7 and bool(info.noflush) == skips_flush
 
 
-@pytest.mark.parametrize("environment, limited", [
-    ({}, True),
-    ({"MALLOC_ARENA_MAX": "8"}, False),
-    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, False),
+@pytest.mark.parametrize("environment, expected", [
+    ({}, [(fs.M_ARENA_MAX, 2), (fs.M_MMAP_THRESHOLD, 768 * 1024)]),
+    ({"MALLOC_ARENA_MAX": "8"}, [(fs.M_MMAP_THRESHOLD, 768 * 1024)]),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, [(fs.M_MMAP_THRESHOLD, 768 * 1024)]),
+    ({"MALLOC_MMAP_THRESHOLD_": "65536"}, [(fs.M_ARENA_MAX, 2)]),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536:glibc.malloc.arena_max=4"}, []),
 ])
-def test_the_daemon_limits_malloc_arenas_unless_the_operator_chose(monkeypatch, environment, limited):
+def test_the_daemon_tunes_malloc_unless_the_operator_chose(monkeypatch, environment, expected):
     calls = []
 
     class _Libc:
         def mallopt(self, parameter, value):
             calls.append((parameter, value))
 
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(fs, "_libc", _Libc())
-    fs.limit_malloc_arenas()
-    assert calls == ([(fs.M_ARENA_MAX, 2)] if limited else [])
+    fs.tune_malloc()
+    assert calls == expected
 
 
 def test_threads_python_did_not_start_keep_a_bounded_number_of_thread_states(monkeypatch):
