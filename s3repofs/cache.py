@@ -56,8 +56,9 @@ SYNC_MARGIN = 0.05
 COARSE_SYNC_MARGIN = 2.0
 # A checkpoint fsyncs up to this many objects one by one; after more, one syncfs is cheaper.
 FSYNC_EACH_UP_TO = 64
-# After a download this large, freed buffers go back to the system: glibc keeps the 1 MiB chunks of
-# every thread that handled it in that thread's arena (one cold read of 256 MiB: 38 MB kept).
+# After a download this large, freed buffers go back to the system: glibc keeps the chunks of every
+# thread that handled it in that thread's arena (one cold read of 256 MiB with 1 MiB chunks and
+# glibc's own settings: 38 MB kept; see fs.tune_malloc for the daemon's).
 TRIM_AFTER = 16 * 1024 * 1024
 
 # start(fd) -> the Download that will write the object into the file open at fd
