@@ -277,15 +277,17 @@ class MetaStore:
         raise LifecycleError(f"{version.path}: version {version_id} is {version.state} "
                              f"and {version.storage}; its content is immutable")
 
-    def publish(self, version_id: int, path: RepoPath | None = None,
-                uploaded: Content | None = None) -> tuple[Version, Version | None]:
+    def publish(self, version_id: int, path: RepoPath | None = None, uploaded: Content | None = None,
+                unless_superseded: bool = False) -> tuple[Version, Version | None]:
         """Publish a verified version (optionally at a new path), expiring the path's current one.
 
         ``uploaded`` (the staged bytes' Content) records, in the same transaction, that a staged version has just
-        been stored and verified (one commit per publish instead of two). Returns ``(published,
-        expired_or_None)``. Raises LifecycleError if the version is not uploaded and verified, or
-        was discarded or purged. Concurrent publishers of one path are serialized on the path's
-        lock row, so exactly one version ends published.
+        been stored and verified (one commit per publish instead of two). With ``unless_superseded``, a
+        version created before the path's published one is left unpublished, its ``publish_pending``
+        cleared: the returned version is then not published. Returns ``(published, expired_or_None)``.
+        Raises LifecycleError if the version is not uploaded and verified, or was discarded or
+        purged. Concurrent publishers of one path are serialized on the path's lock row, so exactly
+        one version ends published.
         """
         now = self.clock()
 
@@ -306,6 +308,9 @@ class MetaStore:
             if version.state == "published" and target == version.path:
                 return version, None
             current = self._published(tx, target)
+            if unless_superseded and current is not None and current.created_at > version.created_at:
+                tx.execute("UPDATE versions SET publish_pending = 0 WHERE id = ?", (version_id,))
+                return replace(version, publish_pending=0), None
             if current is not None:
                 tx.execute("UPDATE versions SET state = 'expired', expired_at = ? WHERE id = ?", (now, current.id))
             if target != version.path:

@@ -194,9 +194,7 @@ class S3Repo:
             self.cache_uploaded(published)
         else:
             published, expired = self.meta.publish(version.id, path)
-        if expired is not None:
-            log.info("expired %s (version %d, superseded by %d)", expired.path, expired.id, published.id)
-        log.info("published %s (version %d)", published.path, published.id)
+        _log_published(published, expired)
         return published
 
     def _store_staged(self, version: Version, content: Content | None = None) -> Content:
@@ -282,13 +280,13 @@ class S3Repo:
         return done
 
     def _publish_unless_superseded(self, version: Version) -> None:
-        current = self.meta.find(version.path)
-        if current is not None and current.created_at > version.created_at:
-            log.warning("not publishing %s (version %d): newer version %d is published",
-                        version.path, version.id, current.id)
-            self.meta.set_publish_pending(version.id, False)
-        else:
-            self.publish(version)
+        """Publish an uploaded version (a retry's), unless a version of its path created later is
+        published: decided in the publishing transaction, since another host may publish meanwhile."""
+        published, expired = self.meta.publish(version.id, unless_superseded=True)
+        if published.state != "published":
+            log.warning("not publishing %s (version %d): a newer version is published", version.path, version.id)
+            return
+        _log_published(published, expired)
 
     def local_file(self, version: Version) -> Path:
         """A local file holding the version's verified bytes: staged, or fetched into the cache."""
@@ -361,6 +359,12 @@ class VersionReader:
         os.close(self.fd)
         if self._on_close is not None:
             self._on_close()
+
+
+def _log_published(published: Version, expired: Version | None) -> None:
+    if expired is not None:
+        log.info("expired %s (version %d, superseded by %d)", expired.path, expired.id, published.id)
+    log.info("published %s (version %d)", published.path, published.id)
 
 
 class RepoFile:

@@ -370,3 +370,18 @@ def test_a_stored_version_is_published_even_if_the_cache_cannot_keep_its_file(re
     assert published.version.state == "published"
     assert not repo.cache.staging_path(published.s3_key).exists()  # not left behind in staging
     assert repo.get_file("t/f").read_bytes() == b"bytes"  # downloaded
+
+
+def test_a_retry_never_publishes_over_a_newer_version_published_meanwhile(repo, monkeypatch):
+    import time
+
+    old = repo.add_file(path="t/f").touch("old").version  # staged, its upload failed (S3 was down, say)
+    repo.meta.set_publish_pending(old.id, True)
+    time.sleep(0.01)
+    repo.add_file(path="t/f").touch("new").publish()  # a newer version, published by another writer
+    monkeypatch.setattr(repo.meta, "find", lambda *args, **kwargs: None)  # what a look just before it saw
+    repo.retry_staged_uploads()
+    monkeypatch.undo()
+    assert repo.get_file("t/f").read_bytes() == b"new"
+    assert repo.get_version(old.id).version.state == "unpublished"
+    assert repo.meta.staged_on(repo.host) == []  # nothing left to retry
