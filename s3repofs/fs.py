@@ -218,7 +218,8 @@ _libc.malloc.restype = ctypes.c_void_p
 _libc.malloc.argtypes = [ctypes.c_size_t]
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
+M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 # What the daemon sets, unless the operator chose it: (parameter, value, environment variable, tunable).
 _MALLOC_SETTINGS = (
@@ -229,6 +230,10 @@ _MALLOC_SETTINGS = (
     # A/B in the same minutes: peak RSS 135-143 MB with glibc's sliding threshold, 72-73 MB with this
     # one; cold reads as fast, reads from the disk cache ~10 % slower (still 0.75 of reading the file).
     (M_MMAP_THRESHOLD, 768 * 1024, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+    # A fixed mmap threshold also fixes the trim threshold at 128 KiB: each freed chunk would hand the
+    # heap's top back and the next would fault it in again (4,000 reads of 512 KiB: 384,031 page
+    # faults and 0.87 s, against 127 and 0.21 s with this). Twice the mmap threshold, as glibc would.
+    (M_TRIM_THRESHOLD, 2 * 768 * 1024, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
 )
 
 

@@ -284,11 +284,14 @@ class MetaStore:
         ``uploaded`` (the staged bytes' Content) records, in the same transaction, that a staged version has just
         been stored and verified (one commit per publish instead of two). With ``unless_superseded``, a
         version created before the path's published one is left unpublished, its ``publish_pending``
-        cleared: the returned version is then not published. Returns ``(published, expired_or_None)``.
+        cleared: the returned version is then not published (at its own path only: no ``path`` with it).
+        Returns ``(published, expired_or_None)``.
         Raises LifecycleError if the version is not uploaded and verified, or was discarded or
         purged. Concurrent publishers of one path are serialized on the path's lock row, so exactly
         one version ends published.
         """
+        if unless_superseded and path is not None:
+            raise ValueError("unless_superseded publishes a version at its own path only")
         now = self.clock()
 
         def run(tx: Tx) -> tuple[Version, Version | None]:
@@ -308,7 +311,7 @@ class MetaStore:
             if version.state == "published" and target == version.path:
                 return version, None
             current = self._published(tx, target)
-            if unless_superseded and current is not None and current.created_at > version.created_at:
+            if unless_superseded and current is not None and current.id > version.id:  # ids: in order of creation
                 tx.execute("UPDATE versions SET publish_pending = 0 WHERE id = ?", (version_id,))
                 return replace(version, publish_pending=0), None
             if current is not None:

@@ -26,12 +26,16 @@ def test_only_a_read_only_open_lets_the_kernel_skip_the_flush_at_close(flags, sk
     assert info.fh == 7 and bool(info.noflush) == skips_flush
 
 
+ARENAS, MAPPED, TRIMMED = (fs.M_ARENA_MAX, 2), (fs.M_MMAP_THRESHOLD, 768 * 1024), (fs.M_TRIM_THRESHOLD, 1536 * 1024)
+
+
 @pytest.mark.parametrize("environment, expected", [
-    ({}, [(fs.M_ARENA_MAX, 2), (fs.M_MMAP_THRESHOLD, 768 * 1024)]),
-    ({"MALLOC_ARENA_MAX": "8"}, [(fs.M_MMAP_THRESHOLD, 768 * 1024)]),
-    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, [(fs.M_MMAP_THRESHOLD, 768 * 1024)]),
-    ({"MALLOC_MMAP_THRESHOLD_": "65536"}, [(fs.M_ARENA_MAX, 2)]),
-    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536:glibc.malloc.arena_max=4"}, []),
+    ({}, [ARENAS, MAPPED, TRIMMED]),
+    ({"MALLOC_ARENA_MAX": "8"}, [MAPPED, TRIMMED]),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, [MAPPED, TRIMMED]),
+    ({"MALLOC_MMAP_THRESHOLD_": "65536"}, [ARENAS, TRIMMED]),
+    ({"MALLOC_TRIM_THRESHOLD_": "65536"}, [ARENAS, MAPPED]),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536:glibc.malloc.arena_max=4"}, [TRIMMED]),
 ])
 def test_the_daemon_tunes_malloc_unless_the_operator_chose(monkeypatch, environment, expected):
     calls = []
@@ -40,7 +44,7 @@ def test_the_daemon_tunes_malloc_unless_the_operator_chose(monkeypatch, environm
         def mallopt(self, parameter, value):
             calls.append((parameter, value))
 
-    for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+    for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)

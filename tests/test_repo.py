@@ -385,3 +385,12 @@ def test_a_retry_never_publishes_over_a_newer_version_published_meanwhile(repo, 
     assert repo.get_file("t/f").read_bytes() == b"new"
     assert repo.get_version(old.id).version.state == "unpublished"
     assert repo.meta.staged_on(repo.host) == []  # nothing left to retry
+
+
+def test_a_retry_never_publishes_over_a_newer_version_created_in_the_same_tick(repo, monkeypatch):
+    monkeypatch.setattr(repo.meta, "clock", lambda: 1_000_000.0)  # one clock tick, or hosts' clocks apart
+    old = repo.add_file(path="t/f").touch("old").version
+    repo.meta.set_publish_pending(old.id, True)
+    repo.add_file(path="t/f").touch("new").publish()
+    repo.retry_staged_uploads()
+    assert repo.get_file("t/f").read_bytes() == b"new"
