@@ -7,6 +7,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import xxhash
 
@@ -29,13 +30,20 @@ class Content:
     xxh3: str
 
 
-def feed(fd: int, start: int, end: int, digests: tuple) -> int:
-    """Hash the bytes of ``fd`` in [start, end) into each of ``digests``, read back a chunk at a time;
-    the offset reached (short of ``end`` only if the file is shorter)."""
+def read_back(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """The bytes of ``fd`` in [start, end), a chunk at a time (fewer if the file is shorter)."""
     while start < end:
         chunk = os.pread(fd, min(CHUNK, end - start), start)
         if not chunk:
-            break
+            return
+        yield chunk
+        start += len(chunk)
+
+
+def feed(fd: int, start: int, end: int, digests: tuple) -> int:
+    """Hash the bytes of ``fd`` in [start, end) into each of ``digests``; the offset reached (short of
+    ``end`` only if the file is shorter)."""
+    for chunk in read_back(fd, start, end):
         for digest in digests:
             digest.update(chunk)
         start += len(chunk)

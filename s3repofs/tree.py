@@ -27,7 +27,7 @@ from typing import Callable
 
 from cachetools import TTLCache
 
-from .content import CHUNK, AppendDigest
+from .content import AppendDigest, read_back
 from .errors import (
     AlreadyExistsError,
     BadHandleError,
@@ -104,15 +104,15 @@ def file_entry(version: Version, state: str) -> Entry:
                  _ns(changed), version)
 
 
-def _copy_whole(source: int, target: int) -> None:
-    """Copy the file behind descriptor ``source`` into the empty file behind ``target``."""
+def _copy_whole(source: int, target: int) -> int:
+    """Copy the file behind descriptor ``source`` into the empty file behind ``target``; its size."""
     size, copied = os.fstat(source).st_size, 0
-    while copied < size:
-        chunk = os.pread(source, min(CHUNK, size - copied), copied)
-        if not chunk:
-            raise OSError(errno.EIO, "the file was cut short while it was copied")
+    for chunk in read_back(source, 0, size):
         pwrite_all(target, chunk, copied)
         copied += len(chunk)
+    if copied < size:
+        raise OSError(errno.EIO, "the file was cut short while it was copied")
+    return copied
 
 
 def dir_entry(directory: Directory, state: str) -> Entry:
@@ -481,14 +481,14 @@ class Tree:
         and the writer continues in a new version with a copy of what its descriptor holds (wherever the
         old version's file has gone meanwhile: into the cache, or away)."""
         old = handle.version
-        version = self.repo.copy_on_write(old, old.path, mode=old.mode, uid=old.uid, gid=old.gid, keep_content=False)
+        version = self.repo.copy_on_write(None, old.path, mode=old.mode, uid=old.uid, gid=old.gid, keep_content=False)
+        fd = -1
         try:
-            fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
-            try:
-                _copy_whole(handle.fd, fd)
-            finally:
-                os.close(fd)
+            fd, digest = self._open_staged(version)
+            digest.appended(0, _copy_whole(handle.fd, fd))
         except BaseException:  # the write fails; no half copy is left in unpublished/
+            if fd >= 0:
+                os.close(fd)
             with suppress(RepoError, OSError):
                 self.repo.discard(version)
             raise
@@ -496,7 +496,7 @@ class Tree:
         # answered a moment ago (read_buf), and a closed number could be reused by another file.
         handle.retired_fds.append(handle.fd)
         handle.digest.stop()
-        handle.fd, handle.digest = self._open_staged(version)
+        handle.fd, handle.digest = fd, digest
         handle.version, handle.sealed, handle.failed = version, False, False
 
     def _open_staged(self, version: Version) -> tuple[int, AppendDigest]:

@@ -10,6 +10,21 @@ import pytest
 from s3repofs.tree import Tree
 
 
+def _failing(error: Exception):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+def _writing(repo) -> tuple[Tree, int]:
+    """A tree, and a handle that has written b"bytes" into /published/t/f (not flushed yet)."""
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    fh = tree.create("/published/t/f", 0o644, 0, 0)
+    tree.write(fh, b"bytes", 0)
+    return tree, fh
+
+
 def test_the_retry_thread_never_takes_a_version_a_writer_may_still_fill(repo):
     left_over = repo.add_file(path="t/old").touch("left by a crash").version
     time.sleep(0.01)
@@ -89,10 +104,7 @@ def test_the_published_digests_are_the_written_bytes_whatever_the_order_of_write
 
 
 def test_a_flushed_writer_shows_its_stored_version_not_the_cache_files_times(repo):
-    tree = Tree(repo, metadata_ttl=3600)
-    tree.mkdir("/published/t", 0o755, 0, 0)
-    fh = tree.create("/published/t/f", 0o644, 0, 0)
-    tree.write(fh, b"bytes", 0)
+    tree, fh = _writing(repo)
     tree.flush(fh)  # close() returned; the kernel's release comes later
     published = repo.get_file("t/f")
     os.utime(repo.cache.object_path(published.s3_key), ns=(0, 0))  # what a cache checkpoint may do to it
@@ -119,19 +131,10 @@ def test_the_prefetchers_listing_answers_a_sequential_readers_next_lookups(repo,
 def test_a_flush_failing_on_the_local_disk_leaves_the_version_to_the_retry(repo, monkeypatch):
     import errno
 
-    import pytest
-
-    tree = Tree(repo, metadata_ttl=3600)
-    tree.mkdir("/published/t", 0o755, 0, 0)
-    fh = tree.create("/published/t/f", 0o644, 0, 0)
-    tree.write(fh, b"bytes", 0)
+    tree, fh = _writing(repo)
     version = tree._handles[fh].version
     publish = repo.publish
-
-    def failing_disk(*args, **kwargs):
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(repo, "publish", failing_disk)
+    monkeypatch.setattr(repo, "publish", _failing(OSError(errno.EIO, "Input/output error")))
     with pytest.raises(OSError):
         tree.flush(fh)  # close() reports EIO
     tree.release(fh)
@@ -141,20 +144,11 @@ def test_a_flush_failing_on_the_local_disk_leaves_the_version_to_the_retry(repo,
     assert repo.get_file("t/f").read_bytes() == b"bytes"
 
 
-def _failing(error: Exception):
-    def fail(*args, **kwargs):
-        raise error
-    return fail
-
-
 @pytest.mark.parametrize("database_back", [True, False], ids=["row-reread", "database-still-down"])
 def test_a_publish_whose_answer_was_lost_leaves_later_writes_to_a_new_version(repo, monkeypatch, database_back):
     from s3repofs.errors import DatabaseUnavailableError
 
-    tree = Tree(repo, metadata_ttl=3600)
-    tree.mkdir("/published/t", 0o755, 0, 0)
-    fh = tree.create("/published/t/f", 0o644, 0, 0)
-    tree.write(fh, b"bytes", 0)
+    tree, fh = _writing(repo)
     first = tree._handles[fh].version
     publish = repo.publish
 
@@ -178,10 +172,7 @@ def test_a_publish_whose_answer_was_lost_leaves_later_writes_to_a_new_version(re
 def test_a_publish_whose_answer_was_lost_leaves_no_staged_file_behind(repo, monkeypatch):
     from s3repofs.errors import DatabaseUnavailableError
 
-    tree = Tree(repo, metadata_ttl=3600)
-    tree.mkdir("/published/t", 0o755, 0, 0)
-    fh = tree.create("/published/t/f", 0o644, 0, 0)
-    tree.write(fh, b"bytes", 0)
+    tree, fh = _writing(repo)
     key = tree._handles[fh].version.s3_key
     publish_staged = repo.meta.publish_staged
 
@@ -204,10 +195,7 @@ def test_a_failing_fsync_after_a_failed_flush_still_leaves_the_file_to_be_publis
 
     import pytest
 
-    tree = Tree(repo, metadata_ttl=3600)
-    tree.mkdir("/published/t", 0o755, 0, 0)
-    fh = tree.create("/published/t/f", 0o644, 0, 0)
-    tree.write(fh, b"bytes", 0)
+    tree, fh = _writing(repo)
     monkeypatch.setattr(repo, "publish", _failing(OSError(errno.EIO, "Input/output error")))
     monkeypatch.setattr(os, "fsync", _failing(OSError(errno.EIO, "Input/output error")))
     with pytest.raises(OSError):
@@ -248,10 +236,7 @@ def test_a_write_after_close_that_cannot_copy_the_file_leaves_no_version_behind(
     from s3repofs import tree as tree_module
     from s3repofs.paths import RepoPath
 
-    tree = Tree(repo, metadata_ttl=3600)
-    tree.mkdir("/published/t", 0o755, 0, 0)
-    fh = tree.create("/published/t/f", 0o644, 0, 0)
-    tree.write(fh, b"bytes", 0)
+    tree, fh = _writing(repo)
     tree.flush(fh)  # close() of one descriptor; another (a dup) writes on
     monkeypatch.setattr(tree_module, "_copy_whole", _failing(OSError(errno.ENOSPC, "No space left on device")))
     for _ in range(3):
