@@ -435,8 +435,9 @@ class Tree:
                 else:
                     version = self.repo.upload(version, content=content)
             except (RepoError, OSError) as exc:  # S3 or the database, or the local disk (EIO, ENOSPC)
-                self._keep_for_retry(handle, version, exc)
-                raise
+                version = self._stored_after_all(handle, version, exc)
+                if version is None:
+                    raise
             finally:
                 self.forget(handle.mount_path)
             handle.version = version
@@ -448,12 +449,32 @@ class Tree:
                 except (RepoError, OSError) as exc:  # they stay in unpublished/, where they were
                     log.warning("%s: older staged versions not discarded: %s", handle.mount_path, exc)
 
+    def _stored_after_all(self, handle: WriteHandle, version: Version, failure: Exception) -> Version | None:
+        """What became of a version whose flush failed. The version as recorded if the flush's work was
+        done after all (the answer to a commit can be lost): its bytes stored and, for a file written in
+        published/, published. Otherwise None, and the retry thread takes the version over."""
+        try:
+            recorded = self.repo.meta.get(version.id)
+        except RepoError as exc:
+            log.error("%s: what became of version %d is unknown: %s", handle.mount_path, version.id, exc)
+            recorded = None
+        if recorded is not None and recorded.storage != "local" and (
+                handle.state != "published" or recorded.state != "unpublished"):
+            log.warning("%s: version %d was %s after all (the answer was lost: %s)", handle.mount_path,
+                        version.id, recorded.state if handle.state == "published" else "stored", failure)
+            self.repo.cache_uploaded(recorded)
+            return recorded
+        self._keep_for_retry(handle, recorded or version, failure)
+        return None
+
     def _keep_for_retry(self, handle: WriteHandle, version: Version, failure: Exception) -> None:
         """After a failed flush the staged bytes may be the only copy: the retry thread takes the version
         over, made durable on this disk and marked for publishing as far as the disk and the database
-        allow (either may be what failed). More writes go to a new version (``_continue_in_new_version``)."""
+        allow (either may be what failed). ``version``: as recorded, if the database could say. More
+        writes go to a new version (``_continue_in_new_version``)."""
         log.error("%s: version %d kept in staging (unpublished/), will retry: %s",
                   handle.mount_path, version.id, failure)
+        handle.version = version
         handle.failed = True
         with self._lock:
             self._failed_uploads.add(version.id)
@@ -462,10 +483,9 @@ class Tree:
         except OSError as exc:
             log.error("%s: version %d may not survive a crash: %s", handle.mount_path, version.id, exc)
         try:
-            handle.version = self.repo.meta.get(version.id)  # perhaps stored, or even published
-            if handle.version.storage != "local":  # stored before the error (a commit's answer was lost)
-                self.repo.cache_uploaded(handle.version)
-            if handle.state == "published" and handle.version.state == "unpublished":
+            if version.storage != "local":  # stored, but its publishing failed
+                self.repo.cache_uploaded(version)
+            if handle.state == "published" and version.state == "unpublished":
                 self.repo.meta.set_publish_pending(version.id, True)
         except RepoError as exc:
             log.error("%s: version %d may stay unpublished after its retry: %s", handle.mount_path, version.id, exc)

@@ -159,8 +159,11 @@ def test_a_publish_whose_answer_was_lost_leaves_later_writes_to_a_new_version(re
         raise DatabaseUnavailableError("connection lost after the commit")
 
     monkeypatch.setattr(repo, "publish", committed_then_lost)
-    with pytest.raises(DatabaseUnavailableError):
-        tree.flush(fh)
+    if database_back:
+        tree.flush(fh)  # the flush learns that its commit went through: close() succeeds
+    else:
+        with pytest.raises(DatabaseUnavailableError):
+            tree.flush(fh)
     monkeypatch.undo()
     tree.write(fh, b"more!", 5)  # the writer goes on, and closes again
     tree.flush(fh)
@@ -169,25 +172,33 @@ def test_a_publish_whose_answer_was_lost_leaves_later_writes_to_a_new_version(re
     assert repo.get_version(first.id).read_bytes() == b"bytes"  # its stored object was not overwritten
 
 
-def test_a_publish_whose_answer_was_lost_leaves_no_staged_file_behind(repo, monkeypatch):
+@pytest.mark.parametrize("directory", ["published", "unpublished"])
+def test_a_close_whose_commit_answer_was_lost_succeeds_and_leaves_no_staged_file_behind(repo, monkeypatch, directory):
     from s3repofs.errors import DatabaseUnavailableError
 
-    tree, fh = _writing(repo)
-    key = tree._handles[fh].version.s3_key
-    publish_staged = repo.meta.publish_staged
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir(f"/{directory}/t", 0o755, 0, 0)
+    fh = tree.create(f"/{directory}/t/f", 0o644, 0, 0)
+    tree.write(fh, b"bytes", 0)
+    version = tree._handles[fh].version
+    commit = "publish_staged" if directory == "published" else "mark_uploaded"
+    committed = getattr(repo.meta, commit)
 
     def committed_then_lost(*args, **kwargs):
-        publish_staged(*args, **kwargs)
+        committed(*args, **kwargs)
         raise DatabaseUnavailableError("connection lost after the commit")
 
-    monkeypatch.setattr(repo.meta, "publish_staged", committed_then_lost)
-    with pytest.raises(DatabaseUnavailableError):
-        tree.flush(fh)
-    monkeypatch.undo()
+    monkeypatch.setattr(repo.meta, commit, committed_then_lost)
+    tree.flush(fh)  # the version is what this close asked for: no error, nothing for the retry
     tree.release(fh)
-    assert not repo.cache.staging_path(key).exists()  # staging is never evicted: nothing may linger there
-    assert repo.cache.has(key)
-    assert repo.get_file("t/f").read_bytes() == b"bytes"
+    monkeypatch.undo()
+    assert not tree.retryable(repo.get_version(version.id))
+    assert not repo.cache.staging_path(version.s3_key).exists()  # staging is never evicted: nothing may linger
+    assert repo.cache.has(version.s3_key)
+    recorded = repo.get_version(version.id)
+    assert (recorded.state, recorded.storage) == ("published" if directory == "published" else "unpublished",
+                                                  "uploaded")
+    assert recorded.read_bytes() == b"bytes"
 
 
 def test_a_failing_fsync_after_a_failed_flush_still_leaves_the_file_to_be_published(repo, monkeypatch):
