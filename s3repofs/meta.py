@@ -282,9 +282,10 @@ class MetaStore:
         """Publish a verified version (optionally at a new path), expiring the path's current one.
 
         ``uploaded`` (the staged bytes' Content) records, in the same transaction, that a staged version has just
-        been stored and verified (one commit per publish instead of two). With ``unless_superseded``, a
-        version created before the path's published one is left unpublished, its ``publish_pending``
-        cleared: the returned version is then not published (at its own path only: no ``path`` with it).
+        been stored and verified (one commit per publish instead of two). With ``unless_superseded`` (a
+        retry's), only a version still unpublished and pending publication is published, and not if it
+        was created before the path's published one: that one stays unpublished, its ``publish_pending``
+        cleared. The returned version is then not published (at its own path only: no ``path`` with it).
         Returns ``(published, expired_or_None)``.
         Raises LifecycleError if the version is not uploaded and verified, or was discarded or
         purged. Concurrent publishers of one path are serialized on the path's lock row, so exactly
@@ -303,6 +304,8 @@ class MetaStore:
             if uploaded is not None:
                 self._mark_uploaded(tx, version_id, uploaded, now)
             version = self._lock_version(tx, version_id)  # re-read under the path lock
+            if unless_superseded and not (version.state == "unpublished" and version.publish_pending):
+                return version, None  # done meanwhile (another mount's retry), or expired since: as it is
             if version.state not in ("unpublished", "expired", "published"):
                 raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; it cannot be published")
             if version.storage != "uploaded":

@@ -284,7 +284,8 @@ class S3Repo:
         published: decided in the publishing transaction, since another host may publish meanwhile."""
         published, expired = self.meta.publish(version.id, unless_superseded=True)
         if published.state != "published":
-            log.warning("not publishing %s (version %d): a newer version is published", version.path, version.id)
+            why = "a newer version is published" if published.state == "unpublished" else f"it is {published.state}"
+            log.warning("not publishing %s (version %d): %s", version.path, version.id, why)
             return
         _log_published(published, expired)
 

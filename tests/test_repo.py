@@ -387,6 +387,18 @@ def test_a_retry_never_publishes_over_a_newer_version_published_meanwhile(repo, 
     assert repo.meta.staged_on(repo.host) == []  # nothing left to retry
 
 
+def test_a_retry_from_a_stale_row_never_republishes_a_version_expired_since(repo):
+    version = repo.add_file(path="t/f").touch("bytes").version
+    repo.meta.set_publish_pending(version.id, True)
+    assert repo.retry_staged_uploads() == 1  # one mount's retry publishes it
+    repo.get_file("t/f").expire()  # and someone removes it from published/
+    # Another mount under the same host name read the row before all that, and retries now.
+    published, expired = repo.meta.publish(version.id, unless_superseded=True)
+    assert (published.state, expired) == ("expired", None)
+    assert repo.get_version(version.id).version.state == "expired"
+    assert repo.get_file("t/f") is None
+
+
 def test_a_retry_never_publishes_over_a_newer_version_created_in_the_same_tick(repo, monkeypatch):
     monkeypatch.setattr(repo.meta, "clock", lambda: 1_000_000.0)  # one clock tick, or hosts' clocks apart
     old = repo.add_file(path="t/f").touch("old").version
