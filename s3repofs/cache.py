@@ -35,10 +35,10 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import RepoError
 from .transfer import Download
@@ -323,6 +323,38 @@ class LocalCache:
 
     def staging_path(self, key: str) -> Path:
         return self.staging_dir / key.replace("/", "%")
+
+    def open_staged_for_writing(self, key: str, flags: int) -> int:
+        """A writer's descriptor of a staged file. It holds a shared lock on the file for as long as it
+        is open, in whichever process: no retry takes a version while it is being written
+        (``claim_staged``)."""
+        fd = os.open(self.staging_path(key), flags)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextmanager
+    def claim_staged(self, key: str) -> Iterator[bool]:
+        """Whether the staged file is there and nobody is writing it; if so, it stays that way (an
+        exclusive lock) until the block ends."""
+        try:
+            fd = os.open(self.staging_path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            os.close(fd)
 
     # -- objects --------------------------------------------------------------------------------
 

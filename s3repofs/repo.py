@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import IO, BinaryIO, Callable, Mapping
 
@@ -268,11 +268,13 @@ class S3Repo:
             if not retryable(version):
                 continue
             try:
-                if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
-                    continue
-                version = self.upload(version)
-                if version.publish_pending:
-                    self._publish_unless_superseded(version)
+                staged = version.storage == "local"
+                with self.cache.claim_staged(version.s3_key) if staged else nullcontext(True) as ours:
+                    if not ours:  # gone (uploaded meanwhile), or a writer is at it: in another mount, say
+                        continue
+                    version = self.upload(version)
+                    if version.publish_pending:
+                        self._publish_unless_superseded(version)
             except (RepoError, OSError) as exc:  # the next version may still succeed
                 log.warning("retry of %s (version %d) failed again: %s", version.path, version.id, exc)
                 continue
@@ -414,10 +416,11 @@ class RepoFile:
             if self.state != "unpublished" or self.storage != "local":
                 raise ReadOnlyError(f"{self.path}: version {self.id} is {self.state}/{self.storage}; "
                                     "its content is immutable (add a new version)")
-            staged = self.repo.cache.staging_path(self.s3_key)
-            if not staged.exists():
-                raise NotFoundError(f"{self.path}: version {self.id} was staged on {self.origin_host}")
-            raw: BinaryIO = open(staged, "wb")
+            try:
+                fd = self.repo.cache.open_staged_for_writing(self.s3_key, os.O_WRONLY | os.O_TRUNC)
+            except FileNotFoundError:
+                raise NotFoundError(f"{self.path}: version {self.id} was staged on {self.origin_host}") from None
+            raw: BinaryIO = open(fd, "wb")
             return raw if mode == "wb" else io.TextIOWrapper(raw, encoding="utf-8")
         local = self.repo.local_file(self.version)
         return open(local, "rb") if mode == "rb" else open(local, "r", encoding="utf-8")

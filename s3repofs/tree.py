@@ -27,7 +27,7 @@ from typing import Callable
 
 from cachetools import TTLCache
 
-from .content import AppendDigest, read_back
+from .content import AppendDigest, Content, file_content, read_back
 from .errors import (
     AlreadyExistsError,
     BadHandleError,
@@ -428,6 +428,7 @@ class Tree:
             if not handle.dirty or not (handle.written or final):
                 return
             version = handle.version
+            content = None
             try:
                 content = handle.digest.content()
                 if handle.state == "published":
@@ -435,7 +436,7 @@ class Tree:
                 else:
                     version = self.repo.upload(version, content=content)
             except (RepoError, OSError) as exc:  # S3 or the database, or the local disk (EIO, ENOSPC)
-                version = self._stored_after_all(handle, version, exc)
+                version = self._after_failed_flush(handle, version, content, exc)
                 if version is None:
                     raise
             finally:
@@ -449,29 +450,52 @@ class Tree:
                 except (RepoError, OSError) as exc:  # they stay in unpublished/, where they were
                     log.warning("%s: older staged versions not discarded: %s", handle.mount_path, exc)
 
-    def _stored_after_all(self, handle: WriteHandle, version: Version, failure: Exception) -> Version | None:
+    def _after_failed_flush(self, handle: WriteHandle, version: Version, content: Content | None,
+                            failure: Exception) -> Version | None:
         """What became of a version whose flush failed. The version as recorded if the flush's work was
-        done after all (the answer to a commit can be lost): its bytes stored and, for a file written in
-        published/, published. Otherwise None, and the retry thread takes the version over."""
+        done after all (the answer to a commit can be lost): the bytes this handle wrote (``content``,
+        None if unknown) stored and, for a file written in published/, published. Otherwise None: the
+        retry thread takes the version over, marked for publishing as far as the database allows."""
         try:
             recorded = self.repo.meta.get(version.id)
         except RepoError as exc:
             log.error("%s: what became of version %d is unknown: %s", handle.mount_path, version.id, exc)
-            recorded = None
-        if recorded is not None and recorded.storage != "local" and (
-                handle.state != "published" or recorded.state != "unpublished"):
+            self._keep_for_retry(handle, version, failure)
+            return None
+        if recorded.storage == "uploaded" and content is None:
+            content = self._staged_content(recorded)
+        as_written = recorded.storage == "uploaded" and content is not None and (
+            recorded.size, recorded.md5) == (content.size, content.md5)
+        done = ("published", "expired") if handle.state == "published" else ("unpublished",)
+        if as_written and recorded.state in done:
             log.warning("%s: version %d was %s after all (the answer was lost: %s)", handle.mount_path,
                         version.id, recorded.state if handle.state == "published" else "stored", failure)
             self.repo.cache_uploaded(recorded)
             return recorded
-        self._keep_for_retry(handle, recorded or version, failure)
+        self._keep_for_retry(handle, recorded, failure)
+        if recorded.storage == "uploaded" and not as_written:  # the staged file is not that object: keep it
+            log.error("%s: version %d is stored with bytes other than these, which stay in %s", handle.mount_path,
+                      version.id, self.repo.cache.staging_path(recorded.s3_key))
+            return None
+        try:
+            if as_written:  # stored, but its publishing failed
+                self.repo.cache_uploaded(recorded)
+            if handle.state == "published" and recorded.state == "unpublished":
+                self.repo.meta.set_publish_pending(version.id, True)
+        except RepoError as exc:
+            log.error("%s: version %d may stay unpublished after its retry: %s", handle.mount_path, version.id, exc)
         return None
 
+    def _staged_content(self, version: Version) -> Content | None:
+        try:
+            return file_content(self.repo.cache.staging_path(version.s3_key))
+        except OSError:  # moved into the cache meanwhile, or unreadable: unknown
+            return None
+
     def _keep_for_retry(self, handle: WriteHandle, version: Version, failure: Exception) -> None:
-        """After a failed flush the staged bytes may be the only copy: the retry thread takes the version
-        over, made durable on this disk and marked for publishing as far as the disk and the database
-        allow (either may be what failed). ``version``: as recorded, if the database could say. More
-        writes go to a new version (``_continue_in_new_version``)."""
+        """After a failed flush the staged bytes may be the only copy: they are made durable on this disk
+        and the retry thread takes the version over. More writes go to a new version
+        (``_continue_in_new_version``)."""
         log.error("%s: version %d kept in staging (unpublished/), will retry: %s",
                   handle.mount_path, version.id, failure)
         handle.version = version
@@ -482,13 +506,6 @@ class Tree:
             os.fsync(handle.fd)
         except OSError as exc:
             log.error("%s: version %d may not survive a crash: %s", handle.mount_path, version.id, exc)
-        try:
-            if version.storage != "local":  # stored, but its publishing failed
-                self.repo.cache_uploaded(version)
-            if handle.state == "published" and version.state == "unpublished":
-                self.repo.meta.set_publish_pending(version.id, True)
-        except RepoError as exc:
-            log.error("%s: version %d may stay unpublished after its retry: %s", handle.mount_path, version.id, exc)
 
     def _discard_older_staged(self, version: Version) -> None:
         for older in self.repo.meta.history(version.path):
@@ -521,7 +538,7 @@ class Tree:
 
     def _open_staged(self, version: Version) -> tuple[int, AppendDigest]:
         """A writer's descriptor of the version's staged file, and the digest of what it holds."""
-        fd = os.open(self.repo.cache.staging_path(version.s3_key), os.O_RDWR)
+        fd = self.repo.cache.open_staged_for_writing(version.s3_key, os.O_RDWR)
         return fd, AppendDigest(fd, os.fstat(fd).st_size)
 
     def release(self, fh: int) -> None:

@@ -258,6 +258,16 @@ def test_a_failed_upload_keeps_the_staged_bytes_and_is_retried(repo, monkeypatch
     assert repo.get_file("t/a.txt").read_bytes() == b"precious"
 
 
+def test_a_retry_never_takes_a_version_whose_writer_has_it_open(repo):
+    rf = repo.add_file(path="t/a.txt")
+    repo.meta.set_publish_pending(rf.id, True)
+    with rf.open("wb") as f:
+        f.write(b"half")
+        assert repo.retry_staged_uploads() == 0  # a retry in another process would see it just so
+    assert repo.retry_staged_uploads() == 1
+    assert repo.get_file("t/a.txt").read_bytes() == b"half"
+
+
 def test_large_objects_download_in_parallel_parts_byte_exact(repo_config):
     import os
 

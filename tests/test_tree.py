@@ -128,6 +128,38 @@ def test_the_prefetchers_listing_answers_a_sequential_readers_next_lookups(repo,
     assert queried == []
 
 
+def test_another_mounts_retry_never_takes_a_version_still_being_written(repo):
+    tree, fh = _writing(repo)
+    version = tree._handles[fh].version
+    other = Tree(repo, started=time.time() + 60)  # a mount on this host that started after the version was made
+    assert other.retryable(repo.get_version(version.id).version)  # its own rules would let it
+    assert repo.retry_staged_uploads(other.retryable) == 0  # but the writer holds the staged file
+    assert repo.get_version(version.id).version.storage == "local"
+    tree.write(fh, b" and more", 5)
+    tree.flush(fh)
+    tree.release(fh)
+    assert repo.get_file("t/f").read_bytes() == b"bytes and more"
+
+
+def test_a_flush_that_finds_other_bytes_stored_fails_and_keeps_its_own(repo):
+    from s3repofs.content import Content
+    from s3repofs.errors import LifecycleError
+
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/unpublished/t", 0o755, 0, 0)
+    fh = tree.create("/unpublished/t/f", 0o644, 0, 0)
+    tree.write(fh, b"bytes", 0)
+    version = tree._handles[fh].version
+    repo.meta.mark_uploaded(version.id, Content(4, "0" * 32, "0" * 32))  # what a rogue uploader recorded
+    with pytest.raises(LifecycleError):
+        tree.flush(fh)
+    tree.release(fh)
+    staged = repo.cache.staging_path(version.s3_key)
+    assert staged.read_bytes() == b"bytes"  # not taken for the stored object: kept where it was
+    assert not repo.cache.has(version.s3_key)
+    assert not repo.get_version(version.id).version.publish_pending
+
+
 def test_a_flush_failing_on_the_local_disk_leaves_the_version_to_the_retry(repo, monkeypatch):
     import errno
 
