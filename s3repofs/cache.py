@@ -329,11 +329,8 @@ class LocalCache:
         is open, in whichever process: no retry takes a version while it is being written
         (``claim_staged``)."""
         fd = os.open(self.staging_path(key), flags)
-        try:
+        with suppress(OSError):  # a file system without flock: the retry cannot tell, as before there were locks
             fcntl.flock(fd, fcntl.LOCK_SH)
-        except BaseException:
-            os.close(fd)
-            raise
         return fd
 
     @contextmanager
@@ -351,6 +348,8 @@ class LocalCache:
             os.close(fd)
             yield False
             return
+        except OSError:  # no flock here (see open_staged_for_writing)
+            pass
         try:
             yield True
         finally:
