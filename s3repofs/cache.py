@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import RepoError
+from .errors import ReadOnlyError, RepoError
 from .transfer import Download
 
 log = logging.getLogger(__name__)
@@ -324,21 +324,43 @@ class LocalCache:
     def staging_path(self, key: str) -> Path:
         return self.staging_dir / key.replace("/", "%")
 
-    def open_staged_for_writing(self, key: str, flags: int) -> int:
+    def open_staged_for_writing(self, key: str, truncate: bool = False) -> int:
         """A writer's descriptor of a staged file. It holds a shared lock on the file for as long as it
         is open, in whichever process: no retry takes a version while it is being written
-        (``claim_staged``)."""
-        fd = os.open(self.staging_path(key), flags)
-        with suppress(OSError):  # a file system without flock: the retry cannot tell, as before there were locks
-            fcntl.flock(fd, fcntl.LOCK_SH)
+        (``claim_staged``). ReadOnlyError if a retry has taken it (it is being uploaded, or was)."""
+        path = self.staging_path(key)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ReadOnlyError(f"{key}: a retry is uploading this staged version; add a new version") from None
+            except OSError:  # a file system without flock: the retry cannot tell, as before there were locks
+                pass
+            if not os.path.samestat(os.fstat(fd), os.stat(path)):
+                raise ReadOnlyError(f"{key}: this staged version was uploaded meanwhile; add a new version")
+            if truncate:
+                os.ftruncate(fd, 0)
+        except FileNotFoundError:
+            os.close(fd)
+            raise ReadOnlyError(f"{key}: this staged version was uploaded meanwhile; add a new version") from None
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
+
+    @staticmethod
+    def release_staged(fd: int) -> None:
+        """Give up a writer's lock (``open_staged_for_writing``) before its descriptor is closed."""
+        with suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextmanager
     def claim_staged(self, key: str) -> Iterator[bool]:
         """Whether the staged file is there and nobody is writing it; if so, it stays that way (an
         exclusive lock) until the block ends."""
         try:
-            fd = os.open(self.staging_path(key), os.O_RDONLY)
+            fd = os.open(self.staging_path(key), os.O_RDWR)  # NFS emulates flock with locks that need write access
         except FileNotFoundError:
             yield False
             return

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
@@ -248,15 +247,6 @@ class S3Repo:
         log.info("discarded %s (version %d)", discarded.path, discarded.id)
         return discarded
 
-    def copy_on_write(self, source: Version | None, path: RepoPath, *, mode: int, uid: int, gid: int,
-                      keep_content: bool) -> Version:
-        """A new unpublished version at ``path``, starting empty or with ``source``'s bytes."""
-        rf = self.add_file(str(path), mode=mode, uid=uid, gid=gid)
-        if keep_content and source is not None:
-            staged = self.cache.staging_path(rf.s3_key)
-            shutil.copyfile(self.local_file(source), staged)
-        return rf.version
-
     def retry_staged_uploads(self, retryable: Callable[[Version], bool] = lambda version: True) -> int:
         """Upload what this host staged but could not upload (S3 was down, say); publish what was meant
         to be published unless a newer version was published meanwhile. Only versions for which
@@ -417,7 +407,7 @@ class RepoFile:
                 raise ReadOnlyError(f"{self.path}: version {self.id} is {self.state}/{self.storage}; "
                                     "its content is immutable (add a new version)")
             try:
-                fd = self.repo.cache.open_staged_for_writing(self.s3_key, os.O_WRONLY | os.O_TRUNC)
+                fd = self.repo.cache.open_staged_for_writing(self.s3_key, truncate=True)
             except FileNotFoundError:
                 raise NotFoundError(f"{self.path}: version {self.id} was staged on {self.origin_host}") from None
             raw: BinaryIO = open(fd, "wb")

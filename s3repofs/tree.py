@@ -154,6 +154,7 @@ class Tree:
         self.started = started or time.time()
         self._root_time = _ns(self.started)
         self._failed_uploads: set[int] = set()  # versions whose upload failed at a flush here
+        self._unmarked_publishes: set[int] = set()  # failed publishes whose publish_pending the database missed
         self._generation = 0  # bumped by every local change (forget)
         config = repo.config
         self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size, self._list_ahead)
@@ -349,8 +350,7 @@ class Tree:
             parent = None
         if parent is None or not parent.is_dir:
             raise NotFoundError(f"{path}: no such directory {loc.file.parent}")
-        version = self.repo.copy_on_write(None, loc.file, mode=mode & 0o7777, uid=uid, gid=gid, keep_content=False)
-        return self._start_writer(path, loc.state, version)
+        return self._start_writer(path, loc.state, *self._new_version(loc.file, mode & 0o7777, uid, gid))
 
     def _open_write(self, path: str, flags: int, uid: int, gid: int) -> int:
         loc = self._writable(path)
@@ -364,13 +364,36 @@ class Tree:
             raise IsDirectoryError(f"{path}: is a directory")
         source = entry.version
         keep = not flags & os.O_TRUNC
-        version = self.repo.copy_on_write(source, loc.file, mode=source.mode, uid=source.uid, gid=source.gid,
-                                          keep_content=keep)
+        if keep:
+            with open(self.repo.local_file(source), "rb") as copied:
+                new = self._new_version(loc.file, source.mode, source.uid, source.gid, copy_of=copied.fileno())
+        else:
+            new = self._new_version(loc.file, source.mode, source.uid, source.gid)
         # O_TRUNC made a change already; a kept copy changes only when written
-        return self._start_writer(path, loc.state, version, dirty=not keep)
+        return self._start_writer(path, loc.state, *new, dirty=not keep)
 
-    def _start_writer(self, path: str, state: str, version: Version, dirty: bool = True) -> int:
-        handle = WriteHandle(path, state, version, *self._open_staged(version), dirty=dirty)
+    def _new_version(self, path: RepoPath, mode: int, uid: int, gid: int,
+                     copy_of: int | None = None) -> tuple[Version, int, AppendDigest]:
+        """A new unpublished version of ``path`` with its writer's descriptor and digest: empty, or a
+        copy of the file behind descriptor ``copy_of``, made under the writer's lock (no retry takes a
+        half copy). If anything fails, no version is left behind."""
+        version = self.repo.add_file(str(path), mode=mode, uid=uid, gid=gid).version
+        fd = -1
+        try:
+            fd, digest = self._open_staged(version)
+            if copy_of is not None:
+                digest.appended(0, _copy_whole(copy_of, fd))
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with suppress(RepoError, OSError):
+                self.repo.discard(version)
+            raise
+        return version, fd, digest
+
+    def _start_writer(self, path: str, state: str, version: Version, fd: int, digest: AppendDigest,
+                      dirty: bool = True) -> int:
+        handle = WriteHandle(path, state, version, fd, digest, dirty=dirty)
         with self._lock:
             self._writers[path] = handle
         self.forget(path)
@@ -461,12 +484,14 @@ class Tree:
         except RepoError as exc:
             log.error("%s: what became of version %d is unknown: %s", handle.mount_path, version.id, exc)
             self._keep_for_retry(handle, version, failure)
+            if handle.state == "published":
+                self._mark_later(version)
             return None
         if recorded.storage == "uploaded" and content is None:
             content = self._staged_content(recorded)
         as_written = recorded.storage == "uploaded" and content is not None and (
             recorded.size, recorded.md5) == (content.size, content.md5)
-        done = ("published", "expired") if handle.state == "published" else ("unpublished",)
+        done = ("published", "expired") if handle.state == "published" else ("unpublished", "published", "expired")
         if as_written and recorded.state in done:
             log.warning("%s: version %d was %s after all (the answer was lost: %s)", handle.mount_path,
                         version.id, recorded.state if handle.state == "published" else "stored", failure)
@@ -483,8 +508,27 @@ class Tree:
             if handle.state == "published" and recorded.state == "unpublished":
                 self.repo.meta.set_publish_pending(version.id, True)
         except RepoError as exc:
-            log.error("%s: version %d may stay unpublished after its retry: %s", handle.mount_path, version.id, exc)
+            log.error("%s: version %d is marked for publishing later: %s", handle.mount_path, version.id, exc)
+            if handle.state == "published":
+                self._mark_later(version)
         return None
+
+    def _mark_later(self, version: Version) -> None:
+        with self._lock:
+            self._unmarked_publishes.add(version.id)
+
+    def mark_unmarked_publishes(self) -> None:
+        """Mark for publishing (publish_pending) the versions whose publish failed at a flush while the
+        database could not take the mark either. The retry thread calls this before each pass."""
+        with self._lock:
+            unmarked = sorted(self._unmarked_publishes)
+        for version_id in unmarked:
+            try:
+                self.repo.meta.set_publish_pending(version_id, True)
+            except RepoError:
+                return  # still unreachable: the next pass tries again
+            with self._lock:
+                self._unmarked_publishes.discard(version_id)
 
     def _staged_content(self, version: Version) -> Content | None:
         try:
@@ -518,19 +562,11 @@ class Tree:
         and the writer continues in a new version with a copy of what its descriptor holds (wherever the
         old version's file has gone meanwhile: into the cache, or away)."""
         old = handle.version
-        version = self.repo.copy_on_write(None, old.path, mode=old.mode, uid=old.uid, gid=old.gid, keep_content=False)
-        fd = -1
-        try:
-            fd, digest = self._open_staged(version)
-            digest.appended(0, _copy_whole(handle.fd, fd))
-        except BaseException:  # the write fails; no half copy is left in unpublished/
-            if fd >= 0:
-                os.close(fd)
-            with suppress(RepoError, OSError):
-                self.repo.discard(version)
-            raise
+        version, fd, digest = self._new_version(old.path, old.mode, old.uid, old.gid, copy_of=handle.fd)
         # The old descriptor stays open until release: libfuse may still be reading it for a read
-        # answered a moment ago (read_buf), and a closed number could be reused by another file.
+        # answered a moment ago (read_buf), and a closed number could be reused by another file. It
+        # gives up its writer's lock: the old version may be the retry's.
+        self.repo.cache.release_staged(handle.fd)
         handle.retired_fds.append(handle.fd)
         handle.digest.stop()
         handle.fd, handle.digest = fd, digest
@@ -538,7 +574,7 @@ class Tree:
 
     def _open_staged(self, version: Version) -> tuple[int, AppendDigest]:
         """A writer's descriptor of the version's staged file, and the digest of what it holds."""
-        fd = self.repo.cache.open_staged_for_writing(version.s3_key, os.O_RDWR)
+        fd = self.repo.cache.open_staged_for_writing(version.s3_key)
         return fd, AppendDigest(fd, os.fstat(fd).st_size)
 
     def release(self, fh: int) -> None:

@@ -268,6 +268,27 @@ def test_a_retry_never_takes_a_version_whose_writer_has_it_open(repo):
     assert repo.get_file("t/a.txt").read_bytes() == b"half"
 
 
+def test_a_writer_opening_a_version_the_retry_is_uploading_is_refused(repo, monkeypatch):
+    from s3repofs.errors import ReadOnlyError
+
+    rf = repo.add_file(path="t/a.txt").touch("original")
+    put = repo.store.put
+    refused = []
+
+    def put_while_someone_opens_it(*args, **kwargs):
+        with pytest.raises(ReadOnlyError):
+            rf.open("wb")  # would write into what becomes the cached object
+        refused.append(True)
+        return put(*args, **kwargs)
+
+    monkeypatch.setattr(repo.store, "put", put_while_someone_opens_it)
+    assert repo.retry_staged_uploads() == 1
+    assert refused
+    assert repo.get_version(rf.id).read_bytes() == b"original"
+    with pytest.raises(ReadOnlyError):  # and once it is uploaded, as before
+        rf.open("wb")
+
+
 def test_large_objects_download_in_parallel_parts_byte_exact(repo_config):
     import os
 

@@ -141,6 +141,39 @@ def test_another_mounts_retry_never_takes_a_version_still_being_written(repo):
     assert repo.get_file("t/f").read_bytes() == b"bytes and more"
 
 
+def test_a_version_left_to_the_retry_is_retried_while_its_writer_goes_on_in_a_new_one(repo, monkeypatch):
+    from s3repofs.errors import StoreUnavailableError
+
+    tree, fh = _writing(repo)
+    old = tree._handles[fh].version
+    with monkeypatch.context() as patched:
+        patched.setattr(repo.store, "put", _failing(StoreUnavailableError("unreachable (injected)")))
+        with pytest.raises(StoreUnavailableError):
+            tree.flush(fh)
+    tree.write(fh, b"!", 5)  # goes to a new version; the old descriptor stays open, retired
+    assert repo.retry_staged_uploads(tree.retryable) == 1  # the old version, though its writer is open
+    assert repo.get_version(old.id).version.storage == "uploaded"
+    tree.flush(fh)
+    tree.release(fh)
+    assert repo.get_file("t/f").read_bytes() == b"bytes!"
+
+
+def test_a_publish_failing_while_the_database_is_down_is_published_by_a_later_retry(repo, monkeypatch):
+    from s3repofs.errors import DatabaseUnavailableError
+
+    tree, fh = _writing(repo)
+    down = _failing(DatabaseUnavailableError("database down (injected)"))
+    with monkeypatch.context() as patched:
+        for name in ("publish_staged", "get", "set_publish_pending"):
+            patched.setattr(repo.meta, name, down)
+        with pytest.raises(DatabaseUnavailableError):
+            tree.flush(fh)
+    tree.release(fh)
+    tree.mark_unmarked_publishes()  # the database is back: the retry thread's next pass
+    assert repo.retry_staged_uploads(tree.retryable) == 1
+    assert repo.get_file("t/f").read_bytes() == b"bytes"
+
+
 def test_a_flush_that_finds_other_bytes_stored_fails_and_keeps_its_own(repo):
     from s3repofs.content import Content
     from s3repofs.errors import LifecycleError
