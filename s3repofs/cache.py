@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import ReadOnlyError, RepoError
+from .errors import BeingWrittenError, ReadOnlyError, RepoError
 from .transfer import Download
 
 log = logging.getLogger(__name__)
@@ -356,24 +356,18 @@ class LocalCache:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextmanager
-    def claim_staged(self, key: str) -> Iterator[bool]:
-        """Whether the staged file is there and nobody is writing it; if so, it stays that way (an
-        exclusive lock) until the block ends."""
+    def claim_staged(self, key: str) -> Iterator[None]:
+        """Hold the staged file against writers (an exclusive lock) until the block ends, for its
+        upload: BeingWrittenError if a writer has it open, FileNotFoundError if it is not here."""
+        fd = os.open(self.staging_path(key), os.O_RDWR)  # NFS emulates flock with locks that need write access
         try:
-            fd = os.open(self.staging_path(key), os.O_RDWR)  # NFS emulates flock with locks that need write access
-        except FileNotFoundError:
-            yield False
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            yield False
-            return
-        except OSError:  # no flock here (see open_staged_for_writing)
-            pass
-        try:
-            yield True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BeingWrittenError(f"{key}: a writer still has this staged version open") from None
+            except OSError:  # no flock here (see open_staged_for_writing)
+                pass
+            yield
         finally:
             os.close(fd)
 

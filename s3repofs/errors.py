@@ -68,6 +68,12 @@ class ReadOnlyError(LifecycleError):
     errno = _errno.EROFS
 
 
+class BeingWrittenError(LifecycleError):
+    """A writer (in any process on this host) still has the staged version open: close it first."""
+
+    errno = _errno.EBUSY
+
+
 class NotEmptyError(RepoError):
     errno = _errno.ENOTEMPTY
 

@@ -24,15 +24,23 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, BinaryIO, Callable, Mapping
+from typing import IO, BinaryIO, Callable, Iterator, Mapping
 
 from .cache import LocalCache, StartDownload
 from .config import EMBEDDED, Config, load_config
 from .content import Content, download_digest, file_content
 from .db import Database
-from .errors import ArchivedError, LifecycleError, NotFoundError, ReadOnlyError, RepoError, VerificationError
+from .errors import (
+    ArchivedError,
+    BeingWrittenError,
+    LifecycleError,
+    NotFoundError,
+    ReadOnlyError,
+    RepoError,
+    VerificationError,
+)
 from .meta import SCHEMA_VERSION, VISIBLE_STATES, MetaStore, Version
 from .paths import DirPath, RepoPath, validate_type
 from .store import ObjectStore, S3Store, describe, open_store
@@ -175,8 +183,9 @@ class S3Repo:
         ``content``: what the staged bytes are, if the caller hashed them as it wrote them."""
         if version.storage == "uploaded":
             return version
-        version = self.meta.mark_uploaded(version.id, self._store_staged(version, content))
-        self.cache_uploaded(version)
+        with self._claimed(version):
+            version = self.meta.mark_uploaded(version.id, self._store_staged(version, content))
+            self.cache_uploaded(version)
         return version
 
     def publish(self, version: Version, path: RepoPath | None = None, *, content: Content | None = None) -> Version:
@@ -185,16 +194,28 @@ class S3Repo:
         if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
             version = self.meta.get(version.id)  # a stale copy: uploaded meanwhile (by the retry thread)
         if version.storage == "local":  # the upload is recorded in the publishing transaction
-            content = self._store_staged(version, content)
-            if path is None or path == version.path:
-                published, expired = self.meta.publish_staged(version, content)
-            else:
-                published, expired = self.meta.publish(version.id, path, uploaded=content)
-            self.cache_uploaded(published)
+            with self._claimed(version):
+                content = self._store_staged(version, content)
+                if path is None or path == version.path:
+                    published, expired = self.meta.publish_staged(version, content)
+                else:
+                    published, expired = self.meta.publish(version.id, path, uploaded=content)
+                self.cache_uploaded(published)
         else:
             published, expired = self.meta.publish(version.id, path)
         _log_published(published, expired)
         return published
+
+    @contextmanager
+    def _claimed(self, version: Version) -> Iterator[None]:
+        """Keep writers off a staged version's file while it is uploaded, recorded and cached: a
+        writer still at it (any process on this host) gets BeingWrittenError instead of publishing
+        half its bytes."""
+        if not self.cache.staging_path(version.s3_key).exists():
+            raise LifecycleError(f"{version.path}: the staged bytes of version {version.id} are not on this host "
+                                 f"({version.origin_host} staged them)")
+        with self.cache.claim_staged(version.s3_key):
+            yield
 
     def _store_staged(self, version: Version, content: Content | None = None) -> Content:
         """Put a staged version's bytes in the store, verified; what they are (size and digests).
@@ -204,10 +225,7 @@ class S3Repo:
         if version.state != "unpublished" or version.storage != "local":
             raise LifecycleError(f"{version.path}: version {version.id} is {version.state}/{version.storage}; "
                                  "nothing to upload")
-        staged = self.cache.staging_path(version.s3_key)
-        if not staged.exists():
-            raise LifecycleError(f"{version.path}: the staged bytes of version {version.id} are not on this host "
-                                 f"({version.origin_host} staged them)")
+        staged = self.cache.staging_path(version.s3_key)  # held by the caller (_claimed)
         given = content is not None and content.size == staged.stat().st_size
         if not given:
             content = file_content(staged)
@@ -258,13 +276,13 @@ class S3Repo:
             if not retryable(version):
                 continue
             try:
-                staged = version.storage == "local"
-                with self.cache.claim_staged(version.s3_key) if staged else nullcontext(True) as ours:
-                    if not ours:  # gone (uploaded meanwhile), or a writer is at it: in another mount, say
-                        continue
-                    version = self.upload(version)
-                    if version.publish_pending:
-                        self._publish_unless_superseded(version)
+                if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
+                    continue
+                version = self.upload(version)
+                if version.publish_pending:
+                    self._publish_unless_superseded(version)
+            except BeingWrittenError:  # a writer is at it, in another mount say: not a leftover
+                continue
             except (RepoError, OSError) as exc:  # the next version may still succeed
                 log.warning("retry of %s (version %d) failed again: %s", version.path, version.id, exc)
                 continue

@@ -454,6 +454,9 @@ class Tree:
             content = None
             try:
                 content = handle.digest.content()
+                # The repository holds the staged file against writers while it uploads it: ours,
+                # under handle.lock, writes no more, and after a failure the bytes are the retry's.
+                self.repo.cache.release_staged(handle.fd)
                 if handle.state == "published":
                     version = self.repo.publish(version, content=content)
                 else:

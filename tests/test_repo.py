@@ -268,6 +268,19 @@ def test_a_retry_never_takes_a_version_whose_writer_has_it_open(repo):
     assert repo.get_file("t/a.txt").read_bytes() == b"half"
 
 
+def test_a_version_still_open_for_writing_is_not_published(repo):
+    from s3repofs.errors import BeingWrittenError
+
+    rf = repo.add_file(path="t/a.txt")
+    with rf.open("wb") as f:
+        f.write(b"half")
+        with pytest.raises(BeingWrittenError):  # as `s3repofs publish` from another shell would be
+            rf.publish()
+        f.write(b" and the rest")
+    rf.publish()
+    assert repo.get_file("t/a.txt").read_bytes() == b"half and the rest"
+
+
 def test_a_writer_opening_a_version_the_retry_is_uploading_is_refused(repo, monkeypatch):
     from s3repofs.errors import ReadOnlyError
 

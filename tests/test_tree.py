@@ -174,6 +174,23 @@ def test_a_publish_failing_while_the_database_is_down_is_published_by_a_later_re
     assert repo.get_file("t/f").read_bytes() == b"bytes"
 
 
+def test_publishing_a_file_still_being_written_is_refused_until_it_is_closed(repo):
+    from s3repofs.errors import BeingWrittenError
+
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/unpublished/t", 0o755, 0, 0)
+    fh = tree.create("/unpublished/t/f", 0o644, 0, 0)
+    tree.write(fh, b"half", 0)
+    with pytest.raises(BeingWrittenError):  # mv unpublished/t/f published/t/f while a program writes it
+        tree.rename("/unpublished/t/f", "/published/t/f")
+    assert repo.get_file("t/f") is None
+    tree.write(fh, b" and the rest", 4)
+    tree.flush(fh)
+    tree.release(fh)
+    tree.rename("/unpublished/t/f", "/published/t/f")
+    assert repo.get_file("t/f").read_bytes() == b"half and the rest"
+
+
 def test_a_flush_that_finds_other_bytes_stored_fails_and_keeps_its_own(repo):
     from s3repofs.content import Content
     from s3repofs.errors import LifecycleError
