@@ -470,7 +470,7 @@ class Tree:
             handle.version = version
             handle.dirty = handle.failed = False
             handle.sealed = True  # before anything else can fail: the file is a cached object now
-            if handle.state == "unpublished":
+            if version.state == "unpublished":  # (one published meanwhile, by id, has left unpublished/)
                 try:
                     self._discard_older_staged(version)
                 except (RepoError, OSError) as exc:  # they stay in unpublished/, where they were
@@ -578,7 +578,11 @@ class Tree:
     def _open_staged(self, version: Version) -> tuple[int, AppendDigest]:
         """A writer's descriptor of the version's staged file, and the digest of what it holds."""
         fd = self.repo.cache.open_staged_for_writing(version.s3_key)
-        return fd, AppendDigest(fd, os.fstat(fd).st_size)
+        try:
+            return fd, AppendDigest(fd, os.fstat(fd).st_size)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def release(self, fh: int) -> None:
         handle = self._handles.get(fh)
