@@ -334,7 +334,7 @@ class LocalCache:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ReadOnlyError(f"{key}: a retry is uploading this staged version; add a new version") from None
+                raise ReadOnlyError(f"{key}: this staged version is being uploaded; add a new version") from None
             except OSError:  # a file system without flock: the retry cannot tell, as before there were locks
                 pass
             if not os.path.samestat(os.fstat(fd), os.stat(path)):
@@ -356,18 +356,25 @@ class LocalCache:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextmanager
-    def claim_staged(self, key: str) -> Iterator[None]:
-        """Hold the staged file against writers (an exclusive lock) until the block ends, for its
-        upload: BeingWrittenError if a writer has it open, FileNotFoundError if it is not here."""
-        fd = os.open(self.staging_path(key), os.O_RDWR)  # NFS emulates flock with locks that need write access
+    def claim_staged(self, key: str, wait: float = 0.0) -> Iterator[bool]:
+        """Hold the staged file against writers and other uploads (an exclusive lock) until the block
+        ends, for its upload. Yields False if there is no staged file (any more: uploaded meanwhile).
+        Waits up to ``wait`` seconds for a writer to close or another upload to end, then raises
+        BeingWrittenError."""
+        path = self.staging_path(key)
         try:
+            fd = os.open(path, os.O_RDWR)  # NFS emulates flock with locks that need write access
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            if not _lock_within(fd, wait):
+                raise BeingWrittenError(f"{key}: a writer still has this staged version open, or it is being uploaded")
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise BeingWrittenError(f"{key}: a writer still has this staged version open") from None
-            except OSError:  # no flock here (see open_staged_for_writing)
-                pass
-            yield
+                still_staged = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                still_staged = False
+            yield still_staged
         finally:
             os.close(fd)
 
@@ -569,6 +576,22 @@ class LocalCache:
                 log.debug("cache: evicting %s", key)
                 with suppress(OSError):
                     self.object_path(key).unlink(missing_ok=True)
+
+
+def _lock_within(fd: int, wait: float) -> bool:
+    """Take an exclusive flock on ``fd`` within ``wait`` seconds (True also where flock is not supported)."""
+    deadline, delay = time.monotonic() + wait, 0.005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, 0.1)
+        except OSError:  # no flock here (see open_staged_for_writing)
+            return True
 
 
 def _fsync_path(path: Path) -> None:

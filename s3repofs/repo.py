@@ -24,9 +24,9 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
-from typing import IO, BinaryIO, Callable, Iterator, Mapping
+from typing import IO, BinaryIO, Callable, Mapping
 
 from .cache import LocalCache, StartDownload
 from .config import EMBEDDED, Config, load_config
@@ -47,6 +47,10 @@ from .store import ObjectStore, S3Store, describe, open_store
 from .transfer import Download
 
 log = logging.getLogger(__name__)
+
+# Seconds an upload or publish waits for a writer of the staged version to close (the kernel releases
+# a closed file a moment after close() returns: `touch f && mv f ...`) or for another upload of it.
+CLAIM_WAIT = 5.0
 
 
 class RepoNotInitializedError(RepoError):
@@ -178,44 +182,46 @@ class S3Repo:
 
     # -- version operations (RepoFile delegates here) ---------------------------------------------
 
-    def upload(self, version: Version, *, content: Content | None = None) -> Version:
+    def upload(self, version: Version, *, content: Content | None = None, wait: float | None = None) -> Version:
         """Upload and verify a staged version, then record its size and md5 and mark it uploaded.
-        ``content``: what the staged bytes are, if the caller hashed them as it wrote them."""
+        ``content``: what the staged bytes are, if the caller hashed them as it wrote them. Waits up
+        to ``wait`` s (CLAIM_WAIT) for a writer still at the version (BeingWrittenError after that)."""
         if version.storage == "uploaded":
             return version
-        with self._claimed(version):
-            version = self.meta.mark_uploaded(version.id, self._store_staged(version, content))
-            self.cache_uploaded(version)
-        return version
+        with self.cache.claim_staged(version.s3_key, CLAIM_WAIT if wait is None else wait) as held:
+            if held:
+                version = self.meta.mark_uploaded(version.id, self._store_staged(version, content))
+                self.cache_uploaded(version)
+                return version
+        return self._uploaded_elsewhere(version)
 
     def publish(self, version: Version, path: RepoPath | None = None, *, content: Content | None = None) -> Version:
         """Upload if needed, then publish atomically (at ``path`` if given); expires the previous one.
-        ``content``: as for ``upload``."""
-        if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
-            version = self.meta.get(version.id)  # a stale copy: uploaded meanwhile (by the retry thread)
+        ``content``: as for ``upload``, which waits for a writer likewise."""
         if version.storage == "local":  # the upload is recorded in the publishing transaction
-            with self._claimed(version):
-                content = self._store_staged(version, content)
-                if path is None or path == version.path:
-                    published, expired = self.meta.publish_staged(version, content)
-                else:
-                    published, expired = self.meta.publish(version.id, path, uploaded=content)
-                self.cache_uploaded(published)
-        else:
-            published, expired = self.meta.publish(version.id, path)
+            with self.cache.claim_staged(version.s3_key, CLAIM_WAIT) as held:
+                if held:
+                    content = self._store_staged(version, content)
+                    if path is None or path == version.path:
+                        published, expired = self.meta.publish_staged(version, content)
+                    else:
+                        published, expired = self.meta.publish(version.id, path, uploaded=content)
+                    self.cache_uploaded(published)
+                    _log_published(published, expired)
+                    return published
+            version = self._uploaded_elsewhere(version)
+        published, expired = self.meta.publish(version.id, path)
         _log_published(published, expired)
         return published
 
-    @contextmanager
-    def _claimed(self, version: Version) -> Iterator[None]:
-        """Keep writers off a staged version's file while it is uploaded, recorded and cached: a
-        writer still at it (any process on this host) gets BeingWrittenError instead of publishing
-        half its bytes."""
-        if not self.cache.staging_path(version.s3_key).exists():
+    def _uploaded_elsewhere(self, version: Version) -> Version:
+        """A version whose staged file is not here (any more), as recorded: uploaded meanwhile (by the
+        retry, a writer's close or another publish), or staged on another host."""
+        recorded = self.meta.get(version.id)
+        if recorded.storage == "local":
             raise LifecycleError(f"{version.path}: the staged bytes of version {version.id} are not on this host "
                                  f"({version.origin_host} staged them)")
-        with self.cache.claim_staged(version.s3_key):
-            yield
+        return recorded
 
     def _store_staged(self, version: Version, content: Content | None = None) -> Content:
         """Put a staged version's bytes in the store, verified; what they are (size and digests).
@@ -225,7 +231,7 @@ class S3Repo:
         if version.state != "unpublished" or version.storage != "local":
             raise LifecycleError(f"{version.path}: version {version.id} is {version.state}/{version.storage}; "
                                  "nothing to upload")
-        staged = self.cache.staging_path(version.s3_key)  # held by the caller (_claimed)
+        staged = self.cache.staging_path(version.s3_key)  # held by the caller (claim_staged)
         given = content is not None and content.size == staged.stat().st_size
         if not given:
             content = file_content(staged)
@@ -278,7 +284,7 @@ class S3Repo:
             try:
                 if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
                     continue
-                version = self.upload(version)
+                version = self.upload(version, wait=0)
                 if version.publish_pending:
                     self._publish_unless_superseded(version)
             except BeingWrittenError:  # a writer is at it, in another mount say: not a leftover

@@ -268,7 +268,8 @@ def test_a_retry_never_takes_a_version_whose_writer_has_it_open(repo):
     assert repo.get_file("t/a.txt").read_bytes() == b"half"
 
 
-def test_a_version_still_open_for_writing_is_not_published(repo):
+def test_a_version_still_open_for_writing_is_not_published(repo, monkeypatch):
+    monkeypatch.setattr("s3repofs.repo.CLAIM_WAIT", 0.2)  # how long it waits for the writer to close
     from s3repofs.errors import BeingWrittenError
 
     rf = repo.add_file(path="t/a.txt")

@@ -174,7 +174,8 @@ def test_a_publish_failing_while_the_database_is_down_is_published_by_a_later_re
     assert repo.get_file("t/f").read_bytes() == b"bytes"
 
 
-def test_publishing_a_file_still_being_written_is_refused_until_it_is_closed(repo):
+def test_publishing_a_file_still_being_written_is_refused_until_it_is_closed(repo, monkeypatch):
+    monkeypatch.setattr("s3repofs.repo.CLAIM_WAIT", 0.2)  # how long it waits for the writer to close
     from s3repofs.errors import BeingWrittenError
 
     tree = Tree(repo, metadata_ttl=3600)
@@ -189,6 +190,22 @@ def test_publishing_a_file_still_being_written_is_refused_until_it_is_closed(rep
     tree.release(fh)
     tree.rename("/unpublished/t/f", "/published/t/f")
     assert repo.get_file("t/f").read_bytes() == b"half and the rest"
+
+
+def test_a_file_closed_but_not_yet_released_can_be_published_at_once(repo):
+    import threading
+
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/unpublished/t", 0o755, 0, 0)
+    fh = tree.create("/unpublished/t/f", 0o644, 0, 0)  # touch unpublished/t/f
+    tree.flush(fh)  # its close(); the kernel's RELEASE, which uploads it, comes a moment later
+    releasing = threading.Timer(0.3, tree.release, (fh,))
+    releasing.start()
+    try:
+        tree.rename("/unpublished/t/f", "/published/t/f")  # && mv unpublished/t/f published/t/f
+    finally:
+        releasing.join()
+    assert repo.get_file("t/f").read_bytes() == b""
 
 
 def test_a_flush_that_finds_other_bytes_stored_fails_and_keeps_its_own(repo):
