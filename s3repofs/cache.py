@@ -365,6 +365,8 @@ class LocalCache:
         try:
             fd = os.open(path, os.O_RDWR)  # NFS emulates flock with locks that need write access
         except FileNotFoundError:
+            fd = -1
+        if fd < 0:
             yield False
             return
         try:

@@ -43,6 +43,7 @@ from .errors import (
     NotSupportedError,
     ReadOnlyError,
     RepoError,
+    UnavailableError,
 )
 from .meta import Directory, Version
 from .paths import DirPath, RepoPath, split_components
@@ -450,6 +451,9 @@ class Tree:
         with handle.lock:
             if not handle.dirty or not (handle.written or final):
                 return
+            if handle.failed:  # another close or fsync of it: not uploaded again at once, beside the retry
+                raise UnavailableError(f"{handle.mount_path}: version {handle.version.id} is left to the retry "
+                                       "after a failed upload")
             version = handle.version
             content = None
             try:

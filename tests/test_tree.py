@@ -208,6 +208,26 @@ def test_a_file_closed_but_not_yet_released_can_be_published_at_once(repo):
     assert repo.get_file("t/f").read_bytes() == b""
 
 
+def test_another_close_of_a_file_whose_upload_failed_leaves_it_to_the_retry(repo, monkeypatch):
+    from s3repofs.errors import StoreUnavailableError, UnavailableError
+
+    tree, fh = _writing(repo)
+    with monkeypatch.context() as patched:
+        patched.setattr(repo.store, "put", _failing(StoreUnavailableError("unreachable (injected)")))
+        with pytest.raises(StoreUnavailableError):
+            tree.flush(fh)
+    put = repo.store.put
+    puts = []
+    monkeypatch.setattr(repo.store, "put", lambda *args, **kwargs: puts.append(args) or put(*args, **kwargs))
+    with pytest.raises(UnavailableError):
+        tree.flush(fh)  # a duplicate's close, or an fsync: still not published
+    assert puts == []  # no second upload beside the retry's
+    tree.release(fh)
+    assert repo.retry_staged_uploads(tree.retryable) == 1
+    assert len(puts) == 1
+    assert repo.get_file("t/f").read_bytes() == b"bytes"
+
+
 def test_a_flush_that_finds_other_bytes_stored_fails_and_keeps_its_own(repo):
     from s3repofs.content import Content
     from s3repofs.errors import LifecycleError
