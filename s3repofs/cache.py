@@ -337,17 +337,15 @@ class LocalCache:
                 raise ReadOnlyError(f"{key}: this staged version is being uploaded; add a new version") from None
             except OSError:  # a file system without flock: the retry cannot tell, as before there were locks
                 pass
-            if not os.path.samestat(os.fstat(fd), os.stat(path)):
-                raise ReadOnlyError(f"{key}: this staged version was uploaded meanwhile; add a new version")
-            if truncate:
-                os.ftruncate(fd, 0)
-        except FileNotFoundError:
-            os.close(fd)
-            raise ReadOnlyError(f"{key}: this staged version was uploaded meanwhile; add a new version") from None
+            with suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    if truncate:
+                        os.ftruncate(fd, 0)
+                    return fd
+            raise ReadOnlyError(f"{key}: this staged version was uploaded meanwhile; add a new version")
         except BaseException:
             os.close(fd)
             raise
-        return fd
 
     @staticmethod
     def release_staged(fd: int) -> None:
