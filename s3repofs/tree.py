@@ -381,7 +381,8 @@ class Tree:
         version = self.repo.add_file(str(path), mode=mode, uid=uid, gid=gid).version
         fd = -1
         try:
-            fd, digest = self._open_staged(version)
+            fd = self.repo.cache.open_staged_for_writing(version.s3_key)
+            digest = AppendDigest(fd)  # of the empty file add_file made
             if copy_of is not None:
                 digest.appended(0, _copy_whole(copy_of, fd))
         except BaseException:
@@ -578,15 +579,6 @@ class Tree:
         handle.digest.stop()
         handle.fd, handle.digest = fd, digest
         handle.version, handle.sealed, handle.failed = version, False, False
-
-    def _open_staged(self, version: Version) -> tuple[int, AppendDigest]:
-        """A writer's descriptor of the version's staged file, and the digest of what it holds."""
-        fd = self.repo.cache.open_staged_for_writing(version.s3_key)
-        try:
-            return fd, AppendDigest(fd, os.fstat(fd).st_size)
-        except BaseException:
-            os.close(fd)
-            raise
 
     def release(self, fh: int) -> None:
         handle = self._handles.get(fh)
