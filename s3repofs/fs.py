@@ -334,6 +334,15 @@ class FUSE(mfusepy.FUSE):
             info.noflush = 1  # a reader's close() has nothing to flush: the kernel skips that round trip
         return result
 
+    def truncate_fuse_3(self, path, length, fip):
+        # ftruncate(fd): mfusepy drops the handle, and a path alone cannot say which writer's bytes to cut.
+        fh = fip.contents.fh if fip else None
+        return self.operations.truncate(self._path(path), length, fh)
+
+    def _path(self, path: bytes | None) -> str | None:
+        """A path libfuse passed, decoded; None for a file that was unlinked while open."""
+        return None if path is None else path.decode(self.encoding, self.errors)
+
     def readdir_fuse_3(self, path, buf, filler, offset, fip, flags):
         if not flags & FUSE_READDIR_PLUS:
             return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
