@@ -50,6 +50,13 @@ class NotFoundError(RepoError):
     exit_status = 3
 
 
+class StaleEntryError(NotFoundError):
+    """The mount's kernel believed a path existed that has gone: it looks it up again and retries."""
+
+    errno = _errno.ESTALE
+    expected = True
+
+
 class AlreadyExistsError(RepoError):
     errno = _errno.EEXIST
     exit_status = 1

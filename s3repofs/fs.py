@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import queue
 import threading
 
 # libfuse3: 1 MiB reads once read_ahead_kb is raised, atomic O_TRUNC, and the maintained library.
@@ -19,7 +20,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 import mfusepy  # noqa: E402  (must be imported after choosing the library)
 
-from .errors import NotFoundError, RepoError  # noqa: E402
+from .errors import NotFoundError, RepoError, StaleEntryError  # noqa: E402
 from .tree import Tree  # noqa: E402
 
 log = logging.getLogger("s3repofs.mount")
@@ -51,11 +52,30 @@ def translated(method):
     return wrapper
 
 
+def stale_if_missing(method):
+    """For a call on a node the kernel believes exists (OPEN, SETATTR, SETXATTR): a path that has gone
+    (changed on another host, or a moment ago here) answers ESTALE, not ENOENT. The kernel then looks the
+    path up again and retries once; an ``open(O_CREAT)``, whose O_CREAT the kernel strips from an OPEN,
+    then becomes the CREATE it was meant to be instead of failing with ENOENT."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except StaleEntryError:
+            raise
+        except NotFoundError as exc:
+            raise StaleEntryError(str(exc)) from None
+
+    return wrapper
+
+
 class Operations(mfusepy.Operations):
     use_ns = True  # integer nanosecond timestamps
 
-    def __init__(self, tree: Tree, on_ready=None, on_exit=None) -> None:
+    def __init__(self, tree: Tree, mountpoint: str = "", on_ready=None, on_exit=None) -> None:
         self.tree = tree
+        self.invalidator = EntryInvalidator(mountpoint)
         self._on_ready = on_ready
         self._on_exit = on_exit
 
@@ -64,10 +84,14 @@ class Operations(mfusepy.Operations):
             # READDIRPLUS for every batch of a listing, not only the first (the kernel's "auto" mode
             # would follow the first batch with plain READDIRs and then a LOOKUP per name).
             conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+        self.invalidator.start(_libfuse.fuse_get_context().contents.fuse)
+        self.tree.invalidate_entry = self.invalidator.submit
         if self._on_ready:
             self._on_ready()
 
     def destroy(self, path: str) -> None:
+        self.tree.invalidate_entry = None
+        self.invalidator.stop()
         if self._on_exit:
             self._on_exit()
 
@@ -84,6 +108,7 @@ class Operations(mfusepy.Operations):
         return self.tree.readdir(path)
 
     @translated
+    @stale_if_missing
     def open(self, path, flags):
         uid, gid, _pid = mfusepy.fuse_get_context()
         return self.tree.open(path, flags, uid, gid)
@@ -108,6 +133,7 @@ class Operations(mfusepy.Operations):
         return self.tree.write_with(fh, offset, lambda fd: copy_to_fd(bufv, fd, offset))
 
     @translated
+    @stale_if_missing
     def truncate(self, path, length, fh=None):
         self.tree.truncate(path, length, fh)
         return 0
@@ -149,16 +175,19 @@ class Operations(mfusepy.Operations):
         return 0
 
     @translated
+    @stale_if_missing
     def chmod(self, path, mode):
         self.tree.chmod(path, mode)
         return 0
 
     @translated
+    @stale_if_missing
     def chown(self, path, uid, gid):
         self.tree.chown(path, uid, gid)
         return 0
 
     @translated
+    @stale_if_missing
     def utimens(self, path, times=None):
         # A version's mtime is its identity for page caching; setting times is accepted and ignored.
         self.tree.lookup(path)
@@ -173,6 +202,7 @@ class Operations(mfusepy.Operations):
         return self.tree.listxattr(path)
 
     @translated
+    @stale_if_missing
     def setxattr(self, path, name, value, options, position=0):
         self.tree.setxattr(path, name, value)
         return 0
@@ -366,6 +396,70 @@ class FUSE(mfusepy.FUSE):
         return 0
 
 
+_libfuse.fuse_get_session.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_get_session.restype = ctypes.c_void_p
+_libfuse.fuse_lowlevel_notify_inval_entry.argtypes = [
+    ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
+_libfuse.fuse_lowlevel_notify_inval_entry.restype = ctypes.c_int
+FUSE_ROOT_ID = 1
+
+
+class EntryInvalidator:
+    """Tells the kernel to forget directory entries the daemon changed behind its back.
+
+    The kernel caches a path's entry for the entry timeout. When the daemon itself changes what a path
+    shows, other than by the kernel's own namespace call (a setxattr that publishes or expires, a publish
+    that moves the old version into expired/, the retry's late publish), the kernel's entry is stale: an
+    ``open(O_CREAT)`` of it arrives as OPEN, without O_CREAT, and would fail. The high-level libfuse API
+    keeps its node ids to itself, but shows each as ``st_ino``, so the parent's id is one ``stat`` of
+    the parent through the mount away. Invalidation runs on its own thread: libfuse forbids it inside a
+    request on the same entry (the kernel would wait for the request, which waits for the kernel).
+    """
+
+    def __init__(self, mountpoint: str) -> None:
+        self.mountpoint = mountpoint
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._session = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, fuse_pointer) -> None:
+        if not self.mountpoint or not fuse_pointer:
+            return
+        self._session = _libfuse.fuse_get_session(fuse_pointer)
+        self._thread = threading.Thread(target=self._run, name="invalidate-entries", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread = None
+
+    def submit(self, mount_path: str) -> None:
+        """Forget ``mount_path``'s entry in the kernel, soon (asynchronously)."""
+        if self._thread is not None:
+            self._queue.put(mount_path)
+
+    def _run(self) -> None:
+        while (path := self._queue.get()) is not None:
+            try:
+                self._invalidate(path)
+            except Exception:  # never let one path stop the thread
+                log.exception("cannot invalidate the kernel's entry of %s", path)
+
+    def _invalidate(self, mount_path: str) -> None:
+        parent, _, name = mount_path.rstrip("/").rpartition("/")
+        if not name:
+            return
+        try:
+            parent_id = os.stat(self.mountpoint + parent).st_ino if parent else FUSE_ROOT_ID
+        except OSError:  # the parent is gone too, or was never looked up: no entry to forget below it
+            return
+        encoded = name.encode()
+        result = _libfuse.fuse_lowlevel_notify_inval_entry(self._session, parent_id, encoded, len(encoded))
+        if result < 0 and result != -errno.ENOENT:  # ENOENT: the kernel had no such entry
+            log.debug("invalidating %s: %s", mount_path, os.strerror(-result))
+
+
 def serve(tree: Tree, mountpoint: str, *, foreground_options: dict, on_ready=None, on_exit=None) -> None:
     """Run the FUSE loop until unmounted (blocks)."""
-    FUSE(Operations(tree, on_ready, on_exit), mountpoint, foreground=True, **foreground_options)
+    FUSE(Operations(tree, mountpoint, on_ready, on_exit), mountpoint, foreground=True, **foreground_options)

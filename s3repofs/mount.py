@@ -166,7 +166,7 @@ def _retry_uploads(repo: S3Repo, tree, stop: threading.Event) -> None:
 def _retry_once(repo: S3Repo, tree) -> None:
     try:
         tree.mark_unmarked_publishes()
-        uploaded = repo.retry_staged_uploads(tree.retryable)
+        uploaded = tree.retry_staged_uploads()
         if uploaded:
             log.info("uploaded %d staged version(s) that had failed before", uploaded)
     except RepoError as exc:

@@ -271,12 +271,13 @@ class S3Repo:
         log.info("discarded %s (version %d)", discarded.path, discarded.id)
         return discarded
 
-    def retry_staged_uploads(self, retryable: Callable[[Version], bool] = lambda version: True) -> int:
+    def retry_staged_uploads(self, retryable: Callable[[Version], bool] = lambda version: True,
+                             done_with: Callable[[Version], None] | None = None) -> int:
         """Upload what this host staged but could not upload (S3 was down, say); publish what was meant
         to be published unless a newer version was published meanwhile. Only versions for which
         ``retryable(version)`` is true are touched: a mount passes the ones whose upload failed and
-        those left from before it started, never one a writer may still be filling. Returns how many
-        versions were uploaded or published."""
+        those left from before it started, never one a writer may still be filling. ``done_with`` is
+        called with each version uploaded or published. Returns how many there were."""
         done = 0
         for version in self.meta.staged_on(self.host):
             if not retryable(version):
@@ -293,6 +294,8 @@ class S3Repo:
                 log.warning("retry of %s (version %d) failed again: %s", version.path, version.id, exc)
                 continue
             done += 1
+            if done_with is not None:
+                done_with(version)
         return done
 
     def _publish_unless_superseded(self, version: Version) -> None:

@@ -157,6 +157,8 @@ class Tree:
         self._failed_uploads: set[int] = set()  # versions whose upload failed at a flush here
         self._unmarked_publishes: set[int] = set()  # failed publishes whose publish_pending the database missed
         self._generation = 0  # bumped by every local change (forget)
+        # Set by the FUSE layer: makes the kernel forget a mount path's entry (see _changed_behind_kernel).
+        self.invalidate_entry: Callable[[str], None] | None = None
         config = repo.config
         self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size, self._list_ahead)
 
@@ -304,6 +306,17 @@ class Tree:
                     self._entries.pop(same, None)
                     self._listings.pop(same, None)
                     self._listings.pop(f"/{state}/{parent}".rstrip("/"), None)
+
+    def _changed_behind_kernel(self, path: str, *states: str) -> None:
+        """``path`` (a mount path) changed in these state trees (all three if none are named) by something
+        other than the kernel's own call on that name: the kernel must not keep its entry (DESIGN.md's
+        FUSE facts: it would send OPEN without O_CREAT for a path that has gone, say)."""
+        invalidate = self.invalidate_entry
+        if invalidate is None:
+            return
+        below_state = path.strip("/").partition("/")[2]
+        for state in states or STATES:
+            invalidate(f"/{state}/{below_state}")
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -472,6 +485,8 @@ class Tree:
                     raise
             finally:
                 self.forget(handle.mount_path)
+            if handle.state == "published":  # it left unpublished/, and the version it replaced is in expired/
+                self._changed_behind_kernel(handle.mount_path, "unpublished", "expired")
             handle.version = version
             handle.dirty = handle.failed = False
             handle.sealed = True  # before anything else can fail: the file is a cached object now
@@ -632,6 +647,8 @@ class Tree:
                 self.repo.discard(entry.version)
         finally:
             self.forget(path)
+        if loc.state == "published":
+            self._changed_behind_kernel(path, "expired")
 
     def rename(self, old: str, new: str) -> None:
         src, dst = self.parse(old), self.parse(new)
@@ -662,6 +679,8 @@ class Tree:
                 self.repo.meta.move_unpublished(version.id, dst.file)
         finally:
             self.forget(old, new)
+        if dst.state == "published":  # the version it replaced, if any, is in expired/ now
+            self._changed_behind_kernel(new, "expired")
 
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
         loc = self.parse(path)
@@ -769,6 +788,8 @@ class Tree:
                 raise NotSupportedError(f"{path}: {name} cannot be set")
         finally:
             self.forget(path)
+            if key == "state":
+                self._changed_behind_kernel(path)
 
     def statfs(self) -> dict:
         st = os.statvfs(self.repo.config.local_root)
@@ -812,6 +833,17 @@ class Tree:
             return False
         with self._lock:
             return version.id in self._failed_uploads or version.created_at < self.started
+
+    def retry_staged_uploads(self) -> int:
+        """The repository's retry of staged uploads (see ``retryable``), with what it published shown
+        at once: the mount's and the kernel's entries of those paths are forgotten."""
+
+        def done_with(version: Version) -> None:
+            path = f"/published/{version.path}"
+            self.forget(path)
+            self._changed_behind_kernel(path)
+
+        return self.repo.retry_staged_uploads(self.retryable, done_with)
 
     def versions_being_written(self) -> set[int]:
         """Every version an open write handle holds (a path may have several writers)."""

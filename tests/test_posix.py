@@ -3,10 +3,16 @@ and names the daemon changed by itself (setfattr) that the kernel must not remem
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 
+import mfusepy
 import pytest
-from mount_helper import daemon_log, fuse_available, mounted
+from mount_helper import daemon_log, fuse_available, mounted, wait_for
+
+from s3repofs.fs import Operations
+from s3repofs.tree import Tree
 
 pytestmark = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3 (./scripts/setup)")
 
@@ -18,8 +24,8 @@ def mnt(repo_config_pair, tmp_path):
         yield mountpoint
 
 
-def state(path) -> str:
-    return os.getxattr(path, "user.s3repo.state").decode()
+def setfattr(path, value: str) -> None:
+    subprocess.run(["setfattr", "-n", "user.s3repo.state", "-v", value, str(path)], check=True)
 
 
 def test_ftruncate_cuts_the_bytes_of_its_own_handle(mnt, tmp_path):
@@ -50,3 +56,47 @@ def test_ftruncate_in_unpublished_then_rm_leaves_nothing(mnt):
     os.unlink(path)
     assert os.listdir(mnt / "unpublished/t") == []
     assert not path.exists()
+
+
+def test_a_path_expired_by_setfattr_can_be_written_again_at_once(mnt):
+    path = mnt / "published/t/a"
+    path.write_bytes(b"1")
+    setfattr(path, "expired")
+    path.write_bytes(b"2")  # the kernel must not still believe the old file exists (OPEN, no O_CREAT)
+    assert path.read_bytes() == b"2"
+    assert (mnt / "expired/t/a").read_bytes() == b"1"
+
+
+def test_a_path_published_by_setfattr_can_be_staged_again_at_once(mnt):
+    staged = mnt / "unpublished/t/u"
+    staged.write_bytes(b"first")
+    setfattr(staged, "published")
+    staged.write_bytes(b"second")
+    assert staged.read_bytes() == b"second"
+    assert (mnt / "published/t/u").read_bytes() == b"first"
+
+
+def test_the_kernel_forgets_a_name_the_daemon_changed_by_itself(mnt):
+    published = mnt / "published/t/c"
+    published.write_bytes(b"old")
+    assert os.stat(published).st_size == 3  # the kernel now holds the entry for the entry timeout (2.5 s)
+    staged = mnt / "unpublished/t/c"
+    staged.write_bytes(b"newer bytes")
+    setfattr(staged, "published")  # a call on unpublished/t/c changes published/t/c behind the kernel
+    assert wait_for(lambda: os.stat(published).st_size == 11, timeout=1.0)
+    assert published.read_bytes() == b"newer bytes"
+
+
+def test_an_open_of_a_name_that_has_gone_asks_the_kernel_to_look_again(repo):
+    # The kernel sends OPEN (without O_CREAT) only for a name it believes exists: ESTALE makes it look
+    # the name up again and retry, as CREATE if the caller asked for O_CREAT.
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    operations = Operations(tree)
+    for flags in (os.O_WRONLY, os.O_RDONLY):
+        with pytest.raises(mfusepy.FuseOSError) as raised:
+            operations.open("/published/t/gone", flags)
+        assert raised.value.errno == errno.ESTALE
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        operations.getattr("/published/t/gone")
+    assert raised.value.errno == errno.ENOENT  # a lookup's answer stays ENOENT
