@@ -364,6 +364,13 @@ class FUSE(mfusepy.FUSE):
             info.noflush = 1  # a reader's close() has nothing to flush: the kernel skips that round trip
         return result
 
+    # mfusepy decodes these paths unconditionally; libfuse passes none for a file unlinked while open.
+    def read_buf(self, path, bufpp, size, offset, fip):
+        return self.operations.read_buf(self._path(path), bufpp, size, offset, fip.contents.fh)
+
+    def write_buf(self, path, buf, offset, fip):
+        return self.operations.write_buf(self._path(path), buf, offset, fip.contents.fh)
+
     def truncate_fuse_3(self, path, length, fip):
         # ftruncate(fd): mfusepy drops the handle, and a path alone cannot say which writer's bytes to cut.
         fh = fip.contents.fh if fip else None

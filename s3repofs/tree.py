@@ -54,6 +54,9 @@ from .transfer import pwrite_all
 log = logging.getLogger(__name__)
 
 STATES = ("published", "unpublished", "expired")
+# libfuse renames a file unlinked while open to this name until its last close (unless hard_remove):
+# the tree takes that rename for the unlink, and answers for the open file under the name.
+HIDDEN_PREFIX = ".fuse_hidden"
 XATTR_PREFIX = "user.s3repo."
 MISSING = object()
 
@@ -84,10 +87,11 @@ class Entry:
     mtime_ns: int
     ctime_ns: int
     version: Version | None = None
+    nlink: int = 1  # a file's: 0 once unlinked while open; a directory's: 2 + its subdirectories
 
     def stat(self) -> dict:
         kind = stat.S_IFDIR if self.is_dir else stat.S_IFREG
-        return {"st_mode": kind | self.mode, "st_nlink": 2 if self.is_dir else 1, "st_uid": self.uid,
+        return {"st_mode": kind | self.mode, "st_nlink": self.nlink, "st_uid": self.uid,
                 "st_gid": self.gid, "st_size": self.size, "st_mtime": self.mtime_ns, "st_ctime": self.ctime_ns,
                 "st_atime": self.mtime_ns, "st_blocks": (self.size + 511) // 512, "st_blksize": 1024 * 1024}
 
@@ -118,13 +122,20 @@ def _copy_whole(source: int, target: int) -> int:
 
 def dir_entry(directory: Directory, state: str) -> Entry:
     mode = directory.mode & (0o7555 if state == "expired" else 0o7777)
-    return Entry(True, mode, directory.uid, directory.gid, 0, _ns(directory.created_at), _ns(directory.created_at))
+    return Entry(True, mode, directory.uid, directory.gid, 0, _ns(directory.created_at), _ns(directory.created_at),
+                 nlink=2)
 
 
 @dataclass
 class ReadHandle:
-    version: Version
+    mount_path: str
+    entry: Entry  # what was opened: fstat answers it, whatever the path shows later
     reader: VersionReader  # holds the cached object open (and pinned) until release
+    unlinked: bool = False
+
+    @property
+    def version(self) -> Version:
+        return self.entry.version
 
 
 @dataclass
@@ -138,6 +149,7 @@ class WriteHandle:
     written: bool = False  # a write arrived since the version started
     sealed: bool = False  # flushed: further writes start a new version
     failed: bool = False  # the last flush failed: the retry owns the version; further writes start a new one
+    unlinked: bool = False  # its name was removed: its bytes stay the descriptor's, and are never stored
     retired_fds: list[int] = field(default_factory=list)  # of earlier versions of this handle, closed at release
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -151,6 +163,7 @@ class Tree:
         self._listings: TTLCache = TTLCache(maxsize=64, ttl=metadata_ttl)
         self._handles: dict[int, ReadHandle | WriteHandle] = {}
         self._writers: dict[str, WriteHandle] = {}  # mount path -> newest open writer
+        self._hidden: dict[str, Entry | WriteHandle] = {}  # libfuse's hidden name -> the unlinked open file
         self._next_fh = 1
         self.started = started or time.time()
         self._root_time = _ns(self.started)
@@ -164,7 +177,9 @@ class Tree:
 
     # -- paths and lookups ----------------------------------------------------------------------
 
-    def parse(self, path: str) -> Location:
+    def parse(self, path: str | None) -> Location:
+        if path is None:  # libfuse names no path for a file unlinked while open
+            raise NotFoundError("the file was removed while open")
         parts = split_components(path.strip("/")) if path.strip("/") else []
         if not parts:
             return Location(None, ())
@@ -178,6 +193,9 @@ class Tree:
             writer = self._writers.get(path)
             cached = self._entries.get(path)
             generation = self._generation
+            hidden = self._hidden.get(path) if HIDDEN_PREFIX in path else None
+        if hidden is not None:
+            return self._unlinked_entry(hidden)
         if writer is not None and (entry := self._writer_entry(writer)) is not None:
             return entry
         if cached is MISSING:
@@ -200,7 +218,7 @@ class Tree:
     def _query(self, loc: Location) -> Entry | None:
         if loc.state is None or not loc.parts:
             mode = 0o555 if loc.state == "expired" else 0o755
-            return Entry(True, mode, 0, 0, 0, self._root_time, self._root_time)
+            return Entry(True, mode, 0, 0, 0, self._root_time, self._root_time, nlink=2)
         # Files first, in their own query: most lookups find one. (One query for both, tried, cost
         # every hit 90 us more on PostgreSQL here than the 120 us it saved a miss.)
         if loc.file is not None:
@@ -231,12 +249,27 @@ class Tree:
             return None
         return Entry(False, v.mode, v.uid, v.gid, st.st_size, st.st_mtime_ns, st.st_mtime_ns, v)
 
-    def getattr(self, path: str, fh: int | None = None) -> dict:
+    def _unlinked_entry(self, hidden: Entry | WriteHandle) -> Entry:
+        entry = self._writer_entry(hidden) if isinstance(hidden, WriteHandle) else hidden
+        if entry is None:  # the writer was released
+            raise NotFoundError("the file was removed")
+        return replace(entry, nlink=0)
+
+    def getattr(self, path: str | None, fh: int | None = None) -> dict:
+        """The attributes of ``path``, or of an open handle's file (fstat): its own bytes, even once its
+        name is gone (``path`` is None then)."""
         handle = self._handles.get(fh) if fh else None
+        entry = None
         if isinstance(handle, WriteHandle):
             entry = self._writer_entry(handle)
-            if entry is not None:
-                return entry.stat()
+        elif isinstance(handle, ReadHandle) and path is None:
+            # Only once unlinked: while the name lives, its attributes are the path's (one kernel inode
+            # serves every reader of the path; the older version's size would cut the newer's reads short).
+            entry = handle.entry
+        if entry is not None:
+            return replace(entry, nlink=0).stat() if handle.unlinked else entry.stat()
+        if path is None:
+            raise BadHandleError(f"file handle {fh} is closed")
         return self.lookup(path).stat()
 
     def readdir(self, path: str) -> list[tuple[str, Entry]]:
@@ -339,7 +372,7 @@ class Tree:
         reader = self.repo.open_version(entry.version)
         try:
             self.prefetcher.opened(entry.version)
-            return self._add_handle(ReadHandle(entry.version, reader))
+            return self._add_handle(ReadHandle(path, entry, reader))
         except BaseException:
             reader.close()
             raise
@@ -463,7 +496,7 @@ class Tree:
 
     def _flush(self, handle: WriteHandle, final: bool) -> None:
         with handle.lock:
-            if not handle.dirty or not (handle.written or final):
+            if handle.unlinked or not handle.dirty or not (handle.written or final):
                 return
             if handle.failed:  # another close or fsync of it: not uploaded again at once, beside the retry
                 raise UnavailableError(f"{handle.mount_path}: version {handle.version.id} is left to the retry "
@@ -594,6 +627,8 @@ class Tree:
         handle.digest.stop()
         handle.fd, handle.digest = fd, digest
         handle.version, handle.sealed, handle.failed = version, False, False
+        if handle.unlinked:  # a file without a name: its new bytes live in the descriptor alone
+            self._discard_quietly(version)
 
     def release(self, fh: int) -> None:
         handle = self._handles.get(fh)
@@ -620,6 +655,9 @@ class Tree:
     def _finish_writer(self, handle: WriteHandle) -> None:
         if handle.sealed or handle.failed:  # a failed upload is not tried again at once: the retry thread will
             return
+        if handle.unlinked:  # its name was removed: the bytes it wrote since go with it
+            self._discard_quietly(handle.version)
+            return
         if not handle.dirty:  # opened for writing, never written: there is nothing to keep
             self.repo.discard(handle.version)
             return
@@ -634,23 +672,79 @@ class Tree:
     # -- namespace changes ----------------------------------------------------------------------
 
     def unlink(self, path: str) -> None:
+        """Remove the name at once, as POSIX does, even if files are open under it: open readers read on
+        the version they opened, open writers write on into bytes that are never stored (discarded at
+        release). In published/ the published version is expired; in unpublished/ every staged version
+        of the path is discarded, so no older one comes back under the name."""
+        with self._lock:
+            if self._hidden.pop(path, None) is not None:  # libfuse, at the last close of an unlinked file
+                return
         loc = self.parse(path)
         entry = self.lookup(path)
         if entry.is_dir:
             raise IsDirectoryError(f"{path}: is a directory")
         if loc.state == "expired":
             raise ReadOnlyError(f"{path}: expired versions are read-only (gc purges them)")
+        writers = self._unlink_writers(path)
         try:
             if loc.state == "published":
-                self.repo.expire(entry.version)
+                self._expire_published(loc.file, found=bool(writers))
             else:
-                self.repo.discard(entry.version)
+                self._discard_staged(loc.file)
         finally:
             self.forget(path)
         if loc.state == "published":
             self._changed_behind_kernel(path, "expired")
 
+    def _hide(self, path: str, hidden: str) -> None:
+        """libfuse's rename of a file open here to a hidden name, instead of unlinking it: the unlink,
+        and the hidden name kept for the open file's attributes (fstat) until libfuse unlinks it."""
+        entry = self.lookup(path)
+        with self._lock:
+            writer = self._writers.get(path)
+        self.unlink(path)
+        with self._lock:
+            self._hidden[hidden] = writer or entry
+
+    def _unlink_writers(self, path: str) -> list[WriteHandle]:
+        """Detach the open handles of ``path`` from the name: writers' bytes will never be stored."""
+        with self._lock:
+            opened = [h for h in self._handles.values() if h.mount_path == path]
+            for handle in opened:
+                handle.unlinked = True
+            self._writers.pop(path, None)
+            writers = [h for h in opened if isinstance(h, WriteHandle)]
+        for writer in writers:
+            with writer.lock:  # a flush in progress finishes first; none starts after this
+                if not (writer.sealed or writer.failed):
+                    self._discard_quietly(writer.version)
+        return writers
+
+    def _expire_published(self, path: RepoPath, found: bool) -> None:
+        current = self.repo.meta.find(path, "published")
+        if current is not None:
+            self.repo.expire(current)
+        elif not found:
+            raise NotFoundError(f"/published/{path}: no such file")
+
+    def _discard_staged(self, path: RepoPath) -> None:
+        """Discard every unpublished version of ``path``, but those other names' writers are filling (a
+        file being written in published/ is staged under the same path)."""
+        elsewhere = self.versions_being_written()
+        for version in self.repo.meta.history(path):
+            if version.state == "unpublished" and version.id not in elsewhere:
+                self._discard_quietly(version)
+
+    def _discard_quietly(self, version: Version) -> None:
+        """Discard a version unless it left unpublished meanwhile (published by another call, say)."""
+        try:
+            self.repo.discard(version)
+        except LifecycleError:
+            pass
+
     def rename(self, old: str, new: str) -> None:
+        if new.rpartition("/")[2].startswith(HIDDEN_PREFIX):
+            return self._hide(old, new)
         src, dst = self.parse(old), self.parse(new)
         entry = self.lookup(old)
         if entry.is_dir:

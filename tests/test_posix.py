@@ -100,3 +100,62 @@ def test_an_open_of_a_name_that_has_gone_asks_the_kernel_to_look_again(repo):
     with pytest.raises(mfusepy.FuseOSError) as raised:
         operations.getattr("/published/t/gone")
     assert raised.value.errno == errno.ENOENT  # a lookup's answer stays ENOENT
+
+
+def test_rm_of_a_file_open_for_reading_removes_the_name_at_once(mnt):
+    path = mnt / "published/t/r"
+    path.write_bytes(b"read me")
+    with open(path, "rb") as reader:
+        os.unlink(path)
+        assert not path.exists()
+        assert reader.read() == b"read me"
+        assert os.fstat(reader.fileno()).st_nlink == 0
+    assert os.listdir(mnt / "expired/t") == ["r"]  # no .fuse_hidden* left behind
+    assert (mnt / "expired/t/r").read_bytes() == b"read me"
+
+
+def test_unlink_of_a_file_being_written_in_published_keeps_the_descriptor_and_stores_nothing(mnt):
+    path = mnt / "published/t/w"
+    path.write_bytes(b"published before")
+    fd = os.open(path, os.O_RDWR | os.O_TRUNC)
+    try:
+        os.write(fd, b"never published")
+        os.unlink(path)  # at once: no EBUSY after a wait
+        assert not path.exists()
+        assert os.pread(fd, 100, 0) == b"never published"
+        os.write(fd, b"!")
+        assert os.fstat(fd).st_size == 16
+    finally:
+        os.close(fd)
+    assert not path.exists()
+    assert os.listdir(mnt / "unpublished/t") == []
+    assert (mnt / "expired/t/w").read_bytes() == b"published before"
+
+
+def test_unlink_of_a_file_being_written_in_unpublished_brings_no_older_version_back(mnt):
+    path = mnt / "unpublished/t/d/u"
+    os.makedirs(path.parent)
+    path.write_bytes(b"older")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, b"newer")
+        os.unlink(path)
+        assert os.pread(fd, 100, 0) == b"newer"
+    finally:
+        os.close(fd)
+    assert not path.exists()
+    assert os.listdir(path.parent) == []
+    os.rmdir(path.parent)
+
+
+def test_a_file_closed_then_unlinked_before_its_release_stays_gone(mnt):
+    path = mnt / "published/t/late"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"x")
+    os.fsync(fd)  # stored and published
+    os.unlink(path)
+    os.write(fd, b"y")  # a new version of a file without a name
+    os.close(fd)
+    assert not path.exists()
+    assert os.listdir(mnt / "unpublished/t") == []
+    assert (mnt / "expired/t/late").read_bytes() == b"x"
