@@ -39,6 +39,7 @@ from .errors import (
     NotFoundError,
     ReadOnlyError,
     RepoError,
+    UnavailableError,
     VerificationError,
 )
 from .meta import SCHEMA_VERSION, VISIBLE_STATES, MetaStore, Version
@@ -315,14 +316,17 @@ class S3Repo:
         self._check_downloadable(version)
         return self.cache.fetch(version.s3_key, version.size, self._downloader(version))
 
-    def open_version(self, version: Version) -> "VersionReader":
+    def open_version(self, version: Version, *, cached_only: bool = False) -> "VersionReader":
         """A reader of the version's bytes that does not wait for the whole download: each read waits
-        only for its own range (so the first bytes of a large cold file come at once)."""
+        only for its own range (so the first bytes of a large cold file come at once). ``cached_only``:
+        no new download (a mount reading from stale metadata): UnavailableError unless the object is in
+        this host's cache, or already on its way there."""
         if version.storage == "local":
             return VersionReader(os.open(self._staged_file(version), os.O_RDONLY), None, None)
         self._check_downloadable(version)
         key = version.s3_key
-        fd, download = self.cache.open_object(key, version.size, self._downloader(version))
+        start = _no_download(version) if cached_only else self._downloader(version)
+        fd, download = self.cache.open_object(key, version.size, start)
         return VersionReader(fd, download, lambda: self.cache.unpin(key))
 
     def prefetch(self, version: Version) -> bool:
@@ -355,6 +359,14 @@ class S3Repo:
                             part_size, self._parts)
 
         return start
+
+
+def _no_download(version: Version) -> StartDownload:
+    def refuse(fd: int) -> Download:
+        raise UnavailableError(f"{version.path}: version {version.id} is not in this host's cache, and only "
+                               "cached versions are read now")
+
+    return refuse
 
 
 class VersionReader:

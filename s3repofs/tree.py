@@ -32,6 +32,7 @@ from .errors import (
     AlreadyExistsError,
     BadHandleError,
     CrossDeviceError,
+    DatabaseUnavailableError,
     InvalidPathError,
     IsDirectoryError,
     LifecycleError,
@@ -45,6 +46,7 @@ from .errors import (
     RepoError,
     UnavailableError,
 )
+from .lastknown import LastKnown, Outage
 from .meta import Directory, Version
 from .paths import DirPath, RepoPath, split_components
 from .prefetch import Prefetcher
@@ -161,6 +163,9 @@ class Tree:
         self._entries: TTLCache = TTLCache(maxsize=200_000, ttl=metadata_ttl)
         # Directory listings (mount path -> sorted (name, Entry)): a repeated `ls -l` is no query.
         self._listings: TTLCache = TTLCache(maxsize=64, ttl=metadata_ttl)
+        # The last answers, however old: what reads are served from while the database is unreachable.
+        self._known = LastKnown()
+        self._outage = Outage(self._known.describe)
         self._handles: dict[int, ReadHandle | WriteHandle] = {}
         self._writers: dict[str, WriteHandle] = {}  # mount path -> newest open writer
         self._hidden: dict[str, Entry | WriteHandle] = {}  # libfuse's hidden name -> the unlinked open file
@@ -208,9 +213,12 @@ class Tree:
             if isinstance(exc, NameTooLongError):
                 raise
             entry = None  # a name the repository could never hold simply does not exist
+        except DatabaseUnavailableError:
+            return self._last_known(path)
         with self._lock:
             if generation == self._generation:  # nothing changed here while we queried
                 self._entries[path] = MISSING if entry is None else entry
+                self._known.learn(path, MISSING if entry is None else entry)
         if entry is None:
             raise NotFoundError(f"{path}: no such file or directory")
         return entry
@@ -222,11 +230,23 @@ class Tree:
         # Files first, in their own query: most lookups find one. (One query for both, tried, cost
         # every hit 90 us more on PostgreSQL here than the 120 us it saved a miss.)
         if loc.file is not None:
-            version = self.repo.meta.find(loc.file, loc.state)
+            version = self._outage.ask(self.repo.meta.find, loc.file, loc.state)
             if version is not None:
                 return self._file_entry(version, loc.state)
-        directory = self.repo.meta.get_dir(loc.directory)
+        directory = self._outage.ask(self.repo.meta.get_dir, loc.directory)
         return dir_entry(directory, loc.state) if directory else None
+
+    def _last_known(self, path: str) -> Entry:
+        """The entry this mount last knew at ``path``, stale, while the database cannot say:
+        DatabaseUnavailableError if it knew none, NotFoundError if it knew there was none. (The outage's
+        cause was logged once, when it began.)"""
+        known = self._known.path(path)
+        if known is None:
+            raise DatabaseUnavailableError(f"{path}: not known to this mount while the database is unreachable")
+        self._outage.served()
+        if known is MISSING:
+            raise NotFoundError(f"{path}: no such file or directory (as last known)")
+        return known
 
     def _file_entry(self, version: Version, state: str) -> Entry:
         entry = file_entry(version, state)
@@ -285,12 +305,17 @@ class Tree:
             listed = self._listings.get(base)
             generation = self._generation
         if listed is None:
-            listed = self._list(loc)
-            with self._lock:
-                if generation == self._generation:  # nothing changed here while we queried
-                    self._listings[base] = listed
-                    for name, child in listed:  # a listing answers the lookups that follow it (ls -l)
-                        self._entries[f"{base}/{name}"] = child
+            try:
+                listed = self._list(loc)
+            except DatabaseUnavailableError:
+                listed = self._last_listing(base)
+            else:
+                with self._lock:
+                    if generation == self._generation:  # nothing changed here while we queried
+                        self._listings[base] = listed
+                        for name, child in listed:  # a listing answers the lookups that follow it (ls -l)
+                            self._entries[f"{base}/{name}"] = child
+                        self._known.learn_listing(base, listed)
         prefix = base + "/"
         with self._lock:
             writers = [w for p, w in self._writers.items() if p.startswith(prefix) and "/" not in p[len(prefix):]]
@@ -302,15 +327,24 @@ class Tree:
                 found[writer.mount_path[len(prefix):]] = entry
         return sorted(found.items())
 
+    def _last_listing(self, base: str) -> list[tuple[str, Entry]]:
+        """The listing this mount last saw of ``base``, stale, while the database cannot say."""
+        listed = self._known.listing(base)
+        if listed is None:
+            raise DatabaseUnavailableError(f"{base}: never listed by this mount while the database is unreachable")
+        self._outage.served()
+        return listed
+
     def _list(self, loc: Location) -> list[tuple[str, Entry]]:
         found: dict[str, Entry] = {}
+        ask, meta = self._outage.ask, self.repo.meta
         if not loc.parts:
-            for directory in self.repo.meta.list_types():
+            for directory in ask(meta.list_types):
                 found[directory.file_type] = dir_entry(directory, loc.state)
         else:
-            for directory in self.repo.meta.list_subdirs(loc.directory):
+            for directory in ask(meta.list_subdirs, loc.directory):
                 found[directory.name] = dir_entry(directory, loc.state)
-            for version in self.repo.meta.list_dir(loc.directory, loc.state):
+            for version in ask(meta.list_dir, loc.directory, loc.state):
                 found[version.name] = self._file_entry(version, loc.state)
         return sorted(found.items())
 
@@ -319,7 +353,7 @@ class Tree:
         answer the lookups that follow: the reader opens them next, perhaps after the listing's entries expired."""
         with self._lock:
             generation = self._generation
-        versions = self.repo.meta.list_dir(directory, "published", after=after, limit=limit)
+        versions = self._outage.ask(lambda: self.repo.meta.list_dir(directory, "published", after=after, limit=limit))
         entries = [(f"/published/{version.path}", self._file_entry(version, "published")) for version in versions]
         with self._lock:
             if generation == self._generation:  # nothing changed here while we queried
@@ -339,6 +373,7 @@ class Tree:
                     self._entries.pop(same, None)
                     self._listings.pop(same, None)
                     self._listings.pop(f"/{state}/{parent}".rstrip("/"), None)
+                    self._known.forget(same, f"/{state}/{parent}".rstrip("/"))
 
     def _changed_behind_kernel(self, path: str, *states: str) -> None:
         """``path`` (a mount path) changed in these state trees (all three if none are named) by something
@@ -363,15 +398,21 @@ class Tree:
         # new version, never bytes still being written.
         with self._lock:
             entry = self._entries.get(path)
+        stale = False
         if not isinstance(entry, Entry) or entry.is_dir:
-            entry = self._query(self.parse(path))
+            try:
+                entry = self._query(self.parse(path))
+            except DatabaseUnavailableError:
+                entry, stale = self._last_known(path), True
         if entry is None:
             raise NotFoundError(f"{path}: no such file (or not yet closed by its writer)")
         if entry.is_dir:
             raise IsDirectoryError(f"{path}: is a directory")
-        reader = self.repo.open_version(entry.version)
+        # From the last-known metadata, only what this host holds: its verified cache, or its staging.
+        reader = self.repo.open_version(entry.version, cached_only=stale)
         try:
-            self.prefetcher.opened(entry.version)
+            if not stale:
+                self.prefetcher.opened(entry.version)
             return self._add_handle(ReadHandle(path, entry, reader))
         except BaseException:
             reader.close()
