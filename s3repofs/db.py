@@ -1,9 +1,19 @@
 """SQL connections for SQLite (stdlib) and PostgreSQL (psycopg2) behind one small interface.
 
 ``Database.run(fn)`` calls ``fn(tx)`` inside one transaction and retries it when the engine reports a
-transient conflict (serialization failure, deadlock, SQLite's "database is locked"), so callers
-write each transaction once, as JuiceFS does with its ``txn()``. SQL is written with ``?``
-placeholders and portable syntax; the few dialect differences live in ``Dialect``.
+transient conflict (serialization failure, deadlock, SQLite's "database is locked") or the
+connection breaks, so callers write each transaction once, as JuiceFS does with its ``txn()``.
+
+A connection that breaks while the statement that commits is on its way leaves the outcome unknown:
+the server may have committed and only the answer been lost. The transaction then runs again with
+``tx.rerun`` set, and must find out what the first attempt did: every transaction here is either
+idempotent (running it twice leaves what running it once does, and returns the same), or, where it
+is not (an insert, a state change that refuses its own target state), checks ``tx.rerun`` and
+counts its work found done as done. The re-run reads under the same row locks as the first attempt,
+so it waits for a first attempt that is still running on a server that has not noticed the break.
+SQLite runs in-process: it loses no answers, and retries only what did not commit.
+
+SQL is written with ``?`` placeholders and portable syntax; the few dialect differences live in ``Dialect``.
 
 Thread safety: connections are never shared between threads at the same time; they come from a
 small blocking pool, one per running transaction.
@@ -22,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from .config import mask_url, url_password
-from .errors import DatabaseUnavailableError
+from .errors import DatabaseUnavailableError, OutcomeUnknownError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +55,8 @@ class Tx:
         self._deferred: list[tuple[str, tuple]] = []
         self.opened = False  # the BEGIN reached the server: the transaction must be ended
         self.sent = False  # a statement reached the server
+        self.committing = False  # the statement that commits was sent: if its answer is lost, so is the outcome
+        self.rerun = False  # an earlier attempt of this transaction may have committed (module docstring)
         # The server runs one query string as one transaction: everything goes in a single execute.
         self.one_trip = one_trip
 
@@ -60,6 +72,7 @@ class Tx:
             statements.insert(0, (self._begin, ()))
             self._begin, self.opened = "", True
         self._deferred = []
+        self.committing = self.committing or self.one_trip
         self._cursor.execute("; ".join(text for text, _ in statements),
                              tuple(value for _, values in statements for value in values))
         self.sent = True
@@ -132,6 +145,7 @@ class SQLiteDialect(Dialect):
         return Tx(cursor, self)
 
     def commit(self, tx: Tx) -> None:
+        tx.committing = True
         tx.execute("COMMIT")
 
     def reusable(self, conn: sqlite3.Connection) -> bool:
@@ -151,6 +165,9 @@ class SQLiteDialect(Dialect):
 
     def describe(self) -> str:
         return f"SQLite database {self.path}"
+
+    def clean(self, exc: BaseException) -> str:
+        return str(exc)
 
 
 class PostgresDialect(Dialect):
@@ -176,7 +193,7 @@ class PostgresDialect(Dialect):
             # trip each, which a one-statement read does not need (its statement is atomic anyway).
             conn.autocommit = True
         except self._psycopg2.Error as exc:
-            raise DatabaseUnavailableError(f"cannot connect to {self.describe()}: {self._clean(exc)}") from None
+            raise DatabaseUnavailableError(f"cannot connect to {self.describe()}: {self.clean(exc)}") from None
         return conn
 
     def begin(self, conn: Any, write: bool, one_trip: bool = False) -> Tx:
@@ -193,6 +210,7 @@ class PostgresDialect(Dialect):
             if not tx.sent and tx.pending:
                 tx.execute("SELECT 1")  # the deferred statements, as one transaction
         elif tx.opened or tx.pending:
+            tx.committing = True
             tx.execute("COMMIT")  # with any statements still deferred (and their BEGIN)
 
     def reusable(self, conn: Any) -> bool:
@@ -225,7 +243,7 @@ class PostgresDialect(Dialect):
     def describe(self) -> str:
         return f"PostgreSQL database {mask_url(self.url)}"
 
-    def _clean(self, exc: BaseException) -> str:
+    def clean(self, exc: BaseException) -> str:
         message = " ".join(str(exc).split())
         password = url_password(self.url)
         return message.replace(password, "***") if password else message
@@ -256,17 +274,25 @@ class Database:
         """Run ``fn(tx)`` in one transaction, retrying transient conflicts; commit and return its result.
 
         ``one_trip``: ``fn`` defers every statement but its last, and decides nothing after that one
-        (it is committed as it returns): the whole transaction is one round trip."""
+        (it is committed as it returns): the whole transaction is one round trip.
+
+        A transaction whose commit may have gone through without its answer runs again with
+        ``tx.rerun`` set (see the module's docstring); if it cannot, the error says the outcome is unknown."""
+        rerun = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            tx = None
             try:
                 with self._transaction(write, one_trip) as tx:
+                    tx.rerun = rerun
                     return fn(tx)
             except Exception as exc:
-                retry = self.dialect.is_transient(exc) or self.dialect.is_disconnect(exc)
-                if attempt == MAX_ATTEMPTS or not retry:
-                    if self._is_db_error(exc) and not isinstance(exc, self.dialect.integrity_errors()):
-                        raise self._translate(exc) from None
-                    raise
+                disconnect = self.dialect.is_disconnect(exc)
+                if disconnect and tx is not None and tx.committing:
+                    rerun = True
+                    log.warning("%s: the answer to a commit was lost (%s); running the transaction again to "
+                                "find out what it did", self.describe(), self.dialect.clean(exc))
+                if attempt == MAX_ATTEMPTS or not (disconnect or self.dialect.is_transient(exc)):
+                    raise self._final(exc, rerun) from None
                 log.debug("retrying transaction after %s (attempt %d)", exc, attempt)
                 time.sleep(min(0.5, 0.005 * 2**attempt) * random.random())
         raise AssertionError("unreachable")
@@ -330,15 +356,17 @@ class Database:
                 pass
         self._slots.release()
 
+    def _final(self, exc: Exception, rerun: bool) -> Exception:
+        """The error a transaction that is not tried again ends with. A violated constraint stays as it is:
+        the code should have kept it, and its traceback is what finds the bug."""
+        if self._is_db_error(exc) and not isinstance(exc, self.dialect.integrity_errors()):
+            exc = DatabaseUnavailableError(f"{self.describe()}: {self.dialect.clean(exc)}")
+        if rerun and isinstance(exc, DatabaseUnavailableError):
+            return OutcomeUnknownError(f"{exc} (and the commit of an earlier attempt, whose answer was lost, "
+                                       "may have gone through)")
+        return exc
+
     def _is_db_error(self, exc: BaseException) -> bool:
         if isinstance(exc, sqlite3.Error):
             return True
         return self.kind == "postgresql" and isinstance(exc, self.dialect._psycopg2.Error)
-
-    def _translate(self, exc: BaseException) -> Exception:
-        if self.kind == "postgresql":
-            detail = self.dialect._clean(exc)
-        else:
-            detail = str(exc)
-        return DatabaseUnavailableError(f"{self.describe()}: {detail}")
-

@@ -135,6 +135,10 @@ class DatabaseUnavailableError(UnavailableError):
     pass
 
 
+class OutcomeUnknownError(DatabaseUnavailableError):
+    """The database went away after a transaction's commit was sent: it may or may not have committed."""
+
+
 class VerificationError(RepoError):
     """Bytes did not match the recorded size or md5: nothing was published or cached."""
 

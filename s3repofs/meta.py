@@ -1,6 +1,9 @@
 """The metadata store: the one place that knows the schema, its migrations and its queries.
 
-Every method is one transaction (``Database.run``). Lock order, to stay deadlock-free: a path's
+Every method is one transaction (``Database.run``), and each can run twice: when the answer to its
+commit is lost, ``Database.run`` runs it again with ``tx.rerun`` set. Most are idempotent as they
+stand; an insert and a state change that would refuse its own result find what the first attempt
+did instead (``insert_version``, ``_change_state``, ``remove_dir``). Lock order, to stay deadlock-free: a path's
 ``path_locks`` row first, then the ``versions`` rows of that path. Publishing is atomic: lock the
 path, expire its published version, publish the new one, commit; the partial unique index
 ``one_published_per_path`` makes "at most one published version per path" a fact of the database,
@@ -218,15 +221,20 @@ class MetaStore:
         """Write the intent row of a new unpublished version, before any byte of it is uploaded."""
         now = self.clock()
 
+        insert_sql = """INSERT INTO versions (file_type, dir, name, state, storage, bucket, s3_key,
+                             origin_host, mode, uid, gid, created_at)
+                         VALUES (?, ?, ?, 'unpublished', 'local', ?, ?, ?, ?, ?, ?, ?)"""
+        values = (path.file_type, path.dir, path.name, bucket, s3_key, origin_host, mode, uid, gid, now)
+
         def insert(tx: Tx) -> Version:
             self._ensure_dirs(tx, path.parent, now)
-            row = tx.one(
-                f"""INSERT INTO versions (file_type, dir, name, state, storage, bucket, s3_key,
-                        origin_host, mode, uid, gid, created_at)
-                    VALUES (?, ?, ?, 'unpublished', 'local', ?, ?, ?, ?, ?, ?, ?)
-                    RETURNING {_VERSION_COLUMNS}""",
-                (path.file_type, path.dir, path.name, bucket, s3_key, origin_host, mode, uid, gid, now),
-            )
+            if not tx.rerun:
+                return Version(**tx.one(f"{insert_sql} RETURNING {_VERSION_COLUMNS}", values))
+            # The key is this call's, unique per version: a row holding it is the first attempt's.
+            tx.defer(f"{insert_sql} ON CONFLICT (s3_key) DO NOTHING", values)
+            row = tx.one(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE s3_key = ? AND created_at = ?", (s3_key, now))
+            if row is None:
+                raise RepoError(f"{path}: object key {s3_key} is taken by another version")
             return Version(**row)
 
         return self.db.run(insert, one_trip=True)
@@ -311,8 +319,8 @@ class MetaStore:
             if version.storage != "uploaded":
                 raise LifecycleError(f"{version.path}: version {version_id} is not uploaded and verified; "
                                      "it cannot be published")
-            if version.state == "published" and target == version.path:
-                return version, None
+            if version.state == "published" and target == version.path:  # by a first attempt, too (tx.rerun)
+                return version, self._expired_by(tx, version) if tx.rerun else None
             current = self._published(tx, target)
             if unless_superseded and current is not None and current.id > version.id:  # ids: in order of creation
                 tx.execute("UPDATE versions SET publish_pending = 0 WHERE id = ?", (version_id,))
@@ -369,29 +377,27 @@ class MetaStore:
         return published, next((v for v in rows if v.id != staged.id), None)
 
     def expire(self, version_id: int) -> Version:
-        now = self.clock()
-
-        def run(tx: Tx) -> Version:
-            version = self._lock_version(tx, version_id)
-            if version.state != "published":
-                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; only a published "
-                                     "version can be expired")
-            tx.execute("UPDATE versions SET state = 'expired', expired_at = ? WHERE id = ?", (now, version_id))
-            return self._lock_version(tx, version_id)
-
-        return self.db.run(run)
+        return self._change_state(version_id, "published", "expired", "expired_at = ?")
 
     def discard(self, version_id: int) -> Version:
         """Throw away an unpublished version (gc deletes its object later)."""
+        return self._change_state(version_id, "unpublished", "discarded", "expired_at = ?, publish_pending = 0")
+
+    def _change_state(self, version_id: int, source: str, target: str, assignments: str) -> Version:
+        """Move a version from state ``source`` to ``target``, setting ``assignments`` (their one ``?`` is
+        the time). LifecycleError if it is in another state, except on a re-run (tx.rerun) that finds it
+        in ``target``: the first attempt's commit went through."""
         now = self.clock()
+        article = "an" if source[0] in "aeiou" else "a"
 
         def run(tx: Tx) -> Version:
             version = self._lock_version(tx, version_id)
-            if version.state != "unpublished":
-                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; only an unpublished "
-                                     "version can be discarded")
-            tx.execute("UPDATE versions SET state = 'discarded', expired_at = ?, publish_pending = 0 WHERE id = ?",
-                       (now, version_id))
+            if tx.rerun and version.state == target:
+                return version
+            if version.state != source:
+                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; only {article} "
+                                     f"{source} version can be {target}")
+            tx.execute(f"UPDATE versions SET state = '{target}', {assignments} WHERE id = ?", (now, version_id))
             return self._lock_version(tx, version_id)
 
         return self.db.run(run)
@@ -537,6 +543,8 @@ class MetaStore:
         def run(tx: Tx) -> None:
             if tx.one("SELECT 1 FROM directories WHERE file_type = ? AND dir = ?",
                       (directory.file_type, directory.dir)) is None:
+                if tx.rerun:  # removed by the first attempt
+                    return
                 raise NotFoundError(f"{directory}: no such directory")
             child = tx.one("SELECT 1 FROM directories WHERE parent = ? AND file_type = ? LIMIT 1",
                            (directory.dir, directory.file_type))
@@ -578,6 +586,14 @@ class MetaStore:
         if row is None:
             raise NotFoundError(f"no version {version_id}")
         return Version(**row)
+
+    def _expired_by(self, tx: Tx, published: Version) -> Version | None:
+        """The version that publishing ``published`` expired (in the same transaction, at the same time)."""
+        return _version(tx.one(
+            f"""SELECT {_VERSION_COLUMNS} FROM versions
+                WHERE file_type = ? AND dir = ? AND name = ? AND state = 'expired' AND expired_at = ? AND id <> ?""",
+            (published.file_type, published.dir, published.name, published.published_at, published.id),
+        ))
 
     def _published(self, tx: Tx, path: RepoPath) -> Version | None:
         return _version(tx.one(

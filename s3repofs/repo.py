@@ -37,6 +37,7 @@ from .errors import (
     BeingWrittenError,
     LifecycleError,
     NotFoundError,
+    OutcomeUnknownError,
     ReadOnlyError,
     RepoError,
     UnavailableError,
@@ -142,10 +143,16 @@ class S3Repo:
         key = f"{repo_path.file_type}/{uuid.uuid4().hex}"
         staged = self.cache.staging_path(key)
         staged.parent.mkdir(parents=True, exist_ok=True)
-        version = self.meta.insert_version(
-            repo_path, bucket=self.store.bucket, s3_key=key, origin_host=self.host, mode=mode & 0o7777,
-            uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid)
-        _create_empty(staged)
+        _create_empty(staged)  # before its row: a version staged here always has its file
+        try:
+            version = self.meta.insert_version(
+                repo_path, bucket=self.store.bucket, s3_key=key, origin_host=self.host, mode=mode & 0o7777,
+                uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid)
+        except OutcomeUnknownError:  # the row may have been written: the file stays with it
+            raise
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
         log.info("added %s (version %d, key %s)", repo_path, version.id, key)
         return RepoFile(self, version)
 
