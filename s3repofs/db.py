@@ -289,8 +289,8 @@ class Database:
                 disconnect = self.dialect.is_disconnect(exc)
                 if disconnect and tx is not None and tx.committing:
                     rerun = True
-                    log.warning("%s: the answer to a commit was lost (%s); running the transaction again to "
-                                "find out what it did", self.describe(), self.dialect.clean(exc))
+                    log.warning("%s: the connection broke while a commit was on its way (%s); the transaction "
+                                "runs again to find out what it did", self.describe(), self.dialect.clean(exc))
                 if attempt == MAX_ATTEMPTS or not (disconnect or self.dialect.is_transient(exc)):
                     raise self._final(exc, rerun) from None
                 log.debug("retrying transaction after %s (attempt %d)", exc, attempt)

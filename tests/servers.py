@@ -201,10 +201,14 @@ class PostgresServer:
                 os.kill(pid, signal.SIGKILL)
         self._postmaster_pid = None
 
-    def pause(self) -> None:
+    def pause(self, crash: bool = False) -> None:
         """Stop the server, keeping its data (a database outage); ``resume()`` ends it. A fast stop, as
         ``systemctl stop`` does: an immediate one would lose what the test cluster committed without
-        syncing (synchronous_commit is off)."""
+        syncing (synchronous_commit is off). ``crash=True`` stops it at once, as a crash would (start
+        the server with synchronous_commit=on to keep what it acknowledged)."""
+        if crash:
+            self._halt()
+            return
         self._run("pg_ctl", "stop", "-m", "fast", "-w", "-t", str(int(STOP_TIMEOUT)), "-D", str(self.data_dir),
                   timeout=STOP_TIMEOUT + 5)
         self._postmaster_pid = None
@@ -230,8 +234,9 @@ def _postgres_can_enter(path: Path) -> bool:
                           cwd="/", capture_output=True).returncode == 0
 
 
-def start_postgres(base_dir: Path) -> PostgresServer:
-    """initdb and start a private PostgreSQL cluster on a free loopback port."""
+def start_postgres(base_dir: Path, **overrides: str) -> PostgresServer:
+    """initdb and start a private PostgreSQL cluster on a free loopback port; ``overrides``: settings
+    of postgresql.conf (synchronous_commit="on" for a server that is to be stopped as by a crash)."""
     bindir = _postgres_bindir()
     base_dir.mkdir(parents=True, exist_ok=True)
     as_postgres = os.geteuid() == 0
@@ -267,6 +272,7 @@ def start_postgres(base_dir: Path) -> PostgresServer:
             "fsync": "off",
             "synchronous_commit": "off",
             "full_page_writes": "off",
+            **overrides,
         }
         with open(server.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
             conf.write("\n# s3repofs test cluster\n")
