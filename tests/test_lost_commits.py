@@ -7,7 +7,10 @@ the connection before its answer arrives (``pg_proxy``). SQLite runs in-process 
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from mount_helper import fuse_available, mounted
 from pg_proxy import AnswerLosingProxy
 
 from s3repofs import S3Repo
@@ -183,3 +186,17 @@ def test_a_new_version_whose_insert_failed_leaves_no_staged_file(repo, proxy):
     with pytest.raises(DatabaseUnavailableError):
         repo.add_file(path="t/f")
     assert not any((repo.config.local_root / "staging").iterdir())
+
+
+@pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3 (./scripts/setup)")
+def test_through_a_mount_creates_and_rm_whose_commit_answers_were_lost_succeed(proxy, pg_url, tmp_path):
+    config = {"local_root": str(tmp_path / "root"), "host_name": "test-host", "object_dir": str(tmp_path / "objects"),
+              "database": proxy.url(pg_url)}
+    with mounted(config, tmp_path) as mnt:  # and no traceback in its log (was a raw IntegrityError)
+        os.mkdir(mnt / "published/docs")
+        proxy.lose_answer_to("INSERT INTO versions")
+        (mnt / "published/docs/f").write_bytes(b"bytes")  # was EIO
+        proxy.lose_answer_to("COMMIT")
+        os.unlink(mnt / "published/docs/f")  # was EPERM
+        assert proxy.lost == 2
+        assert (mnt / "expired/docs/f").read_bytes() == b"bytes"
