@@ -131,6 +131,12 @@ class StoreUnavailableError(UnavailableError):
     pass
 
 
+class TransientStoreError(StoreUnavailableError):
+    """S3 failed in a way a later attempt may mend, after the HTTP client's own quick retries: an
+    answer's body broke off (cut short, connection dropped, stalled), a 5xx answer, or connections
+    closed without an answer. A download retries these itself (transfer.Download)."""
+
+
 class DatabaseUnavailableError(UnavailableError):
     pass
 

@@ -74,7 +74,10 @@ class SignedRequests:
         """GET ``key`` with ``headers`` (a Range, say) and yield its body in pieces of the sizes that
         ``chunks`` yields, until the body ends."""
         path, signed = self._signed("GET", key, headers, S3SigV4Auth)
-        response = self._pool.urlopen("GET", path, headers=signed, preload_content=False, redirect=False)
+        # The bytes as stored (as botocore reads them), and each read returns what arrived before the
+        # body broke off (a decoding read drops it): the download resumes right after them.
+        response = self._pool.urlopen("GET", path, headers=signed, preload_content=False, redirect=False,
+                                      decode_content=False)
         complete = False
         try:
             expected = 206 if "Range" in headers else 200
@@ -84,9 +87,12 @@ class SignedRequests:
                 raise _error_answer(response.status, response.read(), "GetObject")
             for size in chunks:
                 chunk = response.read(size)
-                if not chunk:
+                if chunk:
+                    yield chunk
+                if len(chunk) < size:  # the body ended: broken off, if its Content-Length says so
+                    if response.length_remaining:
+                        raise urllib3.exceptions.IncompleteRead(response.tell(), response.length_remaining)
                     break
-                yield chunk
             complete = True
         finally:
             if complete:

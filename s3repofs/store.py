@@ -4,7 +4,8 @@
 ``download`` verifies size and md5 of what it wrote before returning. Every object carries its own
 description (path, type, version id, md5, size, origin host) so the metadata could be rebuilt from
 the store alone. Errors are RepoErrors: ObjectMissingError, VerificationError,
-StoreUnavailableError (with the cause, never a secret), ArchivedError.
+StoreUnavailableError (with the cause, never a secret; TransientStoreError for what a later attempt
+may mend: a body that broke off, a 5xx answer, connections closed without an answer), ArchivedError.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from typing import BinaryIO, Iterator
 from urllib.parse import quote, unquote
 
 from .content import CHUNK, Content
-from .errors import ArchivedError, ObjectMissingError, RepoError, StoreUnavailableError, VerificationError
+from .errors import (
+    ArchivedError,
+    ObjectMissingError,
+    RepoError,
+    StoreUnavailableError,
+    TransientStoreError,
+    VerificationError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -432,18 +440,28 @@ class S3Store(ObjectStore):
                 raise StoreUnavailableError(f"{where} refused the {action} of {key}: {code} "
                                             "(check the S3 credentials and permissions)") from None
             detail = f"{code} {error.get('Message', '')}".rstrip()
-            raise StoreUnavailableError(f"{action} of {key} failed at {where}: {detail}") from None
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            failure = TransientStoreError if status >= 500 else StoreUnavailableError  # SlowDown, InternalError
+            raise failure(f"{action} of {key} failed at {where}: {detail}") from None
         except bex.NoCredentialsError:
             raise StoreUnavailableError(f"no S3 credentials for {where}: set s3_access_key/s3_secret_key "
                                         "or configure boto3's credential chain") from None
-        except (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
-                bex.ConnectionClosedError) as exc:
+        except (bex.IncompleteReadError, bex.ResponseStreamingError, bex.ReadTimeoutError) as exc:
+            raise TransientStoreError(f"the {action} of {key} from {where} broke off: {exc}") from None
+        except bex.ConnectionClosedError as exc:
+            raise TransientStoreError(f"cannot reach {where}: {exc}") from None
+        except (bex.EndpointConnectionError, bex.ConnectTimeoutError) as exc:
             raise StoreUnavailableError(f"cannot reach {where}: {exc}") from None
         except bex.BotoCoreError as exc:
             raise StoreUnavailableError(f"{action} of {key} failed at {where}: {exc}") from None
-        except urllib3.exceptions.HTTPError as exc:  # the signed GETs of s3http
-            reason = getattr(exc, "reason", None) or exc
-            raise StoreUnavailableError(f"cannot reach {where}: {reason}") from None
+        except urllib3.exceptions.MaxRetryError as exc:  # the signed requests of s3http, retried already
+            # Closed without an answer or stalled (transient), or refused, timed out connecting.
+            broken = isinstance(exc.reason, (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError))
+            raise (TransientStoreError if broken else StoreUnavailableError)(
+                f"cannot reach {where}: {exc.reason}") from None
+        except urllib3.exceptions.HTTPError as exc:  # raised reading a body: urllib3 retries the rest
+            detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else exc
+            raise TransientStoreError(f"the {action} of {key} from {where} broke off: {detail}") from None
         except OSError as exc:
             raise StoreUnavailableError(f"{action} of {key} at {where}: {exc.strerror or exc}") from None
 

@@ -14,15 +14,27 @@ the whole object for every ranged GET. ``download_part_size`` in the config choo
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from concurrent.futures import Executor, Future, wait
 from typing import Callable, Iterator
 
 from .content import HASHES, feed
-from .errors import VerificationError
+from .errors import RepoError, TransientStoreError, VerificationError
+
+log = logging.getLogger(__name__)
 
 SMALL = 1024 * 1024  # objects up to this size are fetched and hashed by the one thread that runs them
+# The HTTP clients retry requests that fail before an answer, quickly; a body that breaks off or
+# arrives wrong is ours to ask for again, and so is a failure that outlasted their retries but may
+# pass (TransientStoreError: a 5xx answer, say): a part up to ATTEMPTS times (from where it
+# stopped), the whole object up to DIGEST_ATTEMPTS times, RETRY_DELAY, then twice as long, and so
+# on, in between.
+ATTEMPTS = 4
+DIGEST_ATTEMPTS = 3
+RETRY_DELAY = 0.1
 
 # fetch(start, end) yields the object's bytes in [start, end), in order.
 Fetch = Callable[[int, int], Iterator[bytes]]
@@ -43,11 +55,38 @@ class Download:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._verified = False
+        self._served = False  # a reader was told unverified bytes were present
 
     # -- the downloading side -------------------------------------------------------------------
 
     def run(self) -> None:
-        """Fetch and verify the whole object (blocks); raises, and fails every waiting reader, on error."""
+        """Fetch and verify the whole object (blocks); raises, and fails every waiting reader, on error.
+
+        A part whose body breaks off is fetched again from where it stopped, up to ATTEMPTS times in
+        all; an object whose digest does not match is downloaded again, up to DIGEST_ATTEMPTS times,
+        unless a reader was already served some of its unverified bytes (that reader must see EIO,
+        not a good end after bad bytes). The error after the last attempt says what happened."""
+        for attempt in range(1, DIGEST_ATTEMPTS + 1):
+            actual = self._fetch_all()
+            if actual == self.expected:
+                with self._cond:
+                    self._verified = True
+                    self._cond.notify_all()
+                return
+            error = VerificationError(f"{self.what}: {self.digest_name} {actual} does not match the recorded "
+                                      f"{self.expected}" + (f" ({attempt} attempts)" if attempt > 1 else ""))
+            with self._cond:
+                again = attempt < DIGEST_ATTEMPTS and not self._served
+                if again:
+                    self._filled = [0] * len(self._starts)
+            if not again:
+                self._fail(error)
+                raise error
+            log.warning("%s; downloading it again (attempt %d of %d)", error, attempt + 1, DIGEST_ATTEMPTS)
+            self._pause(attempt)
+
+    def _fetch_all(self) -> str:
+        """Fetch every part; the hex digest of what arrived. Raises, and fails the readers, on error."""
         futures: list[Future] = []
         digest = HASHES[self.digest_name]()
         try:
@@ -61,18 +100,13 @@ class Download:
                 self._hash_behind(digest)
                 for future in futures:
                     future.result()
-            if digest.hexdigest() != self.expected:
-                raise VerificationError(f"{self.what}: {self.digest_name} {digest.hexdigest()} does not match "
-                                        f"the recorded {self.expected}")
+            return digest.hexdigest()
         except BaseException as exc:
             self._fail(exc)  # parts still running stop at their next chunk
             for future in futures:
                 future.cancel()
             wait(futures)  # none may write into the fd once the caller closes it (its number is reused)
             raise
-        with self._cond:
-            self._verified = True
-            self._cond.notify_all()
 
     def _hash_behind(self, digest) -> None:
         hashed = 0
@@ -83,28 +117,63 @@ class Download:
                 raise VerificationError(f"{self.what}: the cache file is shorter than the bytes written to it")
 
     def _fetch_part(self, index: int, digest=None) -> None:
-        """Write part ``index`` into the file as it arrives (and hash it, if given ``digest``)."""
-        start, end = self._starts[index], self._part_end(index)
-        offset = start
+        """Write part ``index`` into the file as it arrives (and hash it, if given ``digest``); after a
+        body that breaks off or ends short, or another transient failure, the rest is asked for again."""
         try:
-            for chunk in self._fetch(start, end):
-                with self._cond:
-                    self._raise_failure()  # another part failed: the download is over
-                if offset + len(chunk) > end:
-                    raise VerificationError(f"{self.what}: the store sent more than the recorded {self.size} bytes")
-                pwrite_all(self.fd, chunk, offset)
-                if digest is not None:
-                    digest.update(chunk)
-                offset += len(chunk)
-                with self._cond:
-                    self._filled[index] = offset - start
-                    self._cond.notify_all()
-            if offset != end:
-                raise VerificationError(f"{self.what}: the store sent {offset - start} bytes of part "
-                                        f"{start}-{end}, expected {end - start} (size {self.size})")
+            for attempt in range(1, ATTEMPTS + 1):
+                failed: TransientStoreError | None = None
+                try:
+                    self._receive(index, digest)
+                except TransientStoreError as exc:
+                    failed = exc
+                if failed is None and self._filled[index] == self._part_end(index) - self._starts[index]:
+                    return
+                if attempt == ATTEMPTS:
+                    raise self._cut_short(index, attempt, failed)
+                log.warning("%s; asking again for the rest (attempt %d of %d)", self._cut_short(index, attempt, failed),
+                            attempt + 1, ATTEMPTS)
+                self._pause(attempt)
         except BaseException as exc:
             self._fail(exc)
             raise
+
+    def _receive(self, index: int, digest) -> None:
+        """Fetch what is missing of part ``index`` (all of it, the first time) and write it into place."""
+        start, end = self._starts[index], self._part_end(index)
+        offset = start + self._filled[index]
+        for chunk in self._fetch(offset, end):
+            with self._cond:
+                self._raise_failure()  # another part failed: the download is over
+            if offset + len(chunk) > end:
+                raise VerificationError(f"{self.what}: the store sent more than the recorded {self.size} bytes")
+            pwrite_all(self.fd, chunk, offset)
+            if digest is not None:
+                digest.update(chunk)
+            offset += len(chunk)
+            with self._cond:
+                self._filled[index] = offset - start
+                self._cond.notify_all()
+
+    def _cut_short(self, index: int, attempts: int, failed: TransientStoreError | None) -> RepoError:
+        """What a part that did not arrive whole got: TransientStoreError if its request failed (the
+        cause said: the body broke off, a 5xx answer...), VerificationError if the store ended it early."""
+        start, end = self._starts[index], self._part_end(index)
+        which = "" if (start, end) == (0, self.size) else f" (bytes {start}-{end} of {self.size})"
+        what = f"{self.what}: got {self._filled[index]} of {end - start} bytes{which}"
+        if attempts > 1:
+            what += f" in {attempts} attempts"
+        if failed is not None:
+            return TransientStoreError(f"{what}; {failed}")
+        return VerificationError(f"{what}: the store ended the body early")
+
+    def _pause(self, attempt: int) -> None:
+        """Back off before attempt ``attempt + 1``; raises at once if the download failed meanwhile."""
+        deadline = time.monotonic() + RETRY_DELAY * 2 ** (attempt - 1)
+        with self._cond:
+            while (left := deadline - time.monotonic()) > 0:
+                self._raise_failure()
+                self._cond.wait(left)
+            self._raise_failure()
 
     def _part_end(self, index: int) -> int:
         return min(self._starts[index] + self.part_size, self.size)
@@ -134,7 +203,10 @@ class Download:
         with self._cond:
             while True:
                 self._raise_failure()
-                if self._verified or (end < self.size and self._present(start, end)):
+                if self._verified:
+                    return
+                if end < self.size and self._present(start, end):
+                    self._served = self._served or start < end  # unverified bytes: no second download
                     return
                 self._cond.wait()
 

@@ -11,7 +11,7 @@ import pytest
 import xxhash
 
 from s3repofs import transfer
-from s3repofs.errors import StoreUnavailableError, VerificationError
+from s3repofs.errors import ObjectMissingError, StoreUnavailableError, TransientStoreError, VerificationError
 from s3repofs.transfer import Download
 
 DATA = os.urandom(1000)
@@ -29,6 +29,11 @@ def strategy(request, monkeypatch):
     """Small objects are fetched by the running thread, larger ones by the pool: test both ways."""
     if request.param == "pooled":
         monkeypatch.setattr(transfer, "SMALL", 0)
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(transfer, "RETRY_DELAY", 0.001)
 
 
 @pytest.fixture
@@ -91,10 +96,10 @@ def test_a_read_of_the_end_waits_for_the_digest_check(dest, pool, digest):
         download.wait(0, 10)
 
 
-@pytest.mark.parametrize("sent", [DATA[:999], DATA + b"x"])
+@pytest.mark.parametrize("sent", [DATA[:999], DATA + b"x"], ids=["short", "long"])
 def test_a_short_or_long_object_is_refused(dest, pool, sent):
     download = Download(dest, len(DATA), MD5, "test", lambda s, e: chunks(sent, s, e + 1), 0, pool)
-    with pytest.raises(VerificationError, match="sent"):
+    with pytest.raises(VerificationError, match="got 999 of 1000 bytes in 4 attempts|more than the recorded"):
         download.run()
 
 
@@ -150,3 +155,101 @@ def test_no_part_writes_after_a_failed_download_returns(dest, pool):
     returned.set()  # the caller now closes the fd; its number may be reused at once
     time.sleep(0.1)
     assert writes_after == []
+
+
+def breaking_off_once(data: bytes, after: int):
+    """A fetch whose first body breaks off after ``after`` bytes; the ranges asked for are recorded."""
+    asked: list = []
+
+    def fetch(start, end):
+        asked.append((start, end))
+        if len(asked) == 1:
+            yield data[start:start + after]
+            raise TransientStoreError("the connection broke off: IncompleteRead")
+        yield from chunks(data, start, end)
+
+    return fetch, asked
+
+
+@pytest.mark.parametrize("part_size", [0, 400])
+def test_a_body_that_breaks_off_is_asked_for_again_from_where_it_stopped(dest, pool, part_size):
+    fetch, asked = breaking_off_once(DATA, 64 + 7)
+    Download(dest, len(DATA), MD5, "test", fetch, part_size, pool).run()
+    assert os.pread(dest, 2000, 0) == DATA
+    assert (71, 400 if part_size else 1000) in asked  # the rest of the part, not all of it again
+
+
+def test_a_body_that_keeps_breaking_off_fails_with_what_arrived(dest, pool):
+    asked = []
+
+    def fetch(start, end):
+        asked.append(start)
+        yield DATA[start:start + 10]
+        raise TransientStoreError("the connection broke off: IncompleteRead")
+
+    with pytest.raises(TransientStoreError, match="got 40 of 1000 bytes in 4 attempts; the connection broke off"):
+        Download(dest, len(DATA), MD5, "test", fetch, 0, pool).run()
+    assert asked == [0, 10, 20, 30]
+
+
+def test_a_missing_object_is_not_asked_for_again(dest, pool):
+    asked = []
+
+    def fetch(start, end):
+        asked.append(start)
+        raise ObjectMissingError("object t/k is missing")
+
+    with pytest.raises(ObjectMissingError):
+        Download(dest, len(DATA), MD5, "test", fetch, 0, pool).run()
+    assert asked == [0]
+
+
+def corrupt_first(data: bytes, parts: int):
+    """A fetch whose first ``parts`` bodies have a flipped byte."""
+    sent = []
+
+    def fetch(start, end):
+        sent.append(start)
+        body = bytearray(data[start:end])
+        if len(sent) <= parts:
+            body[0] ^= 1
+        return chunks(bytes(body), 0, len(body))
+
+    return fetch, sent
+
+
+@pytest.mark.parametrize("digest", [MD5, XXH3], ids=["md5", "xxh3"])
+def test_an_object_that_fails_its_digest_check_is_downloaded_again(dest, pool, digest):
+    fetch, sent = corrupt_first(DATA, 1)
+    download = Download(dest, len(DATA), digest, "test", fetch, 300, pool)
+    download.run()
+    download.wait(0, len(DATA))
+    assert os.pread(dest, 2000, 0) == DATA and len(sent) == 8
+
+
+def test_an_object_that_keeps_failing_its_digest_check_fails_after_the_last_attempt(dest, pool):
+    fetch, sent = corrupt_first(DATA, 100)
+    with pytest.raises(VerificationError, match="md5 .* does not match the recorded .* \\(3 attempts\\)"):
+        Download(dest, len(DATA), MD5, "test", fetch, 0, pool).run()
+    assert len(sent) == 3
+
+
+def test_no_second_download_once_a_reader_was_served_unverified_bytes(dest, pool):
+    """The reader read bad bytes: a good end after a second download would hide them from it."""
+    release_rest = threading.Event()
+    fetch, sent = corrupt_first(DATA, 1)
+
+    def gated(start, end):
+        if start > 0:
+            assert release_rest.wait(10)
+        return fetch(start, end)
+
+    download = Download(dest, len(DATA), MD5, "test", gated, 250, pool)
+    runner = threading.Thread(target=lambda: pytest.raises(VerificationError, download.run))
+    runner.start()
+    download.wait(0, 200)  # served before the digest is known
+    release_rest.set()
+    runner.join(10)
+    with pytest.raises(VerificationError, match="does not match"):
+        download.wait(900, 1000)
+    assert len(sent) == 4
