@@ -62,10 +62,11 @@ class Download:
     def run(self) -> None:
         """Fetch and verify the whole object (blocks); raises, and fails every waiting reader, on error.
 
-        A part whose body breaks off is fetched again from where it stopped, up to ATTEMPTS times in
-        all; an object whose digest does not match is downloaded again, up to DIGEST_ATTEMPTS times,
-        unless a reader was already served some of its unverified bytes (that reader must see EIO,
-        not a good end after bad bytes). The error after the last attempt says what happened."""
+        A part whose body breaks off (or that fails otherwise transiently: TransientStoreError) is
+        fetched again from where it stopped, up to ATTEMPTS times in all; an object whose digest does
+        not match is downloaded again, up to DIGEST_ATTEMPTS times, unless a reader was already
+        served some of its unverified bytes (that reader must see EIO, not a good end after bad
+        bytes). The error after the last attempt says what happened."""
         for attempt in range(1, DIGEST_ATTEMPTS + 1):
             actual = self._fetch_all()
             if actual == self.expected:
@@ -80,6 +81,8 @@ class Download:
                 if again:
                     self._filled = [0] * len(self._starts)
             if not again:
+                if attempt < DIGEST_ATTEMPTS:
+                    error = VerificationError(f"{error}; not downloaded again: a reader has read some of it")
                 self._fail(error)
                 raise error
             log.warning("%s; downloading it again (attempt %d of %d)", error, attempt + 1, DIGEST_ATTEMPTS)
