@@ -8,6 +8,7 @@ secrets (keys, passwords): build them from names and paths only.
 from __future__ import annotations
 
 import errno as _errno
+import logging
 
 
 class RepoError(Exception):
@@ -16,6 +17,15 @@ class RepoError(Exception):
     errno: int = _errno.EIO
     exit_status: int = 1
     expected = False  # a routine answer the mount does not log (a probe for something absent)
+    # How loudly the mount logs it: a server or disk failure is the operator's business (WARNING); a
+    # caller's mistake or a refusal by the lifecycle is routine, its errno says all (CallerError: INFO).
+    log_level = logging.WARNING
+
+
+class CallerError(RepoError):
+    """Refused because of what the caller asked, not because something failed: logged at INFO."""
+
+    log_level = logging.INFO
 
 
 class ConfigError(RepoError):
@@ -25,14 +35,14 @@ class ConfigError(RepoError):
     exit_status = 2
 
 
-class UsageError(RepoError):
+class UsageError(CallerError):
     """The command line asks for something that does not make sense."""
 
     errno = _errno.EINVAL
     exit_status = 2
 
 
-class InvalidPathError(RepoError):
+class InvalidPathError(CallerError):
     """A repository path or name is not acceptable (escape attempt, empty, NUL, too long...)."""
 
     errno = _errno.EINVAL
@@ -43,7 +53,13 @@ class NameTooLongError(InvalidPathError):
     errno = _errno.ENAMETOOLONG
 
 
-class NotFoundError(RepoError):
+class NotUtf8Error(InvalidPathError):
+    """A name that is not valid UTF-8: names are stored as text (PostgreSQL TEXT cannot hold arbitrary bytes)."""
+
+    errno = _errno.EILSEQ
+
+
+class NotFoundError(CallerError):
     """No such file, version or directory."""
 
     errno = _errno.ENOENT
@@ -57,12 +73,12 @@ class StaleEntryError(NotFoundError):
     expected = True
 
 
-class AlreadyExistsError(RepoError):
+class AlreadyExistsError(CallerError):
     errno = _errno.EEXIST
     exit_status = 1
 
 
-class LifecycleError(RepoError):
+class LifecycleError(CallerError):
     """The operation is not allowed in the version's current state (e.g. publishing a discarded one)."""
 
     errno = _errno.EPERM
@@ -81,29 +97,29 @@ class BeingWrittenError(LifecycleError):
     errno = _errno.EBUSY
 
 
-class NotEmptyError(RepoError):
+class NotEmptyError(CallerError):
     errno = _errno.ENOTEMPTY
 
 
-class IsDirectoryError(RepoError):
+class IsDirectoryError(CallerError):
     errno = _errno.EISDIR
 
 
-class NotDirectoryError(RepoError):
+class NotDirectoryError(CallerError):
     errno = _errno.ENOTDIR
 
 
-class CrossDeviceError(RepoError):
+class CrossDeviceError(CallerError):
     """A rename that cannot be done in place (a directory); ``mv`` then copies and deletes instead."""
 
     errno = _errno.EXDEV
 
 
-class NoAttributeError(RepoError):
+class NoAttributeError(CallerError):
     errno = _errno.ENODATA
 
 
-class NotSupportedError(RepoError):
+class NotSupportedError(CallerError):
     errno = _errno.ENOTSUP
 
 
@@ -116,7 +132,7 @@ class NamespaceNotSupportedError(NotSupportedError):
     expected = True
 
 
-class BadHandleError(RepoError):
+class BadHandleError(CallerError):
     errno = _errno.EBADF
 
 
@@ -156,7 +172,7 @@ class ObjectMissingError(VerificationError):
     """The version's object is not in the store (fsck would report it missing)."""
 
 
-class ArchivedError(RepoError):
+class ArchivedError(CallerError):
     """The version is in Glacier-class storage; it must be restored (thawed) before reading."""
 
     # EAGAIN tells a reader "not now, retry later": a restore request takes hours.

@@ -25,31 +25,42 @@ from .tree import Tree  # noqa: E402
 
 log = logging.getLogger("s3repofs.mount")
 
-# Expected misses: not worth a log line (the kernel probes for these all the time).
+# Expected misses: logged at DEBUG only (the kernel probes for these all the time).
 _QUIET = (errno.ENOENT, errno.ENODATA)
+# Local disk errors of the caller's making (a file past the disk's size limit, a bad length) and of a full
+# disk: the errno says it all, no ERROR; any other one (EIO from a failing disk) is an ERROR.
+_OS_ERROR_LEVELS = {errno.EFBIG: logging.INFO, errno.EINVAL: logging.INFO,
+                    errno.ENOSPC: logging.WARNING, errno.EDQUOT: logging.WARNING}
 
 
 def translated(method):
-    """Run a FUSE operation, turning repository errors into FuseOSError(errno) with one log line."""
+    """Run a FUSE operation, turning repository errors into FuseOSError(errno) with one log line, as loud
+    as the error deserves: DEBUG for expected misses, INFO for a caller's error or a lifecycle refusal,
+    WARNING for a server or a full disk, ERROR for a failing disk; a traceback only for the unexpected."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except RepoError as exc:
-            if exc.errno not in _QUIET and not exc.expected:
-                log.warning("%s: %s (%s)", method.__name__, exc, errno.errorcode.get(exc.errno, exc.errno))
+            level = logging.DEBUG if exc.errno in _QUIET or exc.expected else exc.log_level
+            log.log(level, "%s: %s (%s)", method.__name__, exc, _errno_name(exc.errno))
             raise mfusepy.FuseOSError(exc.errno) from None
         except mfusepy.FuseOSError:
             raise
-        except OSError as exc:  # local disk trouble (full staging disk, say): the caller sees the real errno
-            log.error("%s: %s", method.__name__, exc)
+        except OSError as exc:  # local disk trouble (a full staging disk, say): the caller sees the real errno
+            log.log(_OS_ERROR_LEVELS.get(exc.errno, logging.ERROR), "%s %s: %s (%s)", method.__name__,
+                    args[0] if args else "", exc.strerror or exc, _errno_name(exc.errno))
             raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("%s%r failed unexpectedly", method.__name__, args[:2])
             raise mfusepy.FuseOSError(errno.EIO) from None
 
     return wrapper
+
+
+def _errno_name(number: int | None) -> str:
+    return errno.errorcode.get(number, str(number)) if number else "EIO"
 
 
 def stale_if_missing(method):

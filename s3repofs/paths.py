@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidPathError, NameTooLongError
+from .errors import InvalidPathError, NameTooLongError, NotUtf8Error
 
 MAX_NAME_BYTES = 255  # what every common Linux filesystem accepts for one component
 MAX_PATH_BYTES = 1024  # S3's key limit, and far beyond any sane repository path
@@ -105,8 +105,9 @@ def validate_component(name: str, path: str | None = None) -> None:
         raise InvalidPathError(f"{where}: a name cannot contain '/'")
     try:
         encoded = name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidPathError(f"{where}: not valid UTF-8") from None
+    except UnicodeEncodeError:  # bytes the FUSE layer decoded with surrogateescape
+        raw = name.encode("utf-8", "surrogateescape")
+        raise NotUtf8Error(f"invalid name {raw!r}: not valid UTF-8 (names are stored as UTF-8 text)") from None
     if len(encoded) > MAX_NAME_BYTES:
         raise NameTooLongError(f"{where}: a component is longer than {MAX_NAME_BYTES} bytes")
 

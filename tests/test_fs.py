@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
 import os
 
 import pytest
+from repo_fixtures import make_config
 
-from s3repofs import fs
+from s3repofs import S3Repo, fs
+from s3repofs.tree import Tree
 
 
 class _Opened:
@@ -75,3 +79,30 @@ def test_threads_python_did_not_start_keep_a_bounded_number_of_thread_states(mon
         assert libc.pthread_join(thread.value, None) == 0
     assert kept == [True, True, True, False, False, False]
     assert fs._kept_states == before + 3
+
+
+def test_errors_of_callers_are_logged_at_info_or_below_with_their_errno(request, tmp_path, caplog):
+    """A file too large for the disk (EFBIG), a lifecycle refusal (EROFS, EPERM) and a miss (ENOENT) are
+    the caller's business: one line each, below WARNING, and no traceback-like ``[Errno N]`` text."""
+    repo = S3Repo(make_config(request, tmp_path, "sqlite-local"))
+    repo.create_repository()
+    operations = fs.Operations(Tree(repo, metadata_ttl=3600))
+    operations.tree.mkdir("/published/t", 0o755, 0, 0)
+    repo.add_file(path="t/f").touch(b"v1").publish()
+    repo.add_file(path="t/g").touch(b"v1").publish().expire()
+    caplog.set_level(logging.DEBUG, logger="s3repofs.mount")
+    refusals = [
+        (errno.EFBIG, lambda: operations.truncate("/published/t/f", 1 << 62)),  # past ext4's 16 TiB
+        (errno.EROFS, lambda: operations.unlink("/expired/t/g")),
+        (errno.EPERM, lambda: operations.rename("/published/t/f", "/expired/t/h")),
+        (errno.ENOENT, lambda: operations.getattr("/published/t/missing")),
+    ]
+    for number, call in refusals:
+        with pytest.raises(fs.mfusepy.FuseOSError) as info:
+            call()
+        assert info.value.errno == number
+    repo.close()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "s3repofs.mount"]
+    assert len(lines) == len(refusals), lines
+    assert all(level < logging.WARNING and "Errno" not in text for level, text in lines), lines
+    assert [text.rpartition("(")[2] for _, text in lines] == ["EFBIG)", "EROFS)", "EPERM)", "ENOENT)"]

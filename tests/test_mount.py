@@ -281,6 +281,23 @@ def test_mkdir_refuses_a_type_name_files_could_not_use(mnt):
     assert info.value.errno == errno.EINVAL
 
 
+def test_a_name_that_is_not_utf8_is_refused_with_eilseq_and_a_log_line(mnt, tmp_path):
+    """Names are stored as UTF-8 text (PostgreSQL TEXT holds no arbitrary bytes): other bytes are refused."""
+    docs = os.fsencode(mnt / "published/docs")
+    (mnt / "published/docs/good.txt").write_text("g")
+    attempts = [lambda name: os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o644)), os.mkdir,
+                lambda name: os.rename(docs + b"/good.txt", name)]
+    for attempt in attempts:
+        with pytest.raises(OSError) as info:
+            attempt(docs + b"/bad\xffname")
+        assert info.value.errno == errno.EILSEQ
+    with pytest.raises(FileNotFoundError):  # a name the repository cannot hold does not exist
+        os.stat(docs + b"/bad\xffname")
+    assert os.listdir(docs) == [b"good.txt"]
+    assert "invalid name b'bad\\xffname': not valid UTF-8 (names are stored as UTF-8 text) (EILSEQ)" in daemon_log(
+        tmp_path)
+
+
 def test_ls_l_shows_every_entry_from_the_listing_and_xattr_namespaces(mnt):
     directory = mnt / "published/docs/many"
     directory.mkdir()
