@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from .config import mask_url, url_password
-from .errors import DatabaseUnavailableError, OutcomeUnknownError
+from .errors import DatabaseUnavailableError, NoSpaceError, OutcomeUnknownError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -160,6 +160,9 @@ class SQLiteDialect(Dialect):
     def is_disconnect(self, exc: BaseException) -> bool:
         return False
 
+    def is_disk_full(self, exc: BaseException) -> bool:
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
     def integrity_errors(self) -> tuple[type, ...]:
         return (sqlite3.IntegrityError,)
 
@@ -236,6 +239,9 @@ class PostgresDialect(Dialect):
         return isinstance(exc, (self._psycopg2.OperationalError, self._psycopg2.InterfaceError)) and not getattr(
             exc, "pgcode", None
         )
+
+    def is_disk_full(self, exc: BaseException) -> bool:
+        return getattr(exc, "pgcode", None) == "53100"  # disk_full
 
     def integrity_errors(self) -> tuple[type, ...]:
         return (self._psycopg2.IntegrityError,)
@@ -360,7 +366,8 @@ class Database:
         """The error a transaction that is not tried again ends with. A violated constraint stays as it is:
         the code should have kept it, and its traceback is what finds the bug."""
         if self._is_db_error(exc) and not isinstance(exc, self.dialect.integrity_errors()):
-            exc = DatabaseUnavailableError(f"{self.describe()}: {self.dialect.clean(exc)}")
+            error = NoSpaceError if self.dialect.is_disk_full(exc) else DatabaseUnavailableError
+            exc = error(f"{self.describe()}: {self.dialect.clean(exc)}")
         if rerun and isinstance(exc, DatabaseUnavailableError):
             return OutcomeUnknownError(f"{exc} (and the commit of an earlier attempt, whose answer was lost, "
                                        "may have gone through)")

@@ -161,6 +161,20 @@ class OutcomeUnknownError(DatabaseUnavailableError):
     """The database went away after a transaction's commit was sent: it may or may not have committed."""
 
 
+class NoSpaceError(UnavailableError):
+    """A disk is full: this host's (staging, cache, a local object directory, SQLite's) or the database
+    server's. The caller sees the cause's errno, ENOSPC (EDQUOT for a quota), not EIO: freeing space helps."""
+
+    errno = _errno.ENOSPC
+
+    def __init__(self, message: str, errno: int = _errno.ENOSPC) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+DISK_FULL_ERRNOS = (_errno.ENOSPC, _errno.EDQUOT)
+
+
 class VerificationError(RepoError):
     """Bytes did not match the recorded size or md5: nothing was published or cached."""
 

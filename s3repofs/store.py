@@ -27,7 +27,9 @@ from urllib.parse import quote, unquote
 
 from .content import CHUNK, Content
 from .errors import (
+    DISK_FULL_ERRNOS,
     ArchivedError,
+    NoSpaceError,
     ObjectMissingError,
     RepoError,
     StoreUnavailableError,
@@ -222,7 +224,10 @@ class LocalStore(ObjectStore):
         except FileNotFoundError:
             raise ObjectMissingError(f"object {key} is missing from {self.describe_location()}") from None
         except OSError as exc:
-            raise StoreUnavailableError(f"{self.describe_location()}: {key}: {exc.strerror or exc}") from None
+            message = f"{self.describe_location()}: {key}: {exc.strerror or exc}"
+            if exc.errno in DISK_FULL_ERRNOS:  # the caller can free space: it sees ENOSPC, not EIO
+                raise NoSpaceError(message, exc.errno) from None
+            raise StoreUnavailableError(message) from None
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from s3repofs.db import Database, PostgresDialect
-from s3repofs.errors import DatabaseUnavailableError
+from s3repofs.errors import DatabaseUnavailableError, NoSpaceError
 
 
 class RecordingCursor:
@@ -86,5 +88,18 @@ def test_a_closed_connection_is_dropped_not_pooled_again(pg_url):
         conn.close()  # as if the server had gone away
         assert db.run(lambda tx: tx.scalar("SELECT 2"), write=False) == 2  # retried on a new connection
         assert conn not in db._all
+    finally:
+        db.close()
+
+
+def test_a_full_sqlite_disk_is_enospc_not_eio(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'full.db'}", max_connections=1)
+    try:
+        db.run(lambda tx: tx.execute("CREATE TABLE t (x TEXT)"))
+        # SQLite answers SQLITE_FULL ("database or disk is full") at the page limit as on a full disk
+        db.run(lambda tx: tx.execute(f"PRAGMA max_page_count = {tx.scalar('PRAGMA page_count')}"))
+        with pytest.raises(NoSpaceError, match="database or disk is full") as info:
+            db.run(lambda tx: tx.execute("INSERT INTO t VALUES (?)", ("x" * 100_000,)))
+        assert info.value.errno == errno.ENOSPC
     finally:
         db.close()

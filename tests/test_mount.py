@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 
 import pytest
 from mount_helper import daemon_log, fuse_available, mounted, s3repofs, wait_for, write_config
@@ -255,6 +257,53 @@ def test_failed_upload_returns_eio_keeps_the_bytes_and_retries(request, tmp_path
             assert "will retry" in daemon_log(tmp_path)
     finally:
         server.stop()
+
+
+@contextmanager
+def small_disk(path, size: str = "20m"):
+    """A tmpfs of ``size`` at ``path``: a disk that fills up quickly."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(path) -> None:
+    """Write ``path`` until its disk is full."""
+    with open(path, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while f.write(bytes(1 << 20)):
+                pass
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_a_full_local_disk_reports_enospc_at_close_and_create_never_eio(request, tmp_path):
+    """The embedded default's layout: staging, cache, object directory and SQLite on one small disk."""
+    with small_disk(tmp_path / "disk") as disk:
+        config = {**make_config(request, tmp_path, "sqlite-local"), "local_root": str(disk / "root"),
+                  "object_dir": str(disk / "objects"), "database": f"sqlite:///{disk / 'repo.db'}"}
+        with mounted(config, tmp_path) as mnt:
+            os.mkdir(mnt / "published/t")
+            fd = os.open(mnt / "published/t/big", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, os.urandom(12 << 20))  # fits in staging, but its copy in the object directory does not
+            with pytest.raises(OSError) as info:
+                os.close(fd)
+            assert info.value.errno == errno.ENOSPC
+            assert os.stat(mnt / "unpublished/t/big").st_size == 12 << 20  # kept for the retry
+            fill(disk / "filler")
+            failures = set()
+            for i in range(20):
+                try:
+                    (mnt / f"published/t/small{i}").write_bytes(b"x" * 4096)
+                except OSError as exc:
+                    failures.add(exc.errno)
+            assert failures == {errno.ENOSPC}
+            os.unlink(disk / "filler")
+            (mnt / "published/t/later").write_bytes(b"x" * 4096)  # space is back
+            assert (mnt / "published/t/later").read_bytes() == b"x" * 4096
+        assert "(EIO)" not in daemon_log(tmp_path)
 
 
 def test_truncate_makes_a_new_published_version(mnt):
