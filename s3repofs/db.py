@@ -116,6 +116,10 @@ class Dialect:
     def ddl(self, sql: str) -> str:
         return sql.format(**self.types)
 
+    def indexed(self, column: str) -> str:
+        """What the indexes on a path column (dir, parent) hold: the column itself, or an expression of it."""
+        return column
+
     types: dict[str, str] = {}
 
 
@@ -188,6 +192,10 @@ class PostgresDialect(Dialect):
 
     def translate(self, sql: str) -> str:
         return sql.replace("%", "%%").replace("?", "%s")
+
+    def indexed(self, column: str) -> str:
+        # A btree entry holds at most 2,704 bytes; a dir up to 4,095 (see meta's migration 4).
+        return f"md5({column})"
 
     def connect(self) -> Any:
         try:

@@ -21,13 +21,14 @@ from .db import Database, Tx
 from .errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
 from .paths import DirPath, RepoPath
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 STATES = ("unpublished", "published", "expired", "discarded", "purged")
 VISIBLE_STATES = ("unpublished", "published", "expired")
 
 # Each migration takes the schema from version N-1 to N. Never edit one that has shipped: add the next.
-MIGRATIONS: dict[int, list[str]] = {
+# A migration of one engine only is a dict of statements by dialect name.
+MIGRATIONS: dict[int, list[str] | dict[str, list[str]]] = {
     1: [
         """CREATE TABLE hosts (
             name       TEXT PRIMARY KEY,
@@ -96,6 +97,28 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     # The digest downloads are verified with (see content.Content); rows without one fall back to md5.
     2: ["ALTER TABLE versions ADD COLUMN xxh3 TEXT"],
+    3: [],  # placeholder for main's migration 3 (mtime columns): renumbered on merge
+    # Paths up to PATH_MAX: a dir can take 4,095 bytes, and a PostgreSQL btree entry has room for 2,704
+    # ("index row size exceeds btree maximum"), so its indexes hold md5(dir) and md5(parent) instead, and
+    # queries name the same expression (MetaStore._is). A unique index on md5 refuses only two different
+    # dirs with one md5 (a crafted collision, of valid UTF-8 without '/' or NUL). SQLite has no such limit.
+    # Each statement can run again: the schema 1 test re-runs it on an already migrated database.
+    4: {"postgresql": [
+        "DROP INDEX IF EXISTS one_published_per_path",
+        """CREATE UNIQUE INDEX one_published_per_path ON versions (file_type, md5(dir), name)
+            WHERE state = 'published'""",
+        "DROP INDEX IF EXISTS versions_by_dir",
+        "CREATE INDEX versions_by_dir ON versions (file_type, md5(dir), state, name)",
+        "ALTER TABLE directories DROP CONSTRAINT IF EXISTS directories_pkey",
+        "DROP INDEX IF EXISTS directories_by_dir",
+        "CREATE UNIQUE INDEX directories_by_dir ON directories (file_type, md5(dir))",
+        "DROP INDEX IF EXISTS directories_by_parent",
+        "CREATE INDEX directories_by_parent ON directories (md5(parent), file_type)",
+        "CREATE INDEX IF NOT EXISTS directories_types ON directories (file_type) WHERE parent IS NULL",
+        "ALTER TABLE path_locks DROP CONSTRAINT IF EXISTS path_locks_pkey",
+        "DROP INDEX IF EXISTS path_locks_by_path",
+        "CREATE UNIQUE INDEX path_locks_by_path ON path_locks (file_type, md5(dir), name)",
+    ]},
 }
 
 
@@ -180,7 +203,10 @@ class MetaStore:
                     f"understands ({SCHEMA_VERSION}): upgrade s3repofs"
                 )
             for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version]:
+                statements = MIGRATIONS[version]
+                if isinstance(statements, dict):
+                    statements = statements.get(tx.kind, [])
+                for statement in statements:
                     tx.execute(self.db.dialect.ddl(statement))
                 tx.execute("DELETE FROM schema_version")
                 tx.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
@@ -248,19 +274,17 @@ class MetaStore:
 
     def find(self, path: RepoPath, state: str = "published") -> Version | None:
         """The newest version of ``path`` in ``state`` (the only one, for published)."""
+        at_path, params = self._at(path)
         return self.db.run(lambda tx: _version(tx.one(
-            f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE file_type = ? AND dir = ? AND name = ? AND state = ?
+            f"""SELECT {_VERSION_COLUMNS} FROM versions WHERE {at_path} AND state = ?
                 ORDER BY id DESC LIMIT 1""",
-            (path.file_type, path.dir, path.name, state),
+            (*params, state),
         )), write=False)
 
     def history(self, path: RepoPath) -> list[Version]:
+        at_path, params = self._at(path)
         rows = self.db.run(lambda tx: tx.all(
-            f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE file_type = ? AND dir = ? AND name = ? ORDER BY id""",
-            (path.file_type, path.dir, path.name),
-        ), write=False)
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {at_path} ORDER BY id", params), write=False)
         return [Version(**r) for r in rows]
 
     def mark_uploaded(self, version_id: int, content: Content) -> Version:
@@ -351,8 +375,7 @@ class MetaStore:
         published under the same condition, so both happen or neither."""
         now = self.clock()
         path = staged.path
-        where_path = "file_type = ? AND dir = ? AND name = ?"
-        at_path = (path.file_type, path.dir, path.name)
+        where_path, at_path = self._at(path)
         as_staged = f"id = ? AND state = 'unpublished' AND storage = 'local' AND {where_path}"
 
         def run(tx: Tx) -> list[dict]:
@@ -446,17 +469,18 @@ class MetaStore:
     def list_dir(self, directory: DirPath, state: str, after: str = "", limit: int | None = None) -> list[Version]:
         """The versions visible in one directory of one state's tree (newest per name), by name;
         only names after ``after``, at most ``limit`` of them (an indexed range scan either way)."""
-        page = " LIMIT ?" if limit is not None else ""
-        params: tuple = (directory.file_type, directory.dir, after) + ((limit,) if limit is not None else ())
+        page, limited = (" LIMIT ?", (limit,)) if limit is not None else ("", ())
+        in_dir, at_dir = self._in(directory)
         if state == "published":
             sql = f"""SELECT {_VERSION_COLUMNS} FROM versions
-                      WHERE file_type = ? AND dir = ? AND state = 'published' AND name > ? ORDER BY name{page}"""
+                      WHERE {in_dir} AND state = 'published' AND name > ? ORDER BY name{page}"""
+            params = (*at_dir, after, *limited)
         else:
             sql = f"""SELECT {_VERSION_COLUMNS} FROM versions WHERE id IN (
-                          SELECT MAX(id) FROM versions WHERE file_type = ? AND dir = ? AND state = ? AND name > ?
+                          SELECT MAX(id) FROM versions WHERE {in_dir} AND state = ? AND name > ?
                           GROUP BY name)
                       ORDER BY name{page}"""
-            params = params[:2] + (state,) + params[2:]
+            params = (*at_dir, state, after, *limited)
         return [Version(**r) for r in self.db.run(lambda tx: tx.all(sql, params), write=False)]
 
     def search(self, file_type: str | None = None, dir_prefix: str | None = None,
@@ -505,9 +529,9 @@ class MetaStore:
         return [_directory(r) for r in rows]
 
     def list_subdirs(self, directory: DirPath) -> list[Directory]:
+        under, params = self._under(directory)
         rows = self.db.run(lambda tx: tx.all(
-            f"SELECT {_DIR_COLUMNS} FROM directories WHERE parent = ? AND file_type = ? ORDER BY dir",
-            (directory.dir, directory.file_type)), write=False)
+            f"SELECT {_DIR_COLUMNS} FROM directories WHERE {under} ORDER BY dir", params), write=False)
         return [_directory(r) for r in rows]
 
     def get_dir(self, directory: DirPath) -> Directory | None:
@@ -516,23 +540,27 @@ class MetaStore:
     def make_dir(self, directory: DirPath, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Directory:
         now = self.clock()
 
+        in_dir, at_dir = self._in(directory)
+
         def run(tx: Tx) -> Directory:
             self._ensure_dirs(tx, directory, now)
-            tx.execute("""UPDATE directories SET explicit = 1, mode = ?, uid = ?, gid = ?
-                          WHERE file_type = ? AND dir = ?""", (mode, uid, gid, directory.file_type, directory.dir))
+            tx.execute(f"UPDATE directories SET explicit = 1, mode = ?, uid = ?, gid = ? WHERE {in_dir}",
+                       (mode, uid, gid, *at_dir))
             return self._get_dir(tx, directory)
 
         return self.db.run(run)
 
     def set_dir_attrs(self, directory: DirPath, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None) -> Directory:
+        in_dir, at_dir = self._in(directory)
+
         def run(tx: Tx) -> Directory:
             current = self._get_dir(tx, directory)
             if current is None:
                 raise NotFoundError(f"{directory}: no such directory")
-            tx.execute("UPDATE directories SET mode = ?, uid = ?, gid = ? WHERE file_type = ? AND dir = ?",
+            tx.execute(f"UPDATE directories SET mode = ?, uid = ?, gid = ? WHERE {in_dir}",
                        (current.mode if mode is None else mode & 0o7777, current.uid if uid is None else uid,
-                        current.gid if gid is None else gid, directory.file_type, directory.dir))
+                        current.gid if gid is None else gid, *at_dir))
             return self._get_dir(tx, directory)
 
         return self.db.run(run)
@@ -540,21 +568,21 @@ class MetaStore:
     def remove_dir(self, directory: DirPath) -> None:
         """Remove an empty directory: no subdirectory and no visible version in any state."""
 
+        in_dir, at_dir = self._in(directory)
+        under, params = self._under(directory)
+
         def run(tx: Tx) -> None:
-            if tx.one("SELECT 1 FROM directories WHERE file_type = ? AND dir = ?",
-                      (directory.file_type, directory.dir)) is None:
+            if tx.one(f"SELECT 1 FROM directories WHERE {in_dir}", at_dir) is None:
                 if tx.rerun:  # removed by the first attempt
                     return
                 raise NotFoundError(f"{directory}: no such directory")
-            child = tx.one("SELECT 1 FROM directories WHERE parent = ? AND file_type = ? LIMIT 1",
-                           (directory.dir, directory.file_type))
+            child = tx.one(f"SELECT 1 FROM directories WHERE {under} LIMIT 1", params)
             version = tx.one(
-                """SELECT 1 FROM versions WHERE file_type = ? AND dir = ?
-                   AND state IN ('unpublished', 'published', 'expired') LIMIT 1""",
-                (directory.file_type, directory.dir))
+                f"""SELECT 1 FROM versions WHERE {in_dir}
+                    AND state IN ('unpublished', 'published', 'expired') LIMIT 1""", at_dir)
             if child or version:
                 raise NotEmptyError(f"{directory}: directory not empty")
-            tx.execute("DELETE FROM directories WHERE file_type = ? AND dir = ?", (directory.file_type, directory.dir))
+            tx.execute(f"DELETE FROM directories WHERE {in_dir}", at_dir)
 
         self.db.run(run)
 
@@ -565,19 +593,20 @@ class MetaStore:
         # One multi-row statement, sent with the next one: no round trip of its own, however deep the path.
         tx.defer(f"""INSERT INTO directories (file_type, dir, parent, created_at)
                      VALUES {", ".join(["(?, ?, ?, ?)"] * len(rows))}
-                     ON CONFLICT (file_type, dir) DO NOTHING""",
+                     ON CONFLICT (file_type, {self.db.dialect.indexed("dir")}) DO NOTHING""",
                  [value for row in rows for value in row])
 
     def _get_dir(self, tx: Tx, directory: DirPath) -> Directory | None:
-        row = tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE file_type = ? AND dir = ?",
-                     (directory.file_type, directory.dir))
+        in_dir, at_dir = self._in(directory)
+        row = tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE {in_dir}", at_dir)
         return _directory(row) if row else None
 
     def _lock_path(self, tx: Tx, path: RepoPath) -> None:
         # An upsert that always writes the row: it creates the lock row if needed and holds its row
         # lock until commit, sent with the next statement (SQLite locks the whole database for a writer anyway).
-        tx.defer("""INSERT INTO path_locks (file_type, dir, name) VALUES (?, ?, ?)
-                    ON CONFLICT (file_type, dir, name) DO UPDATE SET name = excluded.name""",
+        tx.defer(f"""INSERT INTO path_locks (file_type, dir, name) VALUES (?, ?, ?)
+                     ON CONFLICT (file_type, {self.db.dialect.indexed("dir")}, name)
+                     DO UPDATE SET name = excluded.name""",
                  (path.file_type, path.dir, path.name))
 
     def _lock_version(self, tx: Tx, version_id: int) -> Version:
@@ -589,15 +618,39 @@ class MetaStore:
 
     def _expired_by(self, tx: Tx, published: Version) -> Version | None:
         """The version that publishing ``published`` expired (in the same transaction, at the same time)."""
+        at_path, params = self._at(published.path)
         return _version(tx.one(
             f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE file_type = ? AND dir = ? AND name = ? AND state = 'expired' AND expired_at = ? AND id <> ?""",
-            (published.file_type, published.dir, published.name, published.published_at, published.id),
+                WHERE {at_path} AND state = 'expired' AND expired_at = ? AND id <> ?""",
+            (*params, published.published_at, published.id),
         ))
 
     def _published(self, tx: Tx, path: RepoPath) -> Version | None:
+        at_path, params = self._at(path)
         return _version(tx.one(
-            f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE file_type = ? AND dir = ? AND name = ? AND state = 'published'""" + self.db.dialect.for_update,
-            (path.file_type, path.dir, path.name),
-        ))
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {at_path} AND state = 'published'"
+            + self.db.dialect.for_update, params))
+
+    # -- conditions on a path, as the indexes find them -------------------------------------------
+
+    def _is(self, column: str, value: str) -> tuple[str, tuple]:
+        """``column = value``, written the way the column is indexed: on PostgreSQL by md5(column)
+        (migration 4: a dir may be longer than a btree entry), and compared in full as well."""
+        key = self.db.dialect.indexed(column)
+        if key == column:
+            return f"{column} = ?", (value,)
+        return f"{key} = {self.db.dialect.indexed('?')} AND {column} = ?", (value, value)
+
+    def _in(self, directory: DirPath) -> tuple[str, tuple]:
+        """The rows of ``directory`` (versions in it, or the directory's own row)."""
+        is_dir, params = self._is("dir", directory.dir)
+        return f"file_type = ? AND {is_dir}", (directory.file_type, *params)
+
+    def _at(self, path: RepoPath) -> tuple[str, tuple]:
+        in_dir, params = self._in(path.parent)
+        return f"{in_dir} AND name = ?", (*params, path.name)
+
+    def _under(self, directory: DirPath) -> tuple[str, tuple]:
+        """The subdirectories of ``directory``."""
+        is_parent, params = self._is("parent", directory.dir)
+        return f"{is_parent} AND file_type = ?", (*params, directory.file_type)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from .errors import InvalidPathError, NameTooLongError, NotUtf8Error
 
 MAX_NAME_BYTES = 255  # what every common Linux filesystem accepts for one component
-MAX_PATH_BYTES = 1024  # S3's key limit, and far beyond any sane repository path
+PATH_MAX = 4096  # Linux's limit of a path given to a system call, its NUL included
+MAX_PATH_BYTES = PATH_MAX - 1  # a repository path can be given to a system call as it is
 _TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

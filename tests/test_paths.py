@@ -3,7 +3,7 @@
 import pytest
 
 from s3repofs.errors import InvalidPathError, NameTooLongError
-from s3repofs.paths import DirPath, RepoPath
+from s3repofs.paths import MAX_PATH_BYTES, DirPath, RepoPath
 
 
 def test_path_splits_into_type_dir_and_name():
@@ -26,8 +26,9 @@ def test_over_long_names_are_refused():
     with pytest.raises(NameTooLongError):
         RepoPath.parse("t/" + "x" * 256)
     with pytest.raises(NameTooLongError):
-        RepoPath.parse("t/" + "/".join(["d" * 200] * 6))
+        RepoPath.parse("t/" + "/".join(["d" * 200] * 21))  # 4,222 bytes: past PATH_MAX
     assert RepoPath.parse("t/" + "x" * 255).name == "x" * 255
+    assert len(str(RepoPath.parse("t/" + "/".join(["d" * 199] * 20) + "/" + "x" * 93))) == MAX_PATH_BYTES
 
 
 def test_non_ascii_names_are_fine():

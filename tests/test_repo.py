@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import random
 import threading
 
 import pytest
@@ -11,10 +12,11 @@ import xxhash
 from mount_helper import wait_for
 
 import s3repofs
-from s3repofs import S3Repo
+from s3repofs import S3Repo, meta
 from s3repofs.content import Content
-from s3repofs.errors import LifecycleError, ReadOnlyError, RepoError, VerificationError
-from s3repofs.paths import RepoPath
+from s3repofs.errors import LifecycleError, NameTooLongError, ReadOnlyError, RepoError, VerificationError
+from s3repofs.meta import SCHEMA_VERSION
+from s3repofs.paths import MAX_PATH_BYTES, DirPath, RepoPath
 from s3repofs.store import S3Store
 
 
@@ -134,6 +136,58 @@ def test_listing_shows_published_versions_by_directory(repo):
     assert [f.path for f in repo.list_files("t/d", ("unpublished",))] == ["t/d/unpub"]
 
 
+def random_path(size: int, seed: int = 8) -> str:
+    """A path of exactly ``size`` bytes: type ``t``, then names of 200 random characters, some of them not
+    ASCII, that nothing compresses (PostgreSQL compresses long index entries before it refuses them)."""
+    chance = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-é中"
+    parts = ["t"]
+    while (left := size - len("/".join(parts).encode()) - 1) > 0:
+        name = ""
+        while len(name.encode()) < min(200, left) - 2:
+            name += chance.choice(alphabet)
+        parts.append(name + "x" * (min(200, left) - len(name.encode())))
+    path = "/".join(parts)
+    assert len(path.encode()) == size
+    return path
+
+
+def test_a_path_of_path_max_bytes_of_random_names_works_everywhere(repo):
+    path = random_path(MAX_PATH_BYTES)
+    at = RepoPath.parse(path)
+    first = repo.add_file(path=path).touch("deep").publish()
+    second = repo.add_file(path=path).touch("deeper").publish()  # the path's lock, the unique index
+    assert repo.get_file(path).read_bytes() == b"deeper"
+    assert [(v.id, v.state) for v in repo.meta.history(at)] == [(first.id, "expired"), (second.id, "published")]
+    assert [v.name for v in repo.meta.list_dir(at.parent, "published")] == [at.name]
+    parent = DirPath(at.file_type, at.parent.parent_dir)
+    assert [d.dir for d in repo.meta.list_subdirs(parent)] == [at.dir]
+    assert repo.meta.make_dir(at.parent).explicit
+    assert [f.path for f in repo.list_files(str(at.parent))] == [path, path]
+    assert repo.store.head(second.s3_key).description["path"] == path  # the object still describes itself
+    second.expire()
+    assert repo.get_version(first.id).publish().state == "published"
+    with pytest.raises(NameTooLongError):
+        repo.add_file(path=random_path(MAX_PATH_BYTES + 1))
+
+
+def test_a_repository_of_schema_2_takes_paths_of_path_max_bytes_once_migrated(repo_config_pair, monkeypatch):
+    """Migration 4 re-indexes PostgreSQL's path columns; rows and their uniqueness survive it."""
+    with S3Repo(repo_config_pair) as repo:
+        monkeypatch.setattr(meta, "SCHEMA_VERSION", 2)
+        repo.meta.create_schema()
+        monkeypatch.undo()
+        old = repo.add_file(path="t/d/old.txt").touch("old").publish()
+        repo.meta.make_dir(DirPath("t", "empty"))
+        assert repo.meta.create_schema() == SCHEMA_VERSION
+        newer = repo.add_file(path="t/d/old.txt").touch("newer").publish()
+        assert repo.get_version(old.id).state == "expired" and repo.get_file("t/d/old.txt").id == newer.id
+        assert [d.dir for d in repo.meta.list_subdirs(DirPath("t", ""))] == ["d", "empty"]
+        path = random_path(MAX_PATH_BYTES)
+        repo.add_file(path=path).touch("deep").publish()
+        assert repo.get_file(path).read_bytes() == b"deep"
+
+
 def test_a_corrupt_object_is_refused_and_never_cached(repo):
     rf = repo.add_file(path="t/a.txt").touch("good bytes").publish()
     repo.cache.clear()
@@ -164,7 +218,7 @@ def test_a_repository_of_schema_1_is_migrated_on_first_use(repo_config):
         repo.db.run(back_to_schema_1)
     with S3Repo(repo_config) as repo:
         assert repo.get_file("t/old.txt").read_bytes() == b"old"
-        assert repo.meta.schema_version() == 2 and repo.get_file("t/old.txt").version.xxh3 is None
+        assert repo.meta.schema_version() == SCHEMA_VERSION and repo.get_file("t/old.txt").version.xxh3 is None
         new = repo.add_file(path="t/new.txt").touch("new").publish()
         assert new.version.xxh3 == xxhash.xxh3_128(b"new").hexdigest() and old.id != new.id
 
@@ -185,7 +239,7 @@ def test_tags_are_stored_per_version(repo):
 
 def test_schema_creation_is_idempotent(repo):
     repo.create_repository()
-    assert repo.meta.schema_version() == 2
+    assert repo.meta.schema_version() == SCHEMA_VERSION
 
 
 def test_an_uninitialized_repository_says_so(repo_config):
