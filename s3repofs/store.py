@@ -19,7 +19,7 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 FIRST_CHUNK = 128 * 1024  # a reader waiting for the first bytes is served before a whole chunk arrived
 META_PREFIX = "s3repo-"
+S3_METADATA_LIMIT = 2048  # bytes of user metadata S3 takes per object, its keys and values added up (UTF-8)
+PATH_OBJECT_SUFFIX = ".path"  # the object beside an object whose path is too long for its metadata
 READ_TIMEOUT = 60  # seconds without a byte before a request to S3 fails
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
 
@@ -62,6 +64,11 @@ def describe(*, path: str, file_type: str, version_id: int, content: Content, or
 
 def read_description(metadata: dict[str, str]) -> dict[str, str]:
     return {k: unquote(v) for k, v in metadata.items()}
+
+
+def _metadata_size(metadata: dict[str, str]) -> int:
+    """What S3 counts against its limit of user metadata: the UTF-8 bytes of every key and value."""
+    return sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
 
 
 def copy_verified(source: BinaryIO, dest: BinaryIO, what: str, size: int, md5: str) -> None:
@@ -290,8 +297,8 @@ class S3Store(ObjectStore):
         return f"S3 bucket {self.bucket}{where}"
 
     def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> bool:
-        metadata = {META_PREFIX + k: v for k, v in description.items()}
         with self._errors(key, "upload"):
+            metadata = self._metadata(key, description)
             if size >= self.multipart_threshold:
                 self._put_multipart(key, source, metadata)
             else:
@@ -312,6 +319,21 @@ class S3Store(ObjectStore):
         if stored != size:
             raise VerificationError(f"upload of {key}: {self.bucket} holds {stored} bytes, expected {size}")
         return False
+
+    def _metadata(self, key: str, description: dict[str, str]) -> dict[str, str]:
+        """The object's user metadata: its description, within S3's 2 KB. A path too long for them
+        (percent-encoded, a path of 4,095 bytes can take 12 KB) goes into a small object beside it,
+        ``<key>.path`` (the path as UTF-8 text), named by ``s3repo-path-object``. That one is written
+        first: an object never lacks its path, at worst a crash leaves a path object alone."""
+        metadata = {META_PREFIX + k: v for k, v in description.items()}
+        if "path" not in description or _metadata_size(metadata) <= S3_METADATA_LIMIT:
+            return metadata
+        path_key = key + PATH_OBJECT_SUFFIX
+        self.client.put_object(Bucket=self.bucket, Key=path_key, Body=unquote(description["path"]).encode(),
+                               ContentType="text/plain; charset=utf-8")
+        del metadata[META_PREFIX + "path"]
+        metadata[META_PREFIX + "path-object"] = quote(path_key, safe="/")
+        return metadata
 
     def _direct_put(self, key: str, body: FileSlice, size: int, content_md5: str,
                     metadata: dict[str, str]) -> dict[str, str | None] | None:
@@ -396,21 +418,27 @@ class S3Store(ObjectStore):
                 response = self.client.head_object(Bucket=self.bucket, Key=key)
         except ObjectMissingError:
             return None
-        description = {k[len(META_PREFIX):]: v for k, v in response.get("Metadata", {}).items()
-                       if k.startswith(META_PREFIX)}
-        return ObjectInfo(key, response["ContentLength"], read_description(description),
-                          response.get("StorageClass", "STANDARD"))
+        description = read_description({k[len(META_PREFIX):]: v for k, v in response.get("Metadata", {}).items()
+                                        if k.startswith(META_PREFIX)})
+        if "path-object" in description and "path" not in description:
+            with suppress(ObjectMissingError), self._errors(key, "head"):
+                body = self.client.get_object(Bucket=self.bucket, Key=description["path-object"])["Body"]
+                description["path"] = body.read().decode()
+        return ObjectInfo(key, response["ContentLength"], description, response.get("StorageClass", "STANDARD"))
 
     def delete(self, key: str) -> None:
         with self._errors(key, "delete"):
             self.client.delete_object(Bucket=self.bucket, Key=key)
+            if not key.endswith(PATH_OBJECT_SUFFIX):  # its path object, if its path was too long (a no-op if not)
+                self.client.delete_object(Bucket=self.bucket, Key=key + PATH_OBJECT_SUFFIX)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
         with self._errors(prefix or "(all)", "list"):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield ObjectInfo(item["Key"], item["Size"], {}, item.get("StorageClass", "STANDARD"))
+                    if not item["Key"].endswith(PATH_OBJECT_SUFFIX):  # part of the object it is named after
+                        yield ObjectInfo(item["Key"], item["Size"], {}, item.get("StorageClass", "STANDARD"))
 
     def check_access(self) -> None:
         """Fail with a clear StoreUnavailableError unless the bucket exists and our credentials work."""

@@ -9,9 +9,10 @@ import socket
 
 import pytest
 
+from s3repofs.content import Content
 from s3repofs.errors import ObjectMissingError, StoreUnavailableError, VerificationError
 from s3repofs.s3http import SignedRequests
-from s3repofs.store import CHUNK, FIRST_CHUNK, S3Store, check_etag
+from s3repofs.store import CHUNK, FIRST_CHUNK, S3Store, check_etag, describe
 
 DATA = os.urandom(3 * CHUNK + 12345)
 
@@ -99,3 +100,19 @@ def test_an_etag_proves_the_stored_bytes_only_when_it_is_an_md5():
     for encrypted in ({"ServerSideEncryption": "aws:kms"}, {"SSECustomerAlgorithm": "AES256"}):
         assert not check_etag("upload", {"ETag": '"' + "0" * 32 + '"', **encrypted}, md5)
     assert not check_etag("upload", {"ETag": '"abc-3"'}, md5)  # another form: the size decides
+
+
+def test_a_path_too_long_for_s3_metadata_is_kept_in_an_object_beside_it(store, tmp_path):
+    """S3 takes 2 KB of user metadata: a path of 4,095 bytes, percent-encoded, takes up to 12 KB."""
+    path = "t/" + "/".join(["é" * 100 + "d" * 54] * 16) + "/" + "中" * 80  # 4,001 bytes, 10,555 encoded
+    source = tmp_path / "body"
+    source.write_bytes(b"deep")
+    md5 = hashlib.md5(b"deep").hexdigest()
+    store.put("t/deep", source, 4, md5, describe(path=path, file_type="t", version_id=7,
+                                                 content=Content(4, md5, "0" * 32), origin_host="h"))
+    metadata = store.client.head_object(Bucket=store.bucket, Key="t/deep")["Metadata"]
+    assert sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items()) <= 2048
+    assert store.head("t/deep").description["path"] == path  # the object still describes itself
+    assert [info.key for info in store.list("t/")] == ["t/deep", "t/obj"]  # the path object is part of it
+    store.delete("t/deep")
+    assert store.client.list_objects_v2(Bucket=store.bucket, Prefix="t/d").get("KeyCount") == 0
