@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .errors import RepoError
+from .paths import MAX_PATH_BYTES
 from .repo import S3Repo
 
 log = logging.getLogger("s3repofs.mount")
@@ -132,7 +133,9 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) ->
 
     repo = S3Repo(config)
     repo.ensure_ready()
-    tree = Tree(repo, metadata_ttl=repo.config.metadata_ttl / 2)
+    # Every path in the mount stays usable as an absolute path: at most PATH_MAX with the mount point's.
+    tree = Tree(repo, metadata_ttl=repo.config.metadata_ttl / 2,
+                max_path_bytes=MAX_PATH_BYTES - len(os.fsencode(mountpoint)))
     pid_path = pid_file(repo, mountpoint)
     pid_path.write_text(f"{os.getpid()}\n")
     stop = threading.Event()

@@ -48,7 +48,7 @@ from .errors import (
 )
 from .lastknown import LastKnown, Outage
 from .meta import Directory, Version
-from .paths import DirPath, RepoPath, split_components
+from .paths import MAX_PATH_BYTES, DirPath, RepoPath, split_components
 from .prefetch import Prefetcher
 from .repo import S3Repo, VersionReader
 from .transfer import pwrite_all
@@ -157,8 +157,11 @@ class WriteHandle:
 
 
 class Tree:
-    def __init__(self, repo: S3Repo, metadata_ttl: float = 1.0, started: float | None = None) -> None:
+    def __init__(self, repo: S3Repo, metadata_ttl: float = 1.0, started: float | None = None,
+                 max_path_bytes: int = MAX_PATH_BYTES) -> None:
+        """``max_path_bytes``: of a mount path (``/published/<type>/...``), what the mount point leaves of PATH_MAX."""
         self.repo = repo
+        self.max_path_bytes = max_path_bytes
         self._lock = threading.Lock()
         self._entries: TTLCache = TTLCache(maxsize=200_000, ttl=metadata_ttl)
         # Directory listings (mount path -> sorted (name, Entry)): a repeated `ls -l` is no query.
@@ -185,6 +188,9 @@ class Tree:
     def parse(self, path: str | None) -> Location:
         if path is None:  # libfuse names no path for a file unlinked while open
             raise NotFoundError("the file was removed while open")
+        if len(path.encode("utf-8", "surrogateescape")) > self.max_path_bytes:
+            raise NameTooLongError(f"{path[:60]}...: longer than the {self.max_path_bytes} bytes the mount point "
+                                   "leaves of PATH_MAX")
         parts = split_components(path.strip("/")) if path.strip("/") else []
         if not parts:
             return Location(None, ())

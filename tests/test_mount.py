@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -328,6 +329,35 @@ def test_mkdir_refuses_a_type_name_files_could_not_use(mnt):
     with pytest.raises(OSError) as info:
         os.mkdir(mnt / "published/bad type")
     assert info.value.errno == errno.EINVAL
+
+
+def test_paths_reach_path_max_with_the_mount_point_and_no_further(mnt):
+    """mkdir -p of a deep tree of random names (incompressible, some not ASCII), a file whose absolute
+    path is PATH_MAX - 1 bytes, and ENAMETOOLONG from the daemon one byte further (through a directory
+    descriptor: the kernel itself refuses a longer absolute path)."""
+    base = os.fsencode(mnt / "published/docs")
+    chance = random.Random(11)
+    names = []
+    while len(base) + sum(len(n) + 1 for n in names) < 4095 - 1 - 200:  # leaves the file 20 to 200 bytes
+        names.append("".join(chance.choice("abcdefghijklmnopqrstuvwxyz0123456789é中") for _ in range(60)).encode())
+    deep = base + b"/" + b"/".join(names)
+    subprocess.run(["mkdir", "-p", deep], check=True)
+    room = 4095 - len(deep) - 1  # what PATH_MAX leaves the file's name (its NUL aside)
+    at_limit = deep + b"/" + b"f" * room
+    with open(at_limit, "wb") as f:
+        f.write(b"at the limit")
+    assert open(at_limit, "rb").read() == b"at the limit"
+    assert os.listdir(deep) == [b"f" * room]
+    directory = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) as info:
+            os.open(b"g" * (room + 1), os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=directory)
+        assert info.value.errno == errno.ENAMETOOLONG
+        with pytest.raises(OSError) as info:
+            os.mkdir(b"g" * (room + 1), dir_fd=directory)
+        assert info.value.errno == errno.ENAMETOOLONG
+    finally:
+        os.close(directory)
 
 
 def test_a_name_that_is_not_utf8_is_refused_with_eilseq_and_a_log_line(mnt, tmp_path):
