@@ -73,6 +73,12 @@ class StaleEntryError(NotFoundError):
     expected = True
 
 
+class NotYetWrittenError(NotFoundError):
+    """A file being created whose writer has not closed it yet: readers see it once it is stored."""
+
+    expected = True
+
+
 class AlreadyExistsError(CallerError):
     errno = _errno.EEXIST
     exit_status = 1

@@ -14,13 +14,14 @@ import logging
 import os
 import queue
 import threading
+import time
 
 # libfuse3: 1 MiB reads once read_ahead_kb is raised, atomic O_TRUNC, and the maintained library.
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 import mfusepy  # noqa: E402  (must be imported after choosing the library)
 
-from .errors import NotFoundError, RepoError, StaleEntryError  # noqa: E402
+from .errors import NotFoundError, NotYetWrittenError, RepoError, StaleEntryError  # noqa: E402
 from .tree import Tree  # noqa: E402
 
 log = logging.getLogger("s3repofs.mount")
@@ -73,7 +74,7 @@ def stale_if_missing(method):
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except StaleEntryError:
+        except (StaleEntryError, NotYetWrittenError):  # the name exists: looking it up again would not help
             raise
         except NotFoundError as exc:
             raise StaleEntryError(str(exc)) from None
@@ -199,10 +200,12 @@ class Operations(mfusepy.Operations):
 
     @translated
     @stale_if_missing
-    def utimens(self, path, times=None):
-        # A version's mtime is its identity for page caching; setting times is accepted and ignored.
-        self.tree.lookup(path)
+    def utimens(self, path, mtime_ns, fh=None):
+        self.tree.utimens(path, mtime_ns, fh)
         return 0
+
+    def keeps_pages(self, fh: int) -> bool:
+        return self.tree.keeps_pages(fh)
 
     @translated
     def getxattr(self, path, name, position=0):
@@ -325,6 +328,7 @@ def copy_to_fd(bufv, fd: int, offset: int) -> int:
 
 
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 FUSE_READDIR_PLUS = 1 << 0  # the kernel asks for attributes with the names
 FUSE_FILL_DIR_PLUS = 1 << 1  # the attributes we pass are complete: no lookup needed
 
@@ -371,6 +375,7 @@ class FUSE(mfusepy.FUSE):
     def open(self, path, fip):
         result = super().open(path, fip)
         info = fip.contents
+        info.keep_cache = self.operations.keeps_pages(info.fh)  # else the kernel drops the file's pages
         if info.flags & os.O_ACCMODE == os.O_RDONLY and hasattr(info, "noflush"):  # libfuse 3.11+
             info.noflush = 1  # a reader's close() has nothing to flush: the kernel skips that round trip
         return result
@@ -381,6 +386,18 @@ class FUSE(mfusepy.FUSE):
 
     def write_buf(self, path, buf, offset, fip):
         return self.operations.write_buf(self._path(path), buf, offset, fip.contents.fh)
+
+    def utimens_fuse_3(self, path, times, fip):
+        # The modification time in nanoseconds, None for UTIME_OMIT (mfusepy would read UTIME_NOW and
+        # UTIME_OMIT as times in 1970, and drops the handle of futimens).
+        modified = times.contents.modtime if times else None
+        if modified is None or modified.tv_nsec == UTIME_NOW:
+            mtime_ns = time.time_ns()
+        elif modified.tv_nsec == UTIME_OMIT:
+            mtime_ns = None
+        else:
+            mtime_ns = modified.tv_sec * 1_000_000_000 + modified.tv_nsec
+        return self.operations.utimens(self._path(path), mtime_ns, fip.contents.fh if fip else None)
 
     def truncate_fuse_3(self, path, length, fip):
         # ftruncate(fd): mfusepy drops the handle, and a path alone cannot say which writer's bytes to cut.

@@ -22,6 +22,7 @@ from .errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
 from .paths import DirPath, RepoPath
 
 SCHEMA_VERSION = 4
+_SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400e9 AS INTEGER)"  # ns since the epoch, as time.time_ns()
 
 STATES = ("unpublished", "published", "expired", "discarded", "purged")
 VISIBLE_STATES = ("unpublished", "published", "expired")
@@ -97,7 +98,63 @@ MIGRATIONS: dict[int, list[str] | dict[str, list[str]]] = {
     ],
     # The digest downloads are verified with (see content.Content); rows without one fall back to md5.
     2: ["ALTER TABLE versions ADD COLUMN xxh3 TEXT"],
-    3: [],  # placeholder for main's migration 3 (mtime columns): renumbered on merge
+    # Times, in integer nanoseconds (a float loses what rsync and cp -p compare): a version's mtime as a user
+    # set it (utimens; NULL: its creation), and a directory's mtime,
+    # the last time an entry was added to it or removed from it in any state tree (NULL: its creation),
+    # kept by triggers so that every change of a row, by any code on any host, moves it.
+    3: {"sqlite": [
+        "ALTER TABLE versions ADD COLUMN mtime_ns INTEGER",
+        "ALTER TABLE directories ADD COLUMN mtime_ns INTEGER",
+        f"""CREATE TRIGGER IF NOT EXISTS versions_touch_dir AFTER INSERT ON versions BEGIN
+            UPDATE directories SET mtime_ns = {_SQLITE_NOW} WHERE file_type = NEW.file_type AND dir = NEW.dir; END""",
+        f"""CREATE TRIGGER IF NOT EXISTS versions_touch_dirs AFTER UPDATE OF state, file_type, dir, name ON versions
+            WHEN OLD.state <> NEW.state OR OLD.file_type <> NEW.file_type OR OLD.dir <> NEW.dir OR OLD.name <> NEW.name
+            BEGIN
+            UPDATE directories SET mtime_ns = {_SQLITE_NOW} WHERE (file_type = NEW.file_type AND dir = NEW.dir)
+                OR (file_type = OLD.file_type AND dir = OLD.dir); END""",
+        f"""CREATE TRIGGER IF NOT EXISTS directories_touch_parent AFTER INSERT ON directories
+            WHEN NEW.parent IS NOT NULL BEGIN
+            UPDATE directories SET mtime_ns = {_SQLITE_NOW}
+            WHERE file_type = NEW.file_type AND dir = NEW.parent; END""",
+        f"""CREATE TRIGGER IF NOT EXISTS directories_touch_parent_gone AFTER DELETE ON directories
+            WHEN OLD.parent IS NOT NULL BEGIN
+            UPDATE directories SET mtime_ns = {_SQLITE_NOW}
+            WHERE file_type = OLD.file_type AND dir = OLD.parent; END""",
+    ], "postgresql": [
+        "ALTER TABLE versions ADD COLUMN IF NOT EXISTS mtime_ns BIGINT",
+        "ALTER TABLE directories ADD COLUMN IF NOT EXISTS mtime_ns BIGINT",
+        # md5(dir): how migration 4 indexes it (a dir can outgrow a btree entry).
+        """CREATE OR REPLACE FUNCTION s3repofs_touch_dirs() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE _now BIGINT := (extract(epoch FROM clock_timestamp()) * 1e9)::BIGINT;
+            BEGIN
+                IF TG_TABLE_NAME = 'versions' THEN
+                    UPDATE directories SET mtime_ns = _now
+                    WHERE file_type = NEW.file_type AND md5(dir) = md5(NEW.dir) AND dir = NEW.dir;
+                    IF TG_OP = 'UPDATE' AND (OLD.file_type, OLD.dir) IS DISTINCT FROM (NEW.file_type, NEW.dir) THEN
+                        UPDATE directories SET mtime_ns = _now
+                        WHERE file_type = OLD.file_type AND md5(dir) = md5(OLD.dir) AND dir = OLD.dir;
+                    END IF;
+                ELSIF TG_OP = 'INSERT' THEN
+                    UPDATE directories SET mtime_ns = _now
+                    WHERE file_type = NEW.file_type AND md5(dir) = md5(NEW.parent) AND dir = NEW.parent;
+                ELSE
+                    UPDATE directories SET mtime_ns = _now
+                    WHERE file_type = OLD.file_type AND md5(dir) = md5(OLD.parent) AND dir = OLD.parent;
+                END IF;
+                RETURN NULL;
+            END $$""",
+        "DROP TRIGGER IF EXISTS versions_touch_dir ON versions",
+        """CREATE TRIGGER versions_touch_dir AFTER INSERT ON versions
+            FOR EACH ROW EXECUTE FUNCTION s3repofs_touch_dirs()""",
+        "DROP TRIGGER IF EXISTS versions_touch_dirs ON versions",
+        """CREATE TRIGGER versions_touch_dirs AFTER UPDATE OF state, file_type, dir, name ON versions FOR EACH ROW
+            WHEN ((OLD.state, OLD.file_type, OLD.dir, OLD.name) IS DISTINCT FROM
+                  (NEW.state, NEW.file_type, NEW.dir, NEW.name))
+            EXECUTE FUNCTION s3repofs_touch_dirs()""",
+        "DROP TRIGGER IF EXISTS directories_touch_parent ON directories",
+        """CREATE TRIGGER directories_touch_parent AFTER INSERT OR DELETE ON directories
+            FOR EACH ROW EXECUTE FUNCTION s3repofs_touch_dirs()""",
+    ]},
     # Paths up to PATH_MAX: a dir can take 4,095 bytes, and a PostgreSQL btree entry has room for 2,704
     # ("index row size exceeds btree maximum"), so its indexes hold md5(dir) and md5(parent) instead, and
     # queries name the same expression (MetaStore._is). A unique index on md5 refuses only two different
@@ -149,6 +206,11 @@ class Version:
     archived_at: float | None
     purged_at: float | None
     xxh3: str | None = None
+    mtime_ns: int | None = None  # as a user set it (utimens); None: its creation
+
+    @property
+    def modified_ns(self) -> int:
+        return int(self.created_at * 1e9) if self.mtime_ns is None else self.mtime_ns
 
     @property
     def path(self) -> RepoPath:
@@ -164,14 +226,20 @@ class Directory:
     uid: int
     gid: int
     created_at: float
+    mtime_ns: int | None = None  # an entry added or removed last, or as a user set it; None: its creation
+    subdirs: int = 0  # how many directories it holds (its link count is 2 more)
 
     @property
     def name(self) -> str:
         return (self.dir.rpartition("/")[2] if self.dir else self.file_type)
 
+    @property
+    def modified_ns(self) -> int:
+        return int(self.created_at * 1e9) if self.mtime_ns is None else self.mtime_ns
+
 
 _VERSION_COLUMNS = ", ".join(f.name for f in fields(Version))
-_DIR_COLUMNS = ", ".join(f.name for f in fields(Directory))
+_DIR_COLUMNS = ", ".join(f.name for f in fields(Directory) if f.name != "subdirs")
 
 
 def _version(row: dict | None) -> Version | None:
@@ -186,6 +254,11 @@ class MetaStore:
     def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
+        # A directory's columns, and how many directories it holds (for its link count, st_nlink).
+        child, parent = db.dialect.indexed("child.parent"), db.dialect.indexed("directories.dir")
+        self._dir_columns = f"""{_DIR_COLUMNS}, (SELECT COUNT(*) FROM directories child
+            WHERE {child} = {parent} AND child.parent = directories.dir
+                AND child.file_type = directories.file_type) AS subdirs"""
 
     # -- schema ---------------------------------------------------------------------------------
 
@@ -454,14 +527,15 @@ class MetaStore:
         return [Version(**r) for r in rows]
 
     def set_attrs(self, version_id: int, mode: int | None = None, uid: int | None = None,
-                  gid: int | None = None) -> Version:
-        """chmod/chown of a version (permission bits only; content stays immutable)."""
+                  gid: int | None = None, mtime_ns: int | None = None) -> Version:
+        """chmod/chown/utimens of a version (its attributes only; content stays immutable)."""
 
         def run(tx: Tx) -> Version:
             version = self._lock_version(tx, version_id)
-            tx.execute("UPDATE versions SET mode = ?, uid = ?, gid = ? WHERE id = ?",
+            tx.execute("UPDATE versions SET mode = ?, uid = ?, gid = ?, mtime_ns = ? WHERE id = ?",
                        (version.mode if mode is None else mode & 0o7777, version.uid if uid is None else uid,
-                        version.gid if gid is None else gid, version_id))
+                        version.gid if gid is None else gid, version.mtime_ns if mtime_ns is None else mtime_ns,
+                        version_id))
             return self._lock_version(tx, version_id)
 
         return self.db.run(run)
@@ -525,13 +599,13 @@ class MetaStore:
 
     def list_types(self) -> list[Directory]:
         rows = self.db.run(lambda tx: tx.all(
-            f"SELECT {_DIR_COLUMNS} FROM directories WHERE parent IS NULL ORDER BY file_type"), write=False)
+            f"SELECT {self._dir_columns} FROM directories WHERE parent IS NULL ORDER BY file_type"), write=False)
         return [_directory(r) for r in rows]
 
     def list_subdirs(self, directory: DirPath) -> list[Directory]:
         under, params = self._under(directory)
         rows = self.db.run(lambda tx: tx.all(
-            f"SELECT {_DIR_COLUMNS} FROM directories WHERE {under} ORDER BY dir", params), write=False)
+            f"SELECT {self._dir_columns} FROM directories WHERE {under} ORDER BY dir", params), write=False)
         return [_directory(r) for r in rows]
 
     def get_dir(self, directory: DirPath) -> Directory | None:
@@ -551,16 +625,17 @@ class MetaStore:
         return self.db.run(run)
 
     def set_dir_attrs(self, directory: DirPath, mode: int | None = None, uid: int | None = None,
-                      gid: int | None = None) -> Directory:
+                      gid: int | None = None, mtime_ns: int | None = None) -> Directory:
         in_dir, at_dir = self._in(directory)
 
         def run(tx: Tx) -> Directory:
             current = self._get_dir(tx, directory)
             if current is None:
                 raise NotFoundError(f"{directory}: no such directory")
-            tx.execute(f"UPDATE directories SET mode = ?, uid = ?, gid = ? WHERE {in_dir}",
+            tx.execute(f"UPDATE directories SET mode = ?, uid = ?, gid = ?, mtime_ns = ? WHERE {in_dir}",
                        (current.mode if mode is None else mode & 0o7777, current.uid if uid is None else uid,
-                        current.gid if gid is None else gid, *at_dir))
+                        current.gid if gid is None else gid, current.mtime_ns if mtime_ns is None else mtime_ns,
+                        *at_dir))
             return self._get_dir(tx, directory)
 
         return self.db.run(run)
@@ -598,7 +673,7 @@ class MetaStore:
 
     def _get_dir(self, tx: Tx, directory: DirPath) -> Directory | None:
         in_dir, at_dir = self._in(directory)
-        row = tx.one(f"SELECT {_DIR_COLUMNS} FROM directories WHERE {in_dir}", at_dir)
+        row = tx.one(f"SELECT {self._dir_columns} FROM directories WHERE {in_dir}", at_dir)
         return _directory(row) if row else None
 
     def _lock_path(self, tx: Tx, path: RepoPath) -> None:

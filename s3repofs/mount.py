@@ -73,7 +73,6 @@ def fuse_options(repo: S3Repo, user_options: dict) -> dict:
     options = {
         "fsname": "s3repofs", "subtype": "s3repofs",
         "default_permissions": True,  # the kernel enforces the stored mode/uid/gid
-        "auto_cache": True,  # keep pages across opens while the version's mtime and size stay the same
         # Half the TTL in the kernel and half in our cache: another host's publish shows within the TTL.
         "attr_timeout": ttl / 2, "entry_timeout": ttl / 2, "negative_timeout": 0,
     }

@@ -25,7 +25,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from .content import AppendDigest, Content, file_content, read_back
 from .errors import (
@@ -42,6 +42,7 @@ from .errors import (
     NotDirectoryError,
     NotFoundError,
     NotSupportedError,
+    NotYetWrittenError,
     ReadOnlyError,
     RepoError,
     UnavailableError,
@@ -105,10 +106,9 @@ def _ns(seconds: float | None) -> int:
 def file_entry(version: Version, state: str) -> Entry:
     mode = version.mode & (0o7555 if state == "expired" else 0o7777)  # expired/ is read-only
     changed = version.expired_at if state == "expired" else version.published_at or version.created_at
-    # mtime is the version's creation time: unique per version, so libfuse's auto_cache drops cached
-    # pages whenever a path gets a new version.
-    return Entry(False, mode, version.uid, version.gid, version.size or 0, _ns(version.created_at),
-                 _ns(changed), version)
+    modified = version.modified_ns
+    return Entry(False, mode, version.uid, version.gid, version.size or 0, modified,
+                 max(_ns(changed), modified), version)
 
 
 def _copy_whole(source: int, target: int) -> int:
@@ -124,8 +124,8 @@ def _copy_whole(source: int, target: int) -> int:
 
 def dir_entry(directory: Directory, state: str) -> Entry:
     mode = directory.mode & (0o7555 if state == "expired" else 0o7777)
-    return Entry(True, mode, directory.uid, directory.gid, 0, _ns(directory.created_at), _ns(directory.created_at),
-                 nlink=2)
+    modified = directory.modified_ns
+    return Entry(True, mode, directory.uid, directory.gid, 0, modified, modified, nlink=2 + directory.subdirs)
 
 
 @dataclass
@@ -133,6 +133,7 @@ class ReadHandle:
     mount_path: str
     entry: Entry  # what was opened: fstat answers it, whatever the path shows later
     reader: VersionReader  # holds the cached object open (and pinned) until release
+    keep_pages: bool = False  # the kernel's cached pages of the path are this version's: keep them
     unlinked: bool = False
 
     @property
@@ -152,6 +153,7 @@ class WriteHandle:
     sealed: bool = False  # flushed: further writes start a new version
     failed: bool = False  # the last flush failed: the retry owns the version; further writes start a new one
     unlinked: bool = False  # its name was removed: its bytes stay the descriptor's, and are never stored
+    times_set: bool = False  # utimens set the file's mtime: its version records it when stored
     retired_fds: list[int] = field(default_factory=list)  # of earlier versions of this handle, closed at release
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -172,6 +174,9 @@ class Tree:
         self._handles: dict[int, ReadHandle | WriteHandle] = {}
         self._writers: dict[str, WriteHandle] = {}  # mount path -> newest open writer
         self._hidden: dict[str, Entry | WriteHandle] = {}  # libfuse's hidden name -> the unlinked open file
+        # Mount path -> the version whose bytes the kernel may cache for it: an open keeps the kernel's
+        # pages only for the same version (mtime can be set by users, so it cannot say which bytes they are).
+        self._pages: LRUCache = LRUCache(maxsize=100_000)
         self._next_fh = 1
         self.started = started or time.time()
         self._root_time = _ns(self.started)
@@ -230,9 +235,12 @@ class Tree:
         return entry
 
     def _query(self, loc: Location) -> Entry | None:
-        if loc.state is None or not loc.parts:
+        if loc.state is None:
+            return Entry(True, 0o755, 0, 0, 0, self._root_time, self._root_time, nlink=2 + len(STATES))
+        if not loc.parts:  # a state's tree: one directory per type
+            types = len(self._outage.ask(self.repo.meta.list_types))
             mode = 0o555 if loc.state == "expired" else 0o755
-            return Entry(True, mode, 0, 0, 0, self._root_time, self._root_time, nlink=2)
+            return Entry(True, mode, 0, 0, 0, self._root_time, self._root_time, nlink=2 + types)
         # Files first, in their own query: most lookups find one. (One query for both, tried, cost
         # every hit 90 us more on PostgreSQL here than the 120 us it saved a miss.)
         if loc.file is not None:
@@ -375,11 +383,12 @@ class Tree:
                 below_state = path.strip("/").partition("/")[2]
                 parent = below_state.rpartition("/")[0]
                 for state in STATES:
-                    same = f"/{state}/{below_state}".rstrip("/")
+                    same, above = f"/{state}/{below_state}".rstrip("/"), f"/{state}/{parent}".rstrip("/")
                     self._entries.pop(same, None)
+                    self._entries.pop(above, None)  # its mtime and link count move with its entries
                     self._listings.pop(same, None)
-                    self._listings.pop(f"/{state}/{parent}".rstrip("/"), None)
-                    self._known.forget(same, f"/{state}/{parent}".rstrip("/"))
+                    self._listings.pop(above, None)
+                    self._known.forget(same, above)
 
     def _changed_behind_kernel(self, path: str, *states: str) -> None:
         """``path`` (a mount path) changed in these state trees (all three if none are named) by something
@@ -411,7 +420,11 @@ class Tree:
             except DatabaseUnavailableError:
                 entry, stale = self._last_known(path), True
         if entry is None:
-            raise NotFoundError(f"{path}: no such file (or not yet closed by its writer)")
+            with self._lock:
+                being_written = path in self._writers
+            if being_written:
+                raise NotYetWrittenError(f"{path}: not yet closed by its writer")
+            raise NotFoundError(f"{path}: no such file")
         if entry.is_dir:
             raise IsDirectoryError(f"{path}: is a directory")
         # From the last-known metadata, only what this host holds: its verified cache, or its staging.
@@ -419,7 +432,10 @@ class Tree:
         try:
             if not stale:
                 self.prefetcher.opened(entry.version)
-            return self._add_handle(ReadHandle(path, entry, reader))
+            with self._lock:
+                keep = self._pages.get(path) == entry.version.id
+                self._pages[path] = entry.version.id
+            return self._add_handle(ReadHandle(path, entry, reader, keep_pages=keep))
         except BaseException:
             reader.close()
             raise
@@ -429,8 +445,22 @@ class Tree:
         (waits for a download still writing them): the FUSE layer lets libfuse read it directly."""
         handle = self._handle(fh)
         if isinstance(handle, ReadHandle):
-            return handle.reader.ready(size, offset)
+            try:
+                return handle.reader.ready(size, offset)
+            except RepoError:  # a failed download may have served bytes it could not verify: the kernel
+                self._drop_pages(handle.mount_path)  # must not keep them for the next open
+                raise
         return handle.fd
+
+    def keeps_pages(self, fh: int) -> bool:
+        """May the kernel keep its cached pages of this handle's file at open (FOPEN_KEEP_CACHE)? Only a
+        reader of the version whose bytes they are; writers and other versions start afresh."""
+        handle = self._handles.get(fh)
+        return isinstance(handle, ReadHandle) and handle.keep_pages
+
+    def _drop_pages(self, path: str) -> None:
+        with self._lock:
+            self._pages.pop(path, None)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -491,6 +521,7 @@ class Tree:
         handle = WriteHandle(path, state, version, fd, digest, dirty=dirty)
         with self._lock:
             self._writers[path] = handle
+            self._pages.pop(path, None)  # the kernel drops its pages at a writer's open
         self.forget(path)
         return self._add_handle(handle)
 
@@ -550,6 +581,7 @@ class Tree:
                                        "after a failed upload")
             version = handle.version
             content = None
+            set_mtime = os.fstat(handle.fd).st_mtime_ns if handle.times_set else None
             try:
                 content = handle.digest.content()
                 # The repository holds the staged file against writers while it uploads it: ours,
@@ -570,11 +602,21 @@ class Tree:
             handle.version = version
             handle.dirty = handle.failed = False
             handle.sealed = True  # before anything else can fail: the file is a cached object now
+            if set_mtime is not None:
+                self._record_mtime(handle, set_mtime)
             if version.state == "unpublished":  # (one published meanwhile, by id, has left unpublished/)
                 try:
                     self._discard_older_staged(version)
                 except (RepoError, OSError) as exc:  # they stay in unpublished/, where they were
                     log.warning("%s: older staged versions not discarded: %s", handle.mount_path, exc)
+
+    def _record_mtime(self, handle: WriteHandle, mtime_ns: int) -> None:
+        """The mtime a user set on a file being written (cp -p, rsync), kept with its stored version."""
+        try:
+            handle.version = self.repo.meta.set_attrs(handle.version.id, mtime_ns=mtime_ns)
+            handle.times_set = False
+        except RepoError as exc:  # the bytes are stored; only the time is lost
+            log.warning("%s: version %d keeps its own mtime: %s", handle.mount_path, handle.version.id, exc)
 
     def _after_failed_flush(self, handle: WriteHandle, version: Version, content: Content | None,
                             failure: Exception) -> Version | None:
@@ -854,6 +896,26 @@ class Tree:
             self.repo.meta.remove_dir(loc.directory)
         finally:
             self.forget(path)
+
+    def utimens(self, path: str | None, mtime_ns: int | None, fh: int | None = None) -> None:
+        """touch, cp -p, rsync -t, make: set the modification time (``mtime_ns`` None leaves it, UTIME_OMIT;
+        access times are not kept). A file being written takes it at once, and its version records it once
+        its bytes are stored (a later write moves it on, as on any file); a stored version and a directory
+        record it at once."""
+        handle = self._handles.get(fh) if fh else None
+        with self._lock:
+            writer = handle if isinstance(handle, WriteHandle) else self._writers.get(path)
+        if writer is not None:
+            with writer.lock:
+                if writer.unlinked or not (writer.sealed or writer.failed):
+                    if mtime_ns is not None:
+                        os.utime(writer.fd, ns=(mtime_ns, mtime_ns))
+                        writer.times_set = not writer.unlinked
+                    return
+        if mtime_ns is None:
+            self.lookup(path)
+            return
+        self._set_attrs(path, mtime_ns=mtime_ns)
 
     def chmod(self, path: str, mode: int) -> None:
         self._set_attrs(path, mode=mode & 0o7777)

@@ -18,6 +18,9 @@ class _Opened:
     def open(self, path, flags):
         return 7
 
+    def keeps_pages(self, fh):
+        return False
+
 
 @pytest.mark.parametrize("flags, skips_flush", [(os.O_RDONLY, True), (os.O_WRONLY, False), (os.O_RDWR, False)])
 def test_only_a_read_only_open_lets_the_kernel_skip_the_flush_at_close(flags, skips_flush):

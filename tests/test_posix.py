@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 
 import mfusepy
 import pytest
@@ -100,6 +101,10 @@ def test_an_open_of_a_name_that_has_gone_asks_the_kernel_to_look_again(repo):
     with pytest.raises(mfusepy.FuseOSError) as raised:
         operations.getattr("/published/t/gone")
     assert raised.value.errno == errno.ENOENT  # a lookup's answer stays ENOENT
+    tree.create("/published/t/new", 0o644, 0, 0)  # a name the kernel would find again: not stale
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        operations.open("/published/t/new", os.O_RDONLY)
+    assert raised.value.errno == errno.ENOENT
 
 
 def test_rm_of_a_file_open_for_reading_removes_the_name_at_once(mnt):
@@ -159,3 +164,74 @@ def test_a_file_closed_then_unlinked_before_its_release_stays_gone(mnt):
     assert not path.exists()
     assert os.listdir(mnt / "unpublished/t") == []
     assert (mnt / "expired/t/late").read_bytes() == b"x"
+
+
+def test_touch_and_cp_p_set_the_mtime_stat_shows(mnt, tmp_path):
+    path = mnt / "published/t/f"
+    path.write_bytes(b"x")
+    os.utime(path, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    assert os.stat(path).st_mtime_ns == 1_600_000_000_123_456_789
+    source = tmp_path / "source"
+    source.write_bytes(b"copied with its times")
+    os.utime(source, ns=(1_500_000_000_987_654_321, 1_500_000_000_987_654_321))
+    subprocess.run(["cp", "-p", str(source), str(mnt / "published/t/copy")], check=True)
+    assert os.stat(mnt / "published/t/copy").st_mtime_ns == 1_500_000_000_987_654_321
+    before = time.time_ns()
+    subprocess.run(["touch", str(path)], check=True)
+    assert os.stat(path).st_mtime_ns >= before
+    path.write_bytes(b"a new version has its own time")
+    assert os.stat(path).st_mtime_ns >= before
+
+
+def test_rsync_a_twice_copies_nothing_the_second_time(mnt, tmp_path):
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    for name in ("a", "b", "sub/c"):
+        (source / name).write_bytes(os.urandom(1000))
+        os.utime(source / name, (1_600_000_000, 1_600_000_000))  # rsync compares whole seconds
+    target = mnt / "published/t/dst"
+    command = ["rsync", "-a", "--itemize-changes", f"{source}/", f"{target}/"]
+    first = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert sum(line.startswith(">f") for line in first.splitlines()) == 3
+    second = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert [line for line in second.splitlines() if line.startswith(">f")] == []
+    assert (target / "sub/c").read_bytes() == (source / "sub/c").read_bytes()
+
+
+def test_a_directory_shows_when_entries_come_and_go_and_counts_its_subdirectories(mnt):
+    directory = mnt / "published/t/d"
+    directory.mkdir()
+    assert os.stat(directory).st_nlink == 2
+    seen = [os.stat(directory).st_mtime_ns]
+
+    def moved() -> bool:
+        time.sleep(0.002)  # the database's clock must move past the last change
+        seen.append(os.stat(directory).st_mtime_ns)
+        return seen[-1] > seen[-2]
+
+    time.sleep(0.01)
+    (directory / "f").write_bytes(b"x")
+    assert moved()
+    time.sleep(0.01)
+    os.unlink(directory / "f")
+    assert moved()
+    time.sleep(0.01)
+    (directory / "sub").mkdir()
+    assert moved() and os.stat(directory).st_nlink == 3
+    assert os.stat(mnt / "published/t").st_nlink == 3
+    time.sleep(0.01)
+    (directory / "sub").rmdir()
+    assert moved() and os.stat(directory).st_nlink == 2
+    assert os.stat(mnt).st_nlink == 5 and os.stat(mnt / "published").st_nlink == 3
+
+
+def test_a_new_version_with_the_same_size_and_mtime_is_never_read_from_stale_pages(mnt):
+    path = mnt / "published/t/same"
+    path.write_bytes(b"aaaa")
+    os.utime(path, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    assert path.read_bytes() == b"aaaa"  # the kernel caches these pages
+    staged = mnt / "unpublished/t/same"
+    staged.write_bytes(b"bbbb")
+    os.utime(staged, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    setfattr(staged, "published")  # behind the kernel's inode of the path: same size, same mtime, other bytes
+    assert path.read_bytes() == b"bbbb"
