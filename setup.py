@@ -18,7 +18,8 @@ setup(
         "mfusepy>=3.0,<4",
     ],
     extras_require={
-        "test": ["pytest>=7,<10", "moto[server]>=5,<6"],
+        # hypothesis: the reference-model test (tests/test_model.py) drives random operation sequences.
+        "test": ["pytest>=7,<10", "moto[server]>=5,<6", "hypothesis>=6.100,<7"],
     },
     entry_points={"console_scripts": ["s3repofs=s3repofs.cli:main"]},
 )
