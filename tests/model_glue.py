@@ -11,6 +11,7 @@ real mount. Both raise OSError with the errno a program would see.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -75,34 +76,54 @@ class Glue:
     def mkdir(self, path: str, mode: int = 0o755) -> None:
         self._call(self.bindings.mkdir, path.encode(), mode)
 
+    def _on_name(self, path: str, method, *args) -> int:
+        """A call on a name: the kernel looks it up first (ENOENT without asking the file system), and
+        after an ESTALE answer looks it up again and tries once more."""
+        for attempt in (1, 2):
+            self.stat(path)
+            try:
+                return self._call(method, path.encode(), *args)
+            except OSError as exc:
+                if exc.errno != errno.ESTALE or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     def unlink(self, path: str) -> None:
-        self._call(self.bindings.unlink, path.encode())
+        self._on_name(path, self.bindings.unlink)
 
     def rename(self, old: str, new: str) -> None:
-        self._call(self.bindings.rename_fuse_3, old.encode(), new.encode(), 0)
+        self._on_name(old, self.bindings.rename_fuse_3, new.encode(), 0)
 
     def setxattr(self, path: str, name: str, value: bytes) -> None:
         buffer = ctypes.create_string_buffer(value, len(value))
-        self._call(self.bindings.setxattr, path.encode(), name.encode(), buffer, len(value), 0)
+        self._on_name(path, self.bindings.setxattr, name.encode(), buffer, len(value), 0)
 
     def utime(self, path: str, mtime_ns: int) -> None:
         times = mfusepy.c_utimbuf()
         times.actime.tv_sec, times.actime.tv_nsec = divmod(mtime_ns, 10**9)
         times.modtime.tv_sec, times.modtime.tv_nsec = divmod(mtime_ns, 10**9)
-        self._call(self.bindings.utimens_fuse_3, path.encode(), ctypes.pointer(times), None)
+        self._on_name(path, self.bindings.utimens_fuse_3, ctypes.pointer(times), None)
 
     # -- open files -------------------------------------------------------------------------------
 
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
-        """open(2): the kernel looks the name up first, and sends CREATE only for a name it did not find."""
+        """open(2): the kernel looks the name up first and sends CREATE only for a name it did not find
+        (OPEN, without O_CREAT, for one it found); an OPEN answered ESTALE is tried once more after a
+        fresh lookup, as the kernel does."""
+        try:
+            return self._open(path, flags, mode)
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+        return self._open(path, flags, mode)
+
+    def _open(self, path: str, flags: int, mode: int) -> int:
         info = mfusepy.fuse_file_info(flags=flags & ~(os.O_CREAT | os.O_EXCL))
-        create = False
-        if flags & os.O_CREAT:
-            try:
-                self.stat(path)
-            except FileNotFoundError:
-                create = True
-        if create:
+        try:
+            self.stat(path)
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                raise
             info.flags = flags
             self._call(self.bindings.create, path.encode(), 0o100000 | mode, ctypes.pointer(info))
         else:

@@ -481,12 +481,14 @@ class FaultyTreeModel(RuleBasedStateMachine):
         self.handles: dict[int, FHandle] = {}
         self.contents = {b""}  # every byte string a writer closed (or tried to)
         self.acked: dict[str, object] = dict.fromkeys(NAMES)  # published/NAME: bytes, None (absent) or UNKNOWN
+        self.finished = False
 
     path = TreeModel.path
 
     def attempt(self, call, *args):
-        """(True, result), or (False, errno) for a failure a program may see under faults."""
-        self.faults.on = True
+        """(True, result), or (False, errno) for a failure a program may see under faults (once the
+        example's steps are done, there are none)."""
+        self.faults.on = not self.finished
         try:
             return True, call(*args)
         except OSError as exc:
@@ -639,6 +641,7 @@ class FaultyTreeModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         """Without faults: close what is open, let the retry upload and publish what failed, then check."""
+        self.finished = True
         for handle in list(self.handles.values()):
             self.close_handle(handle)
         self.tree.mark_unmarked_publishes()
