@@ -23,6 +23,7 @@ from .paths import DirPath, RepoPath
 
 SCHEMA_VERSION = 4
 _SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400e9 AS INTEGER)"  # ns since the epoch, as time.time_ns()
+_SQLITE_TOUCHED = f"mtime_ns = max({_SQLITE_NOW}, coalesce(mtime_ns, 0) + 1)"
 
 STATES = ("unpublished", "published", "expired", "discarded", "purged")
 VISIBLE_STATES = ("unpublished", "published", "expired")
@@ -101,24 +102,25 @@ MIGRATIONS: dict[int, list[str] | dict[str, list[str]]] = {
     # Times, in integer nanoseconds (a float loses what rsync and cp -p compare): a version's mtime as a user
     # set it (utimens; NULL: its creation), and a directory's mtime,
     # the last time an entry was added to it or removed from it in any state tree (NULL: its creation),
-    # kept by triggers so that every change of a row, by any code on any host, moves it.
+    # kept by triggers so that every change of a row, by any code on any host, moves it (forward, by at
+    # least 1 ns, even within one tick of the database's clock: a poller sees every change).
     3: {"sqlite": [
         "ALTER TABLE versions ADD COLUMN mtime_ns INTEGER",
         "ALTER TABLE directories ADD COLUMN mtime_ns INTEGER",
         f"""CREATE TRIGGER IF NOT EXISTS versions_touch_dir AFTER INSERT ON versions BEGIN
-            UPDATE directories SET mtime_ns = {_SQLITE_NOW} WHERE file_type = NEW.file_type AND dir = NEW.dir; END""",
+            UPDATE directories SET {_SQLITE_TOUCHED} WHERE file_type = NEW.file_type AND dir = NEW.dir; END""",
         f"""CREATE TRIGGER IF NOT EXISTS versions_touch_dirs AFTER UPDATE OF state, file_type, dir, name ON versions
             WHEN OLD.state <> NEW.state OR OLD.file_type <> NEW.file_type OR OLD.dir <> NEW.dir OR OLD.name <> NEW.name
             BEGIN
-            UPDATE directories SET mtime_ns = {_SQLITE_NOW} WHERE (file_type = NEW.file_type AND dir = NEW.dir)
+            UPDATE directories SET {_SQLITE_TOUCHED} WHERE (file_type = NEW.file_type AND dir = NEW.dir)
                 OR (file_type = OLD.file_type AND dir = OLD.dir); END""",
         f"""CREATE TRIGGER IF NOT EXISTS directories_touch_parent AFTER INSERT ON directories
             WHEN NEW.parent IS NOT NULL BEGIN
-            UPDATE directories SET mtime_ns = {_SQLITE_NOW}
+            UPDATE directories SET {_SQLITE_TOUCHED}
             WHERE file_type = NEW.file_type AND dir = NEW.parent; END""",
         f"""CREATE TRIGGER IF NOT EXISTS directories_touch_parent_gone AFTER DELETE ON directories
             WHEN OLD.parent IS NOT NULL BEGIN
-            UPDATE directories SET mtime_ns = {_SQLITE_NOW}
+            UPDATE directories SET {_SQLITE_TOUCHED}
             WHERE file_type = OLD.file_type AND dir = OLD.parent; END""",
     ], "postgresql": [
         "ALTER TABLE versions ADD COLUMN IF NOT EXISTS mtime_ns BIGINT",
@@ -128,17 +130,17 @@ MIGRATIONS: dict[int, list[str] | dict[str, list[str]]] = {
             DECLARE _now BIGINT := (extract(epoch FROM clock_timestamp()) * 1e9)::BIGINT;
             BEGIN
                 IF TG_TABLE_NAME = 'versions' THEN
-                    UPDATE directories SET mtime_ns = _now
+                    UPDATE directories SET mtime_ns = GREATEST(_now, coalesce(mtime_ns, 0) + 1)
                     WHERE file_type = NEW.file_type AND md5(dir) = md5(NEW.dir) AND dir = NEW.dir;
                     IF TG_OP = 'UPDATE' AND (OLD.file_type, OLD.dir) IS DISTINCT FROM (NEW.file_type, NEW.dir) THEN
-                        UPDATE directories SET mtime_ns = _now
+                        UPDATE directories SET mtime_ns = GREATEST(_now, coalesce(mtime_ns, 0) + 1)
                         WHERE file_type = OLD.file_type AND md5(dir) = md5(OLD.dir) AND dir = OLD.dir;
                     END IF;
                 ELSIF TG_OP = 'INSERT' THEN
-                    UPDATE directories SET mtime_ns = _now
+                    UPDATE directories SET mtime_ns = GREATEST(_now, coalesce(mtime_ns, 0) + 1)
                     WHERE file_type = NEW.file_type AND md5(dir) = md5(NEW.parent) AND dir = NEW.parent;
                 ELSE
-                    UPDATE directories SET mtime_ns = _now
+                    UPDATE directories SET mtime_ns = GREATEST(_now, coalesce(mtime_ns, 0) + 1)
                     WHERE file_type = OLD.file_type AND md5(dir) = md5(OLD.parent) AND dir = OLD.parent;
                 END IF;
                 RETURN NULL;

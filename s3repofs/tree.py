@@ -419,6 +419,8 @@ class Tree:
                 entry = self._query(self.parse(path))
             except DatabaseUnavailableError:
                 entry, stale = self._last_known(path), True
+        if entry is not None and entry.version is not None and entry.version.id in self._versions_in_progress():
+            entry = None if stale else self._stored_draft(path)  # (a listing shows the writer's version)
         if entry is None:
             with self._lock:
                 being_written = path in self._writers
@@ -439,6 +441,23 @@ class Tree:
         except BaseException:
             reader.close()
             raise
+
+    def _versions_in_progress(self) -> set[int]:
+        """The versions open writers are still filling (not those a flush stored or left to the retry)."""
+        with self._lock:
+            return {h.version.id for h in self._handles.values()
+                    if isinstance(h, WriteHandle) and not (h.sealed or h.failed)}
+
+    def _stored_draft(self, path: str) -> Entry | None:
+        """In unpublished/, the newest staged version of ``path`` whose writer has finished with it."""
+        loc = self.parse(path)
+        if loc.state != "unpublished" or loc.file is None:
+            return None
+        in_progress = self._versions_in_progress()
+        for version in reversed(self.repo.meta.history(loc.file)):
+            if version.state == "unpublished" and version.id not in in_progress:
+                return self._file_entry(version, "unpublished")
+        return None
 
     def readable_fd(self, fh: int, size: int, offset: int) -> int:
         """The file descriptor holding the handle's bytes, once [offset, offset + size) is there

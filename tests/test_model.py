@@ -395,7 +395,7 @@ class TreeModel(RuleBasedStateMachine):
         """Adding or removing an entry changes the directory's mtime (the other way round is not checked)."""
         if "dir_mtime" in SKIP:
             return
-        names_now = frozenset(name for name in NAMES if self.model.stored(tree, name))
+        names_now = frozenset(name for name in NAMES if self.model.size_and_mtime(tree, name))  # as ls shows
         mtime = self.fs.stat(self.path(tree)).mtime_ns
         before = self.dir_seen.get(tree)
         if before is not None and before[0] != names_now:
