@@ -79,6 +79,12 @@ class NotYetWrittenError(NotFoundError):
     expected = True
 
 
+class FileTooLargeError(CallerError):
+    """A file longer than an object can be (S3's 5 TiB)."""
+
+    errno = _errno.EFBIG
+
+
 class AlreadyExistsError(CallerError):
     errno = _errno.EEXIST
     exit_status = 1

@@ -33,6 +33,7 @@ from .errors import (
     BadHandleError,
     CrossDeviceError,
     DatabaseUnavailableError,
+    FileTooLargeError,
     InvalidPathError,
     IsDirectoryError,
     LifecycleError,
@@ -60,6 +61,7 @@ STATES = ("published", "unpublished", "expired")
 # libfuse renames a file unlinked while open to this name until its last close (unless hard_remove):
 # the tree takes that rename for the unlink, and answers for the open file under the name.
 HIDDEN_PREFIX = ".fuse_hidden"
+MAX_FILE_SIZE = 5 * 1024**4  # S3's largest object
 XATTR_PREFIX = "user.s3repo."
 MISSING = object()
 
@@ -550,6 +552,8 @@ class Tree:
     def write_with(self, fh: int, offset: int, write_to: Callable[[int], int]) -> int:
         """Write at ``offset`` by calling ``write_to(fd)`` on the staged file's descriptor, which
         returns the bytes written (the FUSE layer lets libfuse copy them in C)."""
+        if offset >= MAX_FILE_SIZE:
+            raise FileTooLargeError(f"write at {offset}: a file holds at most {MAX_FILE_SIZE} bytes")
         handle = self._write_handle(fh)
         with handle.lock:
             if handle.sealed or handle.failed:
@@ -560,6 +564,8 @@ class Tree:
             return written
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        if length > MAX_FILE_SIZE:  # truncate -s 1E would have the flush hash an exabyte of holes
+            raise FileTooLargeError(f"{path}: {length} bytes: a file holds at most {MAX_FILE_SIZE}, as an S3 object")
         if fh:
             handle = self._write_handle(fh)
             with handle.lock:

@@ -378,3 +378,18 @@ def test_a_write_after_close_that_cannot_copy_the_file_leaves_no_version_behind(
     tree.flush(fh)
     tree.release(fh)
     assert repo.get_file("t/f").read_bytes() == b"bytesmore!"
+
+
+def test_a_file_longer_than_an_object_can_be_is_refused_with_efbig(repo):
+    from s3repofs.errors import FileTooLargeError
+    from s3repofs.tree import MAX_FILE_SIZE
+
+    tree, fh = _writing(repo)
+    with pytest.raises(FileTooLargeError):  # truncate -s 1E: the flush would hash an exabyte of holes
+        tree.truncate("/published/t/f", 2**60, fh)
+    with pytest.raises(FileTooLargeError):
+        tree.write(fh, b"x", MAX_FILE_SIZE)
+    tree.truncate("/published/t/f", 2, fh)
+    tree.flush(fh)
+    tree.release(fh)
+    assert repo.get_file("t/f").read_bytes() == b"by"
