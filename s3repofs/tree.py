@@ -156,6 +156,7 @@ class WriteHandle:
     failed: bool = False  # the last flush failed: the retry owns the version; further writes start a new one
     unlinked: bool = False  # its name was removed: its bytes stay the descriptor's, and are never stored
     times_set: bool = False  # utimens set the file's mtime: its version records it when stored
+    write_error: int = 0  # the errno of a write or truncate that failed: its bytes are not what was meant
     retired_fds: list[int] = field(default_factory=list)  # of earlier versions of this handle, closed at release
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -422,7 +423,7 @@ class Tree:
             except DatabaseUnavailableError:
                 entry, stale = self._last_known(path), True
         if entry is not None and entry.version is not None and entry.version.id in self._versions_in_progress():
-            entry = None if stale else self._stored_draft(path)  # (a listing shows the writer's version)
+            entry = None if stale else self._stored_entry(path)  # (a listing shows the writer's version)
         if entry is None:
             with self._lock:
                 being_written = path in self._writers
@@ -450,11 +451,15 @@ class Tree:
             return {h.version.id for h in self._handles.values()
                     if isinstance(h, WriteHandle) and not (h.sealed or h.failed)}
 
-    def _stored_draft(self, path: str) -> Entry | None:
-        """In unpublished/, the newest staged version of ``path`` whose writer has finished with it."""
+    def _stored_entry(self, path: str) -> Entry | None:
+        """What ``path`` shows once its writers' unfinished bytes are set aside: the published version
+        in published/, the newest staged version a writer has finished with in unpublished/."""
         loc = self.parse(path)
-        if loc.state != "unpublished" or loc.file is None:
+        if loc.file is None or loc.state == "expired":
             return None
+        if loc.state == "published":
+            version = self.repo.meta.find(loc.file, "published")
+            return self._file_entry(version, "published") if version else None
         in_progress = self._versions_in_progress()
         for version in reversed(self.repo.meta.history(loc.file)):
             if version.state == "unpublished" and version.id not in in_progress:
@@ -507,13 +512,16 @@ class Tree:
             raise
         if entry.is_dir:
             raise IsDirectoryError(f"{path}: is a directory")
-        source = entry.version
+        shown = source = entry.version
+        if source.id in self._versions_in_progress():  # another writer's bytes so far: copy what is stored
+            stored = self._stored_entry(path)
+            source = stored.version if stored else None
         keep = not flags & os.O_TRUNC
-        if keep:
+        if keep and source is not None:
             with open(self.repo.local_file(source), "rb") as copied:
-                new = self._new_version(loc.file, source.mode, source.uid, source.gid, copy_of=copied.fileno())
+                new = self._new_version(loc.file, shown.mode, shown.uid, shown.gid, copy_of=copied.fileno())
         else:
-            new = self._new_version(loc.file, source.mode, source.uid, source.gid)
+            new = self._new_version(loc.file, shown.mode, shown.uid, shown.gid)
         # O_TRUNC made a change already; a kept copy changes only when written
         return self._start_writer(path, loc.state, *new, dirty=not keep)
 
@@ -559,7 +567,11 @@ class Tree:
             if handle.sealed or handle.failed:
                 self._continue_in_new_version(handle)
             handle.dirty = handle.written = True
-            written = write_to(handle.fd)
+            try:
+                written = write_to(handle.fd)
+            except OSError as exc:
+                handle.write_error = exc.errno or errno.EIO
+                raise
             handle.digest.appended(offset, written)
             return written
 
@@ -601,6 +613,9 @@ class Tree:
         with handle.lock:
             if handle.unlinked or not handle.dirty or not (handle.written or final):
                 return
+            if handle.write_error:  # a full disk, say: storing what did get written would publish half a file
+                raise OSError(handle.write_error, f"{handle.mount_path}: not stored: a write to it failed "
+                              f"({os.strerror(handle.write_error)})")
             if handle.failed:  # another close or fsync of it: not uploaded again at once, beside the retry
                 raise UnavailableError(f"{handle.mount_path}: version {handle.version.id} is left to the retry "
                                        "after a failed upload")
@@ -769,7 +784,7 @@ class Tree:
     def _finish_writer(self, handle: WriteHandle) -> None:
         if handle.sealed or handle.failed:  # a failed upload is not tried again at once: the retry thread will
             return
-        if handle.unlinked:  # its name was removed: the bytes it wrote since go with it
+        if handle.unlinked or handle.write_error:  # unlinked, or its bytes are not what was meant: they go
             self._discard_quietly(handle.version)
             return
         if not handle.dirty:  # opened for writing, never written: there is nothing to keep

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from s3repofs.paths import RepoPath
 from s3repofs.tree import Tree
 
 
@@ -393,3 +394,34 @@ def test_a_file_longer_than_an_object_can_be_is_refused_with_efbig(repo):
     tree.flush(fh)
     tree.release(fh)
     assert repo.get_file("t/f").read_bytes() == b"by"
+
+
+def test_a_second_writer_starts_from_the_stored_bytes_not_another_writers_unfinished_ones(repo):
+    tree, first = _writing(repo)  # b"bytes", not flushed: there is nothing stored at the path yet
+    second = tree.open("/published/t/f", os.O_RDWR)
+    assert os.pread(tree.readable_fd(second, 100, 0), 100, 0) == b""
+    tree.flush(first)
+    tree.release(first)
+    third = tree.open("/published/t/f", os.O_RDWR)  # the published b"bytes"
+    tree.write(second, b"second", 0)
+    assert os.pread(tree.readable_fd(third, 100, 0), 100, 0) == b"bytes"
+    for fh in (second, third):
+        tree.release(fh)
+
+
+def test_a_write_that_failed_keeps_the_file_from_being_stored_at_close(repo):
+    import errno
+
+    tree, fh = _writing(repo)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        tree.write_with(fh, 5, disk_full)
+    with pytest.raises(OSError) as raised:  # close() reports it: the file is not what was meant
+        tree.flush(fh)
+    assert raised.value.errno == errno.ENOSPC
+    tree.release(fh)
+    assert repo.get_file("t/f") is None
+    assert [v.state for v in repo.meta.history(RepoPath("t", "", "f"))] == ["discarded"]
