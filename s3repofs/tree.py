@@ -315,8 +315,8 @@ class Tree:
         entry = self.lookup(path)
         if not entry.is_dir:
             raise NotDirectoryError(f"{path}: not a directory")
-        if loc.state is None:
-            return [(state, self._query(Location(state, ()))) for state in STATES]
+        if loc.state is None:  # by lookup: cached, and from the last-known entries while the database is down
+            return [(state, self.lookup(f"/{state}")) for state in STATES]
         base = path.rstrip("/")
         with self._lock:
             listed = self._listings.get(base)

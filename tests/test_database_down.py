@@ -241,3 +241,13 @@ def test_a_mount_serves_cat_and_ls_while_postgresql_is_stopped(pausable_url, pau
         assert sorted(os.listdir(mnt / "published/docs")) == ["f.txt", "g.txt"]
     log = daemon_log(tmp_path)
     assert log.count("database unreachable: serving") == 1 and log.count("database reachable again") == 1, log
+
+
+def test_the_mounts_root_lists_while_the_database_is_down(repo, pausable_postgres):
+    tree = Tree(repo, metadata_ttl=TTL)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    assert names(tree, "/") == ["published", "unpublished", "expired"]
+    time.sleep(2 * TTL)
+    pausable_postgres.pause()
+    assert names(tree, "/") == ["published", "unpublished", "expired"]  # ls of the mount point
+    assert tree.readdir("/")[0][1].nlink == 3
