@@ -772,6 +772,12 @@ class Tree:
             self._handles.pop(fh, None)
             if isinstance(handle, WriteHandle) and self._writers.get(handle.mount_path) is handle:
                 del self._writers[handle.mount_path]
+                # Another writer of the name still open (truncate of the path beside it, a second open)
+                # is its writer again: stat shows its bytes, utimens and chmod reach its version.
+                others = [h for h in self._handles.values() if isinstance(h, WriteHandle)
+                          and h.mount_path == handle.mount_path and not h.unlinked]
+                if others:
+                    self._writers[handle.mount_path] = others[-1]
         if isinstance(handle, ReadHandle):
             handle.reader.close()
         elif isinstance(handle, WriteHandle):

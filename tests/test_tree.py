@@ -425,3 +425,21 @@ def test_a_write_that_failed_keeps_the_file_from_being_stored_at_close(repo):
     tree.release(fh)
     assert repo.get_file("t/f") is None
     assert [v.state for v in repo.meta.history(RepoPath("t", "", "f"))] == ["discarded"]
+
+
+def test_truncate_of_a_path_being_written_cuts_the_published_version_not_the_writers_bytes(repo):
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    fh = tree.create("/published/t/f", 0o644, 0, 0)
+    tree.write(fh, b"stored", 0)
+    tree.flush(fh)
+    tree.release(fh)
+    writer = tree.open("/published/t/f", os.O_WRONLY | os.O_TRUNC)
+    tree.write(writer, b"half-written", 0)
+    tree.truncate("/published/t/f", 3)  # truncate -s 3 by another program
+    assert repo.get_file("t/f").read_bytes() == b"sto"  # never bytes a writer has not closed
+    assert tree.lookup("/published/t/f").size == 12  # the open writer is not affected, and still shown
+    tree.write(writer, b"!", 12)
+    tree.flush(writer)
+    tree.release(writer)
+    assert repo.get_file("t/f").read_bytes() == b"half-written!"
