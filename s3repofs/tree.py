@@ -176,7 +176,8 @@ class Tree:
         self._outage = Outage(self._known.describe)
         self._handles: dict[int, ReadHandle | WriteHandle] = {}
         self._writers: dict[str, WriteHandle] = {}  # mount path -> newest open writer
-        self._hidden: dict[str, Entry | WriteHandle] = {}  # libfuse's hidden name -> the unlinked open file
+        # libfuse's hidden name -> the unlinked open file: its writer, if any, and its entry when unlinked
+        self._hidden: dict[str, tuple[WriteHandle | None, Entry]] = {}
         # Mount path -> the version whose bytes the kernel may cache for it: an open keeps the kernel's
         # pages only for the same version (mtime can be set by users, so it cannot say which bytes they are).
         self._pages: LRUCache = LRUCache(maxsize=100_000)
@@ -214,7 +215,7 @@ class Tree:
             generation = self._generation
             hidden = self._hidden.get(path) if HIDDEN_PREFIX in path else None
         if hidden is not None:
-            return self._unlinked_entry(hidden)
+            return self._unlinked_entry(*hidden)
         if writer is not None and (entry := self._writer_entry(writer)) is not None:
             return entry
         if cached is MISSING:
@@ -286,11 +287,10 @@ class Tree:
             return None
         return Entry(False, v.mode, v.uid, v.gid, st.st_size, st.st_mtime_ns, st.st_mtime_ns, v)
 
-    def _unlinked_entry(self, hidden: Entry | WriteHandle) -> Entry:
-        entry = self._writer_entry(hidden) if isinstance(hidden, WriteHandle) else hidden
-        if entry is None:  # the writer was released
-            raise NotFoundError("the file was removed")
-        return replace(entry, nlink=0)
+    def _unlinked_entry(self, writer: WriteHandle | None, entry: Entry) -> Entry:
+        # Once its writer is released, readers may still be open: the entry as it was unlinked.
+        current = self._writer_entry(writer) if writer is not None else None
+        return replace(current or entry, nlink=0)
 
     def getattr(self, path: str | None, fh: int | None = None) -> dict:
         """The attributes of ``path``, or of an open handle's file (fstat): its own bytes, even once its
@@ -839,7 +839,7 @@ class Tree:
             writer = self._writers.get(path)
         self.unlink(path)
         with self._lock:
-            self._hidden[hidden] = writer or entry
+            self._hidden[hidden] = (writer, entry)
 
     def _unlink_writers(self, path: str) -> list[WriteHandle]:
         """Detach the open handles of ``path`` from the name: writers' bytes will never be stored."""

@@ -443,3 +443,21 @@ def test_truncate_of_a_path_being_written_cuts_the_published_version_not_the_wri
     tree.flush(writer)
     tree.release(writer)
     assert repo.get_file("t/f").read_bytes() == b"half-written!"
+
+
+def test_fstat_of_a_reader_of_an_unlinked_file_outlives_its_writer(repo):
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/published/t", 0o755, 0, 0)
+    fh = tree.create("/published/t/f", 0o644, 0, 0)
+    tree.write(fh, b"stored", 0)
+    tree.flush(fh)
+    tree.release(fh)
+    reader = tree.open("/published/t/f", os.O_RDONLY)
+    writer = tree.open("/published/t/f", os.O_WRONLY)
+    tree.write(writer, b"more", 6)
+    hidden = "/published/t/.fuse_hidden0000000100000001"
+    tree.rename("/published/t/f", hidden)  # libfuse's unlink of an open file
+    tree.release(writer)
+    assert tree.getattr(hidden, reader)["st_nlink"] == 0  # the reader is still open: fstat works
+    tree.release(reader)
+    tree.unlink(hidden)  # libfuse, at the last release
