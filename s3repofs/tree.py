@@ -825,7 +825,7 @@ class Tree:
             if loc.state == "published":
                 self._expire_published(loc.file, found=bool(writers))
             else:
-                self._discard_staged(loc.file)
+                self._discard_staged(loc.file, path)
         finally:
             self.forget(path)
         if loc.state == "published":
@@ -862,10 +862,13 @@ class Tree:
         elif not found:
             raise NotFoundError(f"/published/{path}: no such file")
 
-    def _discard_staged(self, path: RepoPath) -> None:
+    def _discard_staged(self, path: RepoPath, mount_path: str) -> None:
         """Discard every unpublished version of ``path``, but those other names' writers are filling (a
-        file being written in published/ is staged under the same path)."""
-        elsewhere = self.versions_being_written()
+        file being written in published/ is staged under the same path). This name's own writers count
+        for nothing: their versions, even one stored at a close whose release has not come yet, go too."""
+        with self._lock:
+            elsewhere = {h.version.id for h in self._handles.values()
+                         if isinstance(h, WriteHandle) and h.mount_path != mount_path}
         for version in self.repo.meta.history(path):
             if version.state == "unpublished" and version.id not in elsewhere:
                 self._discard_quietly(version)

@@ -461,3 +461,14 @@ def test_fstat_of_a_reader_of_an_unlinked_file_outlives_its_writer(repo):
     assert tree.getattr(hidden, reader)["st_nlink"] == 0  # the reader is still open: fstat works
     tree.release(reader)
     tree.unlink(hidden)  # libfuse, at the last release
+
+
+def test_rm_in_unpublished_of_a_file_stored_but_still_open_removes_it(repo):
+    tree = Tree(repo, metadata_ttl=3600)
+    tree.mkdir("/unpublished/t", 0o755, 0, 0)
+    fh = tree.create("/unpublished/t/f", 0o644, 0, 0)
+    tree.write(fh, b"stored", 0)
+    tree.fsync(fh)  # uploaded: the handle's version is stored, the file still open
+    tree.unlink("/unpublished/t/f")
+    tree.release(fh)
+    assert tree.readdir("/unpublished/t") == []
