@@ -856,7 +856,17 @@ class Tree:
         return writers
 
     def _expire_published(self, path: RepoPath, found: bool) -> None:
-        current = self.repo.meta.find(path, "published")
+        """rm in published/: expire what is published, and call off what a failed close left for the retry
+        to publish there, so the name does not come back (those bytes stay in unpublished/)."""
+        current = None
+        for version in self.repo.meta.history(path):
+            if version.state == "published":
+                current = version
+            elif version.state == "unpublished" and version.publish_pending:
+                self.repo.meta.set_publish_pending(version.id, False)
+                found = True
+            with self._lock:
+                self._unmarked_publishes.discard(version.id)
         if current is not None:
             self.repo.expire(current)
         elif not found:

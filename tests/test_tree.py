@@ -472,3 +472,22 @@ def test_rm_in_unpublished_of_a_file_stored_but_still_open_removes_it(repo):
     tree.unlink("/unpublished/t/f")
     tree.release(fh)
     assert tree.readdir("/unpublished/t") == []
+
+
+def test_rm_after_a_failed_close_calls_off_the_retrys_publish(repo, monkeypatch):
+    from s3repofs.errors import StoreUnavailableError
+
+    tree, fh = _writing(repo)
+    tree.flush(fh)
+    tree.release(fh)  # published/t/f: b"bytes"
+    fh = tree.open("/published/t/f", os.O_WRONLY | os.O_TRUNC)
+    tree.write(fh, b"newer", 0)
+    with monkeypatch.context() as patched:
+        patched.setattr(repo.store, "put", _failing(StoreUnavailableError("unreachable (injected)")))
+        with pytest.raises(StoreUnavailableError):
+            tree.flush(fh)  # close() failed: the newer bytes are the retry's, to publish
+    tree.release(fh)
+    tree.unlink("/published/t/f")  # the user takes the file back
+    assert repo.retry_staged_uploads(tree.retryable) == 1  # uploaded, not published
+    assert repo.get_file("t/f") is None
+    assert repo.get_file("t/f", state="unpublished").read_bytes() == b"newer"  # nothing lost
