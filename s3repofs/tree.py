@@ -970,7 +970,11 @@ class Tree:
                     if mtime_ns is not None:
                         os.utime(writer.fd, ns=(mtime_ns, mtime_ns))
                         writer.times_set = not writer.unlinked
-                    return
+                    if writer.unlinked or writer.dirty or mtime_ns is None:
+                        return
+            # touch opens the file for writing and sets the times on that descriptor: while nothing is
+            # written, the path shows the stored version (the writer's copy is discarded at release)
+            return self._set_attrs(writer.mount_path, mtime_ns=mtime_ns)
         if mtime_ns is None:
             self.lookup(path)
             return
@@ -994,6 +998,10 @@ class Tree:
         try:
             if writer is not None:
                 writer.version = self.repo.meta.set_attrs(writer.version.id, **attrs)
+                if not (writer.dirty or writer.sealed):  # an unchanged copy: the stored version is the file
+                    stored = self._stored_entry(path)
+                    if stored is not None:
+                        self.repo.meta.set_attrs(stored.version.id, **attrs)
             elif entry.is_dir:
                 self.repo.meta.set_dir_attrs(loc.directory, **attrs)
             else:

@@ -13,6 +13,7 @@ import pytest
 from mount_helper import daemon_log, fuse_available, mounted, wait_for
 from repo_fixtures import make_config
 
+from s3repofs import S3Repo
 from s3repofs.fs import Operations
 from s3repofs.tree import Tree
 
@@ -186,6 +187,12 @@ def test_touch_and_cp_p_set_the_mtime_stat_shows(mnt_each, tmp_path):
     os.utime(source, ns=(1_500_000_000_987_654_321, 1_500_000_000_987_654_321))
     subprocess.run(["cp", "-p", str(source), str(mnt_each / "published/t/copy")], check=True)
     assert os.stat(mnt_each / "published/t/copy").st_mtime_ns == 1_500_000_000_987_654_321
+    touched = mnt_each / "published/t/touched"
+    subprocess.run(f"echo y > {touched}; touch -d '2020-01-02 03:04:05' {touched}", shell=True, check=True)
+    with S3Repo(str(tmp_path / "mnt.json")) as repo:  # what is stored, not what the kernel still caches
+        stored = repo.get_file("t/touched").version
+    assert time.gmtime(stored.mtime_ns / 1e9).tm_year == 2020  # touch opens, then futimens
+    assert touched.read_bytes() == b"y\n"
     before = time.time_ns()
     subprocess.run(["touch", str(path)], check=True)
     assert os.stat(path).st_mtime_ns >= before
