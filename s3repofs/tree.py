@@ -422,7 +422,7 @@ class Tree:
                 entry = self._query(self.parse(path))
             except DatabaseUnavailableError:
                 entry, stale = self._last_known(path), True
-        if entry is not None and entry.version is not None and entry.version.id in self._versions_in_progress():
+        if entry is not None and self._in_progress(entry.version):
             entry = None if stale else self._stored_entry(path)  # (a listing shows the writer's version)
         if entry is None:
             with self._lock:
@@ -444,6 +444,11 @@ class Tree:
         except BaseException:
             reader.close()
             raise
+
+    def _in_progress(self, version: Version | None) -> bool:
+        """Is an open writer still filling ``version``? Only an unpublished one can be: reads of published
+        and expired files (the hot path) never walk the handles."""
+        return version is not None and version.state == "unpublished" and version.id in self._versions_in_progress()
 
     def _versions_in_progress(self) -> set[int]:
         """The versions open writers are still filling (not those a flush stored or left to the retry)."""
@@ -513,7 +518,7 @@ class Tree:
         if entry.is_dir:
             raise IsDirectoryError(f"{path}: is a directory")
         shown = source = entry.version
-        if source.id in self._versions_in_progress():  # another writer's bytes so far: copy what is stored
+        if self._in_progress(source):  # another writer's bytes so far: copy what is stored
             stored = self._stored_entry(path)
             source = stored.version if stored else None
         keep = not flags & os.O_TRUNC

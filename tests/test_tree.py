@@ -17,12 +17,12 @@ def _failing(error: Exception):
     return fail
 
 
-def _writing(repo) -> tuple[Tree, int]:
-    """A tree, and a handle that has written b"bytes" into /published/t/f (not flushed yet)."""
+def _writing(repo, data: bytes = b"bytes") -> tuple[Tree, int]:
+    """A tree, and a handle that has written ``data`` into /published/t/f (not flushed yet)."""
     tree = Tree(repo, metadata_ttl=3600)
     tree.mkdir("/published/t", 0o755, 0, 0)
     fh = tree.create("/published/t/f", 0o644, 0, 0)
-    tree.write(fh, b"bytes", 0)
+    tree.write(fh, data, 0)
     return tree, fh
 
 
@@ -446,10 +446,7 @@ def test_truncate_of_a_path_being_written_cuts_the_published_version_not_the_wri
 
 
 def test_fstat_of_a_reader_of_an_unlinked_file_outlives_its_writer(repo):
-    tree = Tree(repo, metadata_ttl=3600)
-    tree.mkdir("/published/t", 0o755, 0, 0)
-    fh = tree.create("/published/t/f", 0o644, 0, 0)
-    tree.write(fh, b"stored", 0)
+    tree, fh = _writing(repo, b"stored")
     tree.flush(fh)
     tree.release(fh)
     reader = tree.open("/published/t/f", os.O_RDONLY)
