@@ -7,7 +7,7 @@ Metadata-only versions (listing and scale figures) are bulk-inserted with Postgr
 transaction per batch: s3repofs has no public bulk API (``MetaStore.insert_version`` plus
 ``set_content``, ``mark_uploaded`` and ``publish`` are four transactions per version, which would take
 minutes for a million rows), and listing or stat never reads an object, so their keys are fake.
-The columns are those of ``s3repofs/meta.py`` (schema version 1).
+The columns are those of ``s3repofs/meta/metastore.py`` (schema version 1).
 """
 
 from __future__ import annotations

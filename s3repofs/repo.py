@@ -28,10 +28,9 @@ from contextlib import suppress
 from pathlib import Path
 from typing import IO, BinaryIO, Callable, Mapping
 
-from .cache import LocalCache, StartDownload
 from .config import EMBEDDED, Config, load_config
-from .content import Content, download_digest, file_content
-from .db import Database
+from .domain.content import Content, download_digest, file_content
+from .domain.paths import DirPath, RepoPath, validate_type
 from .errors import (
     ArchivedError,
     BeingWrittenError,
@@ -43,10 +42,11 @@ from .errors import (
     UnavailableError,
     VerificationError,
 )
-from .meta import SCHEMA_VERSION, VISIBLE_STATES, MetaStore, Version
-from .paths import DirPath, RepoPath, validate_type
-from .store import ObjectStore, S3Store, describe, open_store
-from .transfer import Download
+from .local.cache import LocalCache, StartDownload
+from .local.transfer import Download
+from .meta.db import Database
+from .meta.metastore import SCHEMA_VERSION, VISIBLE_STATES, MetaStore, Version
+from .objects.store import ObjectStore, S3Store, describe, open_store
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import random
 from typing import Iterator
 
 from s3repofs.errors import DatabaseUnavailableError, StoreUnavailableError
-from s3repofs.store import ObjectStore
+from s3repofs.objects.store import ObjectStore
 
 
 class Faults:

@@ -16,7 +16,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from s3repofs import fs
+from s3repofs.mount import fuse as fs
+from s3repofs.mount import libfuse
 
 mfusepy = fs.mfusepy
 
@@ -70,7 +71,7 @@ class Glue:
 
         info = mfusepy.fuse_file_info()
         self._call(self.bindings.readdir_fuse_3, path.encode(), None, filler, 0, ctypes.pointer(info),
-                   fs.FUSE_READDIR_PLUS)
+                   libfuse.FUSE_READDIR_PLUS)
         return found
 
     def mkdir(self, path: str, mode: int = 0o755) -> None:
@@ -136,18 +137,18 @@ class Glue:
         bufpp = (ctypes.POINTER(mfusepy.fuse_bufvec) * 1)()
         self._call(self.bindings.read_buf, self._path(path), bufpp, size, offset, ctypes.pointer(self._files[fd]))
         address = ctypes.cast(bufpp[0], ctypes.c_void_p).value
-        vec = fs.FdBufvec.from_address(address)
+        vec = libfuse.FdBufvec.from_address(address)
         buf = vec.buf[0]
         try:
-            if buf.flags & fs.FUSE_BUF_IS_FD:
+            if buf.flags & libfuse.FUSE_BUF_IS_FD:
                 return os.pread(buf.fd, buf.size, buf.pos)
             return ctypes.string_at(buf.mem, buf.size)
         finally:
-            fs._libc.free(ctypes.c_void_p(address))
+            libfuse._libc.free(ctypes.c_void_p(address))
 
     def pwrite(self, fd: int, path: str | None, data: bytes, offset: int) -> int:
         memory = ctypes.create_string_buffer(data, len(data))
-        vec = fs.FdBufvec()
+        vec = libfuse.FdBufvec()
         vec.count, vec.idx, vec.off = 1, 0, 0
         buf = vec.buf[0]
         buf.size, buf.flags, buf.mem, buf.fd, buf.pos = len(data), 0, ctypes.addressof(memory), -1, 0

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from mount_helper import wait_for
 
-from s3repofs import cache as cache_module
-from s3repofs.cache import LocalCache
 from s3repofs.errors import StoreUnavailableError
-from s3repofs.transfer import Download
+from s3repofs.local import cache as cache_module
+from s3repofs.local.cache import LocalCache
+from s3repofs.local.transfer import Download
 
 PARTS = ThreadPoolExecutor(4)
 

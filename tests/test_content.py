@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from s3repofs.content import CHUNK, AppendDigest, file_content
+from s3repofs.domain.content import CHUNK, AppendDigest, file_content
 
 
 def _write(path, digest, fd, data: bytes, offset: int, piece: int) -> None:

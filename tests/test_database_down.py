@@ -19,8 +19,8 @@ from servers import start_postgres
 
 from s3repofs import S3Repo
 from s3repofs.errors import DatabaseUnavailableError, NotFoundError, RepoError
-from s3repofs.lastknown import PROBE_INTERVAL, LastKnown, Outage
-from s3repofs.tree import Tree
+from s3repofs.mount.lastknown import PROBE_INTERVAL, LastKnown, Outage
+from s3repofs.mount.tree import Tree
 
 TTL = 0.05  # the tree's metadata cache: gone by the time the database is
 

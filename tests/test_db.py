@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from s3repofs.db import Database, PostgresDialect
 from s3repofs.errors import DatabaseUnavailableError, NoSpaceError
+from s3repofs.meta.db import Database, PostgresDialect
 
 
 class RecordingCursor:

@@ -14,8 +14,9 @@ import pytest
 from faultproxy import KINDS, FaultProxy
 from mount_helper import fuse_available, mounted
 
-from s3repofs import S3Repo, transfer
+from s3repofs import S3Repo
 from s3repofs.errors import RepoError, TransientStoreError, VerificationError
+from s3repofs.local import transfer
 
 FILES = 40
 PART = 256 * 1024

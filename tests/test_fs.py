@@ -1,4 +1,4 @@
-"""The FUSE layer's own additions to mfusepy (fs.py), called as libfuse calls them, without a mount."""
+"""The FUSE layer's own additions to mfusepy (mount/fuse.py, libfuse.py, daemon.py), called as libfuse calls them."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import os
 import pytest
 from repo_fixtures import make_config
 
-from s3repofs import S3Repo, fs
-from s3repofs.tree import Tree
+from s3repofs import S3Repo
+from s3repofs.mount import daemon, libfuse
+from s3repofs.mount import fuse as fs
+from s3repofs.mount.tree import Tree
 
 
 class _Opened:
@@ -33,7 +35,9 @@ def test_only_a_read_only_open_lets_the_kernel_skip_the_flush_at_close(flags, sk
     assert info.fh == 7 and bool(info.noflush) == skips_flush
 
 
-ARENAS, MAPPED, TRIMMED = (fs.M_ARENA_MAX, 2), (fs.M_MMAP_THRESHOLD, 768 * 1024), (fs.M_TRIM_THRESHOLD, 1536 * 1024)
+ARENAS = (daemon.M_ARENA_MAX, 2)
+MAPPED = (daemon.M_MMAP_THRESHOLD, 768 * 1024)
+TRIMMED = (daemon.M_TRIM_THRESHOLD, 1536 * 1024)
 
 
 @pytest.mark.parametrize("environment, expected", [
@@ -55,15 +59,15 @@ def test_the_daemon_tunes_malloc_unless_the_operator_chose(monkeypatch, environm
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(fs, "_libc", _Libc())
-    fs.tune_malloc()
+    monkeypatch.setattr(daemon, "_libc", _Libc())
+    daemon.tune_malloc()
     assert calls == expected
 
 
 def test_threads_python_did_not_start_keep_a_bounded_number_of_thread_states(monkeypatch):
     """As libfuse's workers call back: each keeps its thread state, up to the bound, however many come and go."""
-    before = fs._kept_states
-    monkeypatch.setattr(fs, "KEPT_STATES_MAX", before + 3)
+    before = libfuse._kept_states
+    monkeypatch.setattr(libfuse, "KEPT_STATES_MAX", before + 3)
     libc = ctypes.CDLL(None)
     libc.pthread_create.argtypes = [ctypes.POINTER(ctypes.c_ulong), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     libc.pthread_join.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
@@ -71,9 +75,9 @@ def test_threads_python_did_not_start_keep_a_bounded_number_of_thread_states(mon
 
     @ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
     def worker(_argument):
-        fs._keep_thread_state()
-        fs._keep_thread_state()  # a second call on the same thread keeps nothing more
-        kept.append(getattr(fs._thread_state, "kept", False))
+        libfuse._keep_thread_state()
+        libfuse._keep_thread_state()  # a second call on the same thread keeps nothing more
+        kept.append(getattr(libfuse._thread_state, "kept", False))
         return None
 
     for _ in range(6):  # one after another: each thread exits, and its kept state stays behind
@@ -81,7 +85,7 @@ def test_threads_python_did_not_start_keep_a_bounded_number_of_thread_states(mon
         assert libc.pthread_create(ctypes.byref(thread), None, ctypes.cast(worker, ctypes.c_void_p), None) == 0
         assert libc.pthread_join(thread.value, None) == 0
     assert kept == [True, True, True, False, False, False]
-    assert fs._kept_states == before + 3
+    assert libfuse._kept_states == before + 3
 
 
 def test_errors_of_callers_are_logged_at_info_or_below_with_their_errno(request, tmp_path, caplog):

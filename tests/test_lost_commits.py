@@ -14,9 +14,9 @@ from mount_helper import fuse_available, mounted
 from pg_proxy import AnswerLosingProxy
 
 from s3repofs import S3Repo
-from s3repofs.content import file_content
+from s3repofs.domain.content import file_content
+from s3repofs.domain.paths import DirPath, RepoPath
 from s3repofs.errors import DatabaseUnavailableError, OutcomeUnknownError
-from s3repofs.paths import DirPath, RepoPath
 
 
 @pytest.fixture

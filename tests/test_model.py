@@ -38,7 +38,7 @@ from hypothesis.stateful import (
 from model_glue import Glue
 from repo_fixtures import make_config
 
-from s3repofs.tree import Tree
+from s3repofs.mount.tree import Tree
 
 NAMES = ("a", "b", "c")
 TREES = ("published", "unpublished", "expired")

@@ -2,8 +2,8 @@
 
 import pytest
 
+from s3repofs.domain.paths import MAX_PATH_BYTES, DirPath, RepoPath
 from s3repofs.errors import InvalidPathError, NameTooLongError
-from s3repofs.paths import MAX_PATH_BYTES, DirPath, RepoPath
 
 
 def test_path_splits_into_type_dir_and_name():

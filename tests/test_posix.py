@@ -14,8 +14,8 @@ from mount_helper import daemon_log, fuse_available, mounted, wait_for
 from repo_fixtures import make_config
 
 from s3repofs import S3Repo
-from s3repofs.fs import Operations
-from s3repofs.tree import Tree
+from s3repofs.mount.fuse import Operations
+from s3repofs.mount.tree import Tree
 
 pytestmark = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3 (./scripts/setup)")
 

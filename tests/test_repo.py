@@ -12,12 +12,13 @@ import xxhash
 from mount_helper import wait_for
 
 import s3repofs
-from s3repofs import S3Repo, meta
-from s3repofs.content import Content
+from s3repofs import S3Repo
+from s3repofs.domain.content import Content
+from s3repofs.domain.paths import MAX_PATH_BYTES, DirPath, RepoPath
 from s3repofs.errors import LifecycleError, NameTooLongError, ReadOnlyError, RepoError, VerificationError
-from s3repofs.meta import SCHEMA_VERSION
-from s3repofs.paths import MAX_PATH_BYTES, DirPath, RepoPath
-from s3repofs.store import S3Store
+from s3repofs.meta import metastore as meta
+from s3repofs.meta.metastore import SCHEMA_VERSION
+from s3repofs.objects.store import S3Store
 
 
 def test_the_readme_example_round_trips(repo_config):
@@ -128,7 +129,7 @@ def test_listing_shows_published_versions_by_directory(repo):
         repo.add_file(path=f"t/d/{name}").touch(name).publish()
     repo.add_file(path="t/d/unpub").touch("u")
     repo.add_file(path="t/other/x").touch("x").publish()
-    from s3repofs.paths import DirPath
+    from s3repofs.domain.paths import DirPath
 
     listed = repo.meta.list_dir(DirPath("t", "d"), "published")
     assert [v.name for v in listed] == ["a", "b", "c"]
@@ -291,7 +292,7 @@ def test_concurrent_publishes_of_one_path_leave_exactly_one_published(repo_confi
         p.join(timeout=300)
     assert [p.exitcode for p in workers] == [0, 0]
     with S3Repo(repo_config_pair) as repo:
-        from s3repofs.paths import RepoPath
+        from s3repofs.domain.paths import RepoPath
 
         states = [v.state for v in repo.meta.history(RepoPath.parse("race/same.txt"))]
         assert len(states) == 100
@@ -382,7 +383,7 @@ def test_large_objects_download_in_parallel_parts_byte_exact(repo_config):
 
 
 def test_a_sequential_reader_of_a_directory_gets_the_next_files_prefetched(repo_config):
-    from s3repofs.prefetch import Prefetcher
+    from s3repofs.local.prefetch import Prefetcher
 
     with S3Repo({**repo_config, "prefetch_files": 4}) as repo:
         repo.create_repository()

@@ -9,10 +9,10 @@ import socket
 
 import pytest
 
-from s3repofs.content import Content
+from s3repofs.domain.content import Content
 from s3repofs.errors import ObjectMissingError, StoreUnavailableError, VerificationError
-from s3repofs.s3http import SignedRequests
-from s3repofs.store import CHUNK, FIRST_CHUNK, S3Store, check_etag, describe
+from s3repofs.objects.s3http import SignedRequests
+from s3repofs.objects.store import CHUNK, FIRST_CHUNK, S3Store, check_etag, describe
 
 DATA = os.urandom(3 * CHUNK + 12345)
 

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import xxhash
 
-from s3repofs import transfer
 from s3repofs.errors import ObjectMissingError, StoreUnavailableError, TransientStoreError, VerificationError
-from s3repofs.transfer import Download
+from s3repofs.local import transfer
+from s3repofs.local.transfer import Download
 
 DATA = os.urandom(1000)
 MD5 = ("md5", hashlib.md5(DATA).hexdigest())

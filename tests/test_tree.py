@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from s3repofs.paths import RepoPath
-from s3repofs.tree import Tree
+from s3repofs.domain.paths import RepoPath
+from s3repofs.mount.tree import Tree
 
 
 def _failing(error: Exception):
@@ -230,7 +230,7 @@ def test_another_close_of_a_file_whose_upload_failed_leaves_it_to_the_retry(repo
 
 
 def test_a_flush_that_finds_other_bytes_stored_fails_and_keeps_its_own(repo):
-    from s3repofs.content import Content
+    from s3repofs.domain.content import Content
     from s3repofs.errors import LifecycleError
 
     tree = Tree(repo, metadata_ttl=3600)
@@ -364,8 +364,8 @@ def test_the_flush_at_unmount_goes_on_past_a_file_the_disk_fails(repo, monkeypat
 def test_a_write_after_close_that_cannot_copy_the_file_leaves_no_version_behind(repo, monkeypatch):
     import errno
 
-    from s3repofs import tree as tree_module
-    from s3repofs.paths import RepoPath
+    from s3repofs.domain.paths import RepoPath
+    from s3repofs.mount import tree as tree_module
 
     tree, fh = _writing(repo)
     tree.flush(fh)  # close() of one descriptor; another (a dup) writes on
@@ -383,7 +383,7 @@ def test_a_write_after_close_that_cannot_copy_the_file_leaves_no_version_behind(
 
 def test_a_file_longer_than_an_object_can_be_is_refused_with_efbig(repo):
     from s3repofs.errors import FileTooLargeError
-    from s3repofs.tree import MAX_FILE_SIZE
+    from s3repofs.mount.tree import MAX_FILE_SIZE
 
     tree, fh = _writing(repo)
     with pytest.raises(FileTooLargeError):  # truncate -s 1E: the flush would hash an exabyte of holes

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .errors import NotFoundError, RepoError, UsageError
-from .repo import RepoFile, S3Repo
+from .. import __version__
+from ..errors import NotFoundError, RepoError, UsageError
+from ..repo import RepoFile, S3Repo
 
 log = logging.getLogger("s3repofs")
 
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefetch: download the published versions under each PATH")
     p.add_argument("paths", nargs="*", metavar="PATH", help="for prefetch: files, directories or types")
 
-    from . import mount  # the mount's commands live with the mount
+    from . import mount
 
     mount.add_commands(add, COMMANDS)
     return parser
@@ -251,7 +251,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 @command("info")
 def cmd_info(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
-        from .paths import RepoPath
+        from ..domain.paths import RepoPath
 
         versions = [RepoFile(repo, v) for v in repo.meta.history(RepoPath.parse(args.path.strip("/")))]
         if not versions:

@@ -1,6 +1,6 @@
 """The mounted tree: ``published/``, ``unpublished/`` and ``expired/`` over the repository.
 
-Everything the mount does is decided here, without FUSE, so it is tested without a mount; ``fs.py``
+Everything the mount does is decided here, without FUSE, so it is tested without a mount; ``fuse.py``
 only translates calls and errnos. Paths are mount paths (``/published/<type>/<dirs>/<name>``).
 
 Handles: a read handle holds the version it opened (its cache file is pinned and open), so a new
@@ -27,8 +27,9 @@ from typing import Callable
 
 from cachetools import LRUCache, TTLCache
 
-from .content import AppendDigest, Content, file_content, read_back
-from .errors import (
+from ..domain.content import AppendDigest, Content, file_content, read_back
+from ..domain.paths import MAX_PATH_BYTES, DirPath, RepoPath, split_components
+from ..errors import (
     AlreadyExistsError,
     BadHandleError,
     CrossDeviceError,
@@ -48,12 +49,11 @@ from .errors import (
     RepoError,
     UnavailableError,
 )
+from ..local.prefetch import Prefetcher
+from ..local.transfer import pwrite_all
+from ..meta.metastore import Directory, Version
+from ..repo import S3Repo, VersionReader
 from .lastknown import LastKnown, Outage
-from .meta import Directory, Version
-from .paths import MAX_PATH_BYTES, DirPath, RepoPath, split_components
-from .prefetch import Prefetcher
-from .repo import S3Repo, VersionReader
-from .transfer import pwrite_all
 
 log = logging.getLogger(__name__)
 

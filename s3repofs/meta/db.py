@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from .config import mask_url, url_password
-from .errors import DatabaseUnavailableError, NoSpaceError, OutcomeUnknownError
+from ..config import mask_url, url_password
+from ..errors import DatabaseUnavailableError, NoSpaceError, OutcomeUnknownError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

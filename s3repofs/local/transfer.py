@@ -21,8 +21,8 @@ import time
 from concurrent.futures import Executor, Future, wait
 from typing import Callable, Iterator
 
-from .content import HASHES, feed
-from .errors import RepoError, TransientStoreError, VerificationError
+from ..domain.content import HASHES, feed
+from ..errors import RepoError, TransientStoreError, VerificationError
 
 log = logging.getLogger(__name__)
 

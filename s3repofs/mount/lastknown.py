@@ -24,7 +24,7 @@ from typing import Any, Callable, TypeVar
 
 from cachetools import LRUCache
 
-from .errors import DatabaseUnavailableError
+from ..errors import DatabaseUnavailableError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

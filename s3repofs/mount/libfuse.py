@@ -1,15 +1,10 @@
-"""Links FUSE calls (mfusepy's high-level API) to the mounted tree in ``tree.py``.
-
-This layer decides nothing: it converts arguments, reports errors as errno, and logs each refused
-operation once, with its reason. Any unexpected exception is logged with its traceback and becomes
-EIO (fusepy would otherwise answer EINVAL, "Invalid argument", which misleads users).
-"""
+"""libfuse through ctypes: the structures and calls mfusepy lacks (replies that name a file descriptor,
+READDIRPLUS with attributes, entry invalidation), and a kept Python thread state per worker."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import logging
 import os
 import queue
@@ -21,231 +16,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 import mfusepy  # noqa: E402  (must be imported after choosing the library)
 
-from .errors import NotFoundError, NotYetWrittenError, RepoError, StaleEntryError  # noqa: E402
-from .tree import Tree  # noqa: E402
-
 log = logging.getLogger("s3repofs.mount")
-
-# Expected misses: logged at DEBUG only (the kernel probes for these all the time).
-_QUIET = (errno.ENOENT, errno.ENODATA)
-# Local disk errors of the caller's making (a file past the disk's size limit, a bad length) and of a full
-# disk: the errno says it all, no ERROR; any other one (EIO from a failing disk) is an ERROR.
-_OS_ERROR_LEVELS = {errno.EFBIG: logging.INFO, errno.EINVAL: logging.INFO,
-                    errno.ENOSPC: logging.WARNING, errno.EDQUOT: logging.WARNING}
-
-
-def translated(method):
-    """Run a FUSE operation, turning repository errors into FuseOSError(errno) with one log line, as loud
-    as the error deserves: DEBUG for expected misses, INFO for a caller's error or a lifecycle refusal,
-    WARNING for a server or a full disk, ERROR for a failing disk; a traceback only for the unexpected."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except RepoError as exc:
-            level = logging.DEBUG if exc.errno in _QUIET or exc.expected else exc.log_level
-            log.log(level, "%s: %s (%s)", method.__name__, exc, _errno_name(exc.errno))
-            raise mfusepy.FuseOSError(exc.errno) from None
-        except mfusepy.FuseOSError:
-            raise
-        except OSError as exc:  # local disk trouble (a full staging disk, say): the caller sees the real errno
-            log.log(_OS_ERROR_LEVELS.get(exc.errno, logging.ERROR), "%s %s: %s (%s)", method.__name__,
-                    args[0] if args else "", exc.strerror or exc, _errno_name(exc.errno))
-            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s%r failed unexpectedly", method.__name__, args[:2])
-            raise mfusepy.FuseOSError(errno.EIO) from None
-
-    return wrapper
-
-
-def _errno_name(number: int | None) -> str:
-    return errno.errorcode.get(number, str(number)) if number else "EIO"
-
-
-def stale_if_missing(method):
-    """For a call on a node the kernel believes exists (OPEN, SETATTR, SETXATTR): a path that has gone
-    (changed on another host, or a moment ago here) answers ESTALE, not ENOENT. The kernel then looks the
-    path up again and retries once; an ``open(O_CREAT)``, whose O_CREAT the kernel strips from an OPEN,
-    then becomes the CREATE it was meant to be instead of failing with ENOENT."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except (StaleEntryError, NotYetWrittenError):  # the name exists: looking it up again would not help
-            raise
-        except NotFoundError as exc:
-            raise StaleEntryError(str(exc)) from None
-
-    return wrapper
-
-
-class Operations(mfusepy.Operations):
-    use_ns = True  # integer nanosecond timestamps
-
-    def __init__(self, tree: Tree, mountpoint: str = "", on_ready=None, on_exit=None) -> None:
-        self.tree = tree
-        self.invalidator = EntryInvalidator(mountpoint)
-        self._on_ready = on_ready
-        self._on_exit = on_exit
-
-    def init_with_config(self, conn, config) -> None:
-        if conn is not None:
-            # READDIRPLUS for every batch of a listing, not only the first (the kernel's "auto" mode
-            # would follow the first batch with plain READDIRs and then a LOOKUP per name).
-            conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
-        self.invalidator.start(_libfuse.fuse_get_context().contents.fuse)
-        self.tree.invalidate_entry = self.invalidator.submit
-        if self._on_ready:
-            self._on_ready()
-
-    def destroy(self, path: str) -> None:
-        self.tree.invalidate_entry = None
-        self.invalidator.stop()
-        if self._on_exit:
-            self._on_exit()
-
-    @translated
-    def getattr(self, path, fh=None):
-        return self.tree.getattr(path, fh)
-
-    @translated
-    def readdir(self, path, fh):
-        return [".", "..", *(name for name, _entry in self.tree.readdir(path))]
-
-    @translated
-    def readdir_plus(self, path):
-        return self.tree.readdir(path)
-
-    @translated
-    @stale_if_missing
-    def open(self, path, flags):
-        uid, gid, _pid = mfusepy.fuse_get_context()
-        return self.tree.open(path, flags, uid, gid)
-
-    @translated
-    def create(self, path, mode, fi=None):
-        uid, gid, _pid = mfusepy.fuse_get_context()
-        return self.tree.create(path, mode, uid, gid)
-
-    @translated
-    def read_buf(self, path, bufpp, size, offset, fh):
-        # The reply names the file descriptor: libfuse reads it in C, without the GIL or a Python
-        # copy of the bytes (read + memmove cost the daemon 2 copies of every byte it served).
-        fd = self.tree.readable_fd(fh, size, offset)
-        bufpp[0] = ctypes.cast(fd_bufvec(fd, size, offset), ctypes.POINTER(mfusepy.fuse_bufvec))
-        return 0
-
-    @translated
-    def write_buf(self, path, bufv, offset, fh):
-        # libfuse copies the request's bytes into the staged file in C, without the GIL: mfusepy's
-        # write() would first copy each one into a Python bytes object.
-        return self.tree.write_with(fh, offset, lambda fd: copy_to_fd(bufv, fd, offset))
-
-    @translated
-    @stale_if_missing
-    def truncate(self, path, length, fh=None):
-        self.tree.truncate(path, length, fh)
-        return 0
-
-    @translated
-    def flush(self, path, fh):
-        self.tree.flush(fh)
-        return 0
-
-    @translated
-    def fsync(self, path, datasync, fh):
-        self.tree.fsync(fh)
-        return 0
-
-    @translated
-    def release(self, path, fh):
-        self.tree.release(fh)
-        return 0
-
-    @translated
-    def unlink(self, path):
-        self.tree.unlink(path)
-        return 0
-
-    @translated
-    def rename(self, old, new):
-        self.tree.rename(old, new)
-        return 0
-
-    @translated
-    def mkdir(self, path, mode):
-        uid, gid, _pid = mfusepy.fuse_get_context()
-        self.tree.mkdir(path, mode, uid, gid)
-        return 0
-
-    @translated
-    def rmdir(self, path):
-        self.tree.rmdir(path)
-        return 0
-
-    @translated
-    @stale_if_missing
-    def chmod(self, path, mode):
-        self.tree.chmod(path, mode)
-        return 0
-
-    @translated
-    @stale_if_missing
-    def chown(self, path, uid, gid):
-        self.tree.chown(path, uid, gid)
-        return 0
-
-    @translated
-    @stale_if_missing
-    def utimens(self, path, mtime_ns, fh=None):
-        self.tree.utimens(path, mtime_ns, fh)
-        return 0
-
-    def keeps_pages(self, fh: int) -> bool:
-        return self.tree.keeps_pages(fh)
-
-    @translated
-    def getxattr(self, path, name, position=0):
-        return self.tree.getxattr(path, name)
-
-    @translated
-    def listxattr(self, path):
-        return self.tree.listxattr(path)
-
-    @translated
-    @stale_if_missing
-    def setxattr(self, path, name, value, options, position=0):
-        self.tree.setxattr(path, name, value)
-        return 0
-
-    @translated
-    def removexattr(self, path, name):
-        raise mfusepy.FuseOSError(errno.ENOTSUP)
-
-    @translated
-    def statfs(self, path):
-        return self.tree.statfs()
-
-    @translated
-    def link(self, target, source):
-        log.warning("link %s -> %s refused: hard links are not supported", target, source)
-        raise mfusepy.FuseOSError(errno.EPERM)
-
-    @translated
-    def symlink(self, target, source):
-        log.warning("symlink %s -> %s refused: symbolic links are not supported", target, source)
-        raise mfusepy.FuseOSError(errno.EPERM)
-
-    @translated
-    def readlink(self, path):
-        raise NotFoundError(f"{path}: not a symbolic link")
-
-    @translated
-    def mknod(self, path, mode, dev):
-        raise mfusepy.FuseOSError(errno.EPERM)
 
 
 class FdBufvec(ctypes.Structure):
@@ -260,37 +31,6 @@ FUSE_BUF_FD_SEEK = 1 << 2
 _libc = ctypes.CDLL(None)
 _libc.malloc.restype = ctypes.c_void_p
 _libc.malloc.argtypes = [ctypes.c_size_t]
-
-
-M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
-M_MMAP_THRESHOLD = -3
-M_ARENA_MAX = -8
-# What the daemon sets, unless the operator chose it: (parameter, value, environment variable, tunable).
-_MALLOC_SETTINGS = (
-    # 2 arenas for all threads (glibc: 8 per core, each keeping the freed buffers of its threads).
-    (M_ARENA_MAX, 2, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"),
-    # Buffers over 768 KiB are mapped and unmapped, never kept in the heap: libfuse's page-aligned 1 MiB
-    # reply to each read otherwise fragments it for good (content.CHUNK stays under it). Figures 1 and 2
-    # A/B in the same minutes: peak RSS 135-143 MB with glibc's sliding threshold, 72-73 MB with this
-    # one; cold reads as fast, reads from the disk cache ~10 % slower (still 0.75 of reading the file).
-    (M_MMAP_THRESHOLD, 768 * 1024, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
-    # A fixed mmap threshold also fixes the trim threshold at 128 KiB: each freed chunk would hand the
-    # heap's top back and the next would fault it in again (4,000 reads of 512 KiB: 384,031 page
-    # faults and 0.87 s, against 127 and 0.21 s with this). Twice the mmap threshold, as glibc would.
-    (M_TRIM_THRESHOLD, 2 * 768 * 1024, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
-)
-
-
-def tune_malloc() -> None:
-    """Keep the daemon's memory from creeping up with its transfers (see _MALLOC_SETTINGS). An
-    operator's environment variable or glibc tunable wins; a C library without mallopt is left alone."""
-    mallopt = getattr(_libc, "mallopt", None)
-    if mallopt is None:
-        return
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    for parameter, value, variable, tunable in _MALLOC_SETTINGS:
-        if variable not in os.environ and tunable not in tunables:
-            mallopt(parameter, value)
 
 
 def fd_bufvec(fd: int, size: int, offset: int) -> int:
@@ -495,6 +235,3 @@ class EntryInvalidator:
             log.debug("invalidating %s: %s", mount_path, os.strerror(-result))
 
 
-def serve(tree: Tree, mountpoint: str, *, foreground_options: dict, on_ready=None, on_exit=None) -> None:
-    """Run the FUSE loop until unmounted (blocks)."""
-    FUSE(Operations(tree, mountpoint, on_ready, on_exit), mountpoint, foreground=True, **foreground_options)

@@ -15,9 +15,9 @@ from typing import Callable
 
 from cachetools import LRUCache
 
-from .errors import RepoError
-from .meta import Version
-from .paths import DirPath
+from ..domain.paths import DirPath
+from ..errors import RepoError
+from ..meta.metastore import Version
 
 log = logging.getLogger(__name__)
 

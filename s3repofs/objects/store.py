@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import quote, unquote
 
-from .content import CHUNK, Content
-from .errors import (
+from ..domain.content import CHUNK, Content
+from ..errors import (
     DISK_FULL_ERRNOS,
     ArchivedError,
     NoSpaceError,

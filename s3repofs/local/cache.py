@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import BeingWrittenError, ReadOnlyError, RepoError
+from ..errors import BeingWrittenError, ReadOnlyError, RepoError
 from .transfer import Download
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidPathError, NameTooLongError, NotUtf8Error
+from ..errors import InvalidPathError, NameTooLongError, NotUtf8Error
 
 MAX_NAME_BYTES = 255  # what every common Linux filesystem accepts for one component
 PATH_MAX = 4096  # Linux's limit of a path given to a system call, its NUL included

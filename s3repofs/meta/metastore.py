@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable
 
-from .content import Content
+from ..domain.content import Content
+from ..domain.paths import DirPath, RepoPath
+from ..errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
 from .db import Database, Tx
-from .errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
-from .paths import DirPath, RepoPath
 
 SCHEMA_VERSION = 4
 _SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400e9 AS INTEGER)"  # ns since the epoch, as time.time_ns()

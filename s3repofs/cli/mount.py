@@ -1,4 +1,4 @@
-"""``s3repofs mount`` and ``s3repofs umount``: start the FUSE daemon, and stop it cleanly.
+"""``s3repofs mount`` and ``s3repofs umount``: start the mount's daemon (mount/daemon.py), and stop it cleanly.
 
 ``mount`` checks everything it can before forking (mountpoint, configuration, database, bucket), so
 errors reach the terminal as one line; the daemon then reports readiness (or its failure) through a
@@ -10,24 +10,21 @@ background thread and at start-up.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from .errors import RepoError
-from .paths import MAX_PATH_BYTES
-from .repo import S3Repo
+from ..errors import RepoError
+from ..mount.daemon import pid_file, report_to, run_daemon
+from ..repo import S3Repo
 
 log = logging.getLogger("s3repofs.mount")
 
-RETRY_INTERVAL = 30.0
 READY_TIMEOUT = 60.0
 
 
@@ -80,11 +77,6 @@ def fuse_options(repo: S3Repo, user_options: dict) -> dict:
     return options
 
 
-def pid_file(repo: S3Repo, mountpoint: Path) -> Path:
-    digest = hashlib.sha1(str(mountpoint).encode()).hexdigest()[:12]
-    return repo.config.local_root / f"mount-{digest}.pid"
-
-
 def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint).absolute()  # libfuse3 chdirs to /: every path must be absolute
     check_mountpoint(mountpoint)
@@ -109,7 +101,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             run_daemon(args.config, mountpoint, options, ready_fd=write_fd)
         except BaseException as exc:  # reported to the parent through the pipe, and logged
             log.error("mount failed: %s", exc, exc_info=not isinstance(exc, RepoError))
-            _report(write_fd, f"error: {exc}")
+            report_to(write_fd, f"error: {exc}")
             status = 1
         os._exit(status)
     os.close(write_fd)
@@ -122,59 +114,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     raise_read_ahead(mountpoint)
     print(f"mounted {mountpoint} (daemon pid {pid}, log {log_path})")
     return 0
-
-
-def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) -> None:
-    from .fs import serve, tune_malloc  # loads libfuse: only in the process that mounts
-    from .tree import Tree
-
-    tune_malloc()
-
-    repo = S3Repo(config)
-    repo.ensure_ready()
-    # Every path in the mount stays usable as an absolute path: at most PATH_MAX with the mount point's.
-    tree = Tree(repo, metadata_ttl=repo.config.metadata_ttl / 2,
-                max_path_bytes=MAX_PATH_BYTES - len(os.fsencode(mountpoint)))
-    pid_path = pid_file(repo, mountpoint)
-    pid_path.write_text(f"{os.getpid()}\n")
-    stop = threading.Event()
-
-    def ready() -> None:
-        log.info("mounted %s: %s, %s", mountpoint, repo.db.describe(), repo.store.describe_location())
-        if ready_fd is not None:
-            _report(ready_fd, "ready")
-        threading.Thread(target=_retry_uploads, args=(repo, tree, stop), name="upload-retry", daemon=True).start()
-
-    def finished() -> None:
-        stop.set()
-        tree.flush_all(lambda fh, exc: log.error("unmount: handle %s not uploaded: %s", fh, exc))
-        _retry_once(repo, tree)
-        log.info("unmounted %s", mountpoint)
-
-    try:
-        serve(tree, str(mountpoint), foreground_options=options, on_ready=ready, on_exit=finished)
-    finally:
-        pid_path.unlink(missing_ok=True)
-        repo.close()
-
-
-def _retry_uploads(repo: S3Repo, tree, stop: threading.Event) -> None:
-    while True:
-        _retry_once(repo, tree)
-        if stop.wait(RETRY_INTERVAL):
-            return
-
-
-def _retry_once(repo: S3Repo, tree) -> None:
-    try:
-        tree.mark_unmarked_publishes()
-        uploaded = tree.retry_staged_uploads()
-        if uploaded:
-            log.info("uploaded %d staged version(s) that had failed before", uploaded)
-    except RepoError as exc:
-        log.warning("retrying staged uploads: %s", exc)
-    except Exception:
-        log.exception("retrying staged uploads failed unexpectedly")
 
 
 def raise_read_ahead(mountpoint: Path, kb: int = 1024) -> None:
@@ -254,14 +193,6 @@ def _detach(log_path: Path) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-
-def _report(fd: int, message: str) -> None:
-    try:
-        os.write(fd, message.encode()[:4000])
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def _wait_ready(fd: int, pid: int) -> str:

@@ -1,0 +1,1 @@
+"""This host's disk: the staging area, the cache of verified objects, downloads into it, and prefetching."""

@@ -1,0 +1,1 @@
+"""The mounted tree: its semantics without FUSE, the FUSE glue, libfuse through ctypes, and the daemon."""
