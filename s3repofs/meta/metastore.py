@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable
 
 from ..domain.content import Content
+from ..domain.lifecycle import VISIBLE_STATES  # noqa: F401  (re-exported)
 from ..domain.paths import DirPath, RepoPath
 from ..errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
 from .db import Database, Tx
@@ -25,8 +26,6 @@ SCHEMA_VERSION = 4
 _SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400e9 AS INTEGER)"  # ns since the epoch, as time.time_ns()
 _SQLITE_TOUCHED = f"mtime_ns = max({_SQLITE_NOW}, coalesce(mtime_ns, 0) + 1)"
 
-STATES = ("unpublished", "published", "expired", "discarded", "purged")
-VISIBLE_STATES = ("unpublished", "published", "expired")
 
 # Each migration takes the schema from version N-1 to N. Never edit one that has shipped: add the next.
 # A migration of one engine only is a dict of statements by dialect name.
