@@ -8,7 +8,6 @@ from ..domain.lifecycle import State
 from ..local.cache import CacheUsage
 from ..repo import S3Repo
 
-
 # The current versions first, then the staged ones, then history.
 SHOWN_ORDER = (State.PUBLISHED, State.UNPUBLISHED, State.EXPIRED, State.DISCARDED, State.PURGED)
 
