@@ -24,6 +24,7 @@ from ..errors import (
     TransientStoreError,
     VerificationError,
 )
+from . import retry
 from .store import ObjectInfo, ObjectStore, read_description
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ FIRST_CHUNK = 128 * 1024  # a reader waiting for the first bytes is served befor
 META_PREFIX = "s3repo-"
 S3_METADATA_LIMIT = 2048  # bytes of user metadata S3 takes per object, its keys and values added up (UTF-8)
 PATH_OBJECT_SUFFIX = ".path"  # the object beside an object whose path is too long for its metadata
-READ_TIMEOUT = 60  # seconds without a byte before a request to S3 fails
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
 
 
@@ -106,7 +106,7 @@ class S3Store(ObjectStore):
         connections = max(10, 2 * concurrency)
         # One client per store, shared by every thread (boto3 clients are thread-safe).
         config = botocore.config.Config(
-            connect_timeout=5, read_timeout=READ_TIMEOUT, retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=retry.CONNECT_TIMEOUT, read_timeout=retry.READ_TIMEOUT, retries=retry.botocore_retries(),
             max_pool_connections=connections,
             # Integrity is ours: Content-MD5 on every body we send, a digest of every object we read.
             # botocore's default CRC32 of each body on top costs CPU for nothing.
@@ -119,7 +119,7 @@ class S3Store(ObjectStore):
         self._direct = None
         if SignedRequests.usable(endpoint_url):
             try:
-                self._direct = SignedRequests(self.client, core, bucket, connections, READ_TIMEOUT)
+                self._direct = SignedRequests(self.client, core, bucket, connections)
             except botocore.exceptions.BotoCoreError as exc:  # no credentials (yet): botocore's requests say so
                 log.info("%s: requests go through botocore (%s)", self.describe_location(), exc)
 
@@ -305,7 +305,7 @@ class S3Store(ObjectStore):
                                             "(check the S3 credentials and permissions)") from None
             detail = f"{code} {error.get('Message', '')}".rstrip()
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-            failure = TransientStoreError if status >= 500 else StoreUnavailableError  # SlowDown, InternalError
+            failure = TransientStoreError if retry.transient_answer(status, code) else StoreUnavailableError
             raise failure(f"{action} of {key} failed at {where}: {detail}") from None
         except bex.NoCredentialsError:
             raise StoreUnavailableError(f"no S3 credentials for {where}: set s3_access_key/s3_secret_key "
