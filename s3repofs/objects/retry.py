@@ -12,7 +12,7 @@ How often, by layer:
 - Each request, by the HTTP client: up to ``ATTEMPTS`` attempts. boto3's client (botocore's
   "standard" retry mode) and the signed fast path (``s3http``, on urllib3) both get ``ATTEMPTS``
   and ``TRANSIENT_STATUSES`` from here; the fast path waits ``backoff()``, botocore its own
-  full-jitter backoff (50 ms doubling, 1 s for throttling answers; botocore lets no caller set it).
+  full-jitter backoff with wider windows (up to 1 s, then 2 s, 4 s...: botocore lets no caller set it).
 - A download (``local.transfer``) asks again for the rest of a part whose request failed
   transiently after those attempts, or whose body broke off or ended short: up to ``ATTEMPTS``
   attempts per part, each resuming where the last one stopped.
