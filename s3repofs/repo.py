@@ -46,7 +46,8 @@ from .local.cache import LocalCache, StartDownload
 from .local.transfer import Download
 from .meta.db import Database
 from .meta.metastore import SCHEMA_VERSION, VISIBLE_STATES, MetaStore, Version
-from .objects.store import ObjectStore, S3Store, describe, open_store
+from .objects.s3 import S3Store
+from .objects.store import ObjectStore, describe, open_store
 
 log = logging.getLogger(__name__)
 
