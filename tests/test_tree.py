@@ -365,11 +365,11 @@ def test_a_write_after_close_that_cannot_copy_the_file_leaves_no_version_behind(
     import errno
 
     from s3repofs.domain.paths import RepoPath
-    from s3repofs.mount import tree as tree_module
+    from s3repofs.mount import writes
 
     tree, fh = _writing(repo)
     tree.flush(fh)  # close() of one descriptor; another (a dup) writes on
-    monkeypatch.setattr(tree_module, "_copy_whole", _failing(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(writes, "_copy_whole", _failing(OSError(errno.ENOSPC, "No space left on device")))
     for _ in range(3):
         with pytest.raises(OSError):
             tree.write(fh, b"more!", 5)
