@@ -2,16 +2,20 @@
 
 Everything the mount does is decided here, without FUSE, so it is tested without a mount; ``fuse.py``
 only translates calls and errnos. Paths are mount paths (``/published/<type>/<dirs>/<name>``). The
-tree is the facade over its parts: ``entries`` (paths and attributes), ``metadata`` (the cached view
-of the repository's metadata) and ``writes`` (write sessions); it keeps the open handles itself.
+tree is the facade the FUSE glue calls, over its parts:
 
-Handles: a read handle holds the version it opened (its cache file is pinned and open), so a new
-version published at the same path never changes what an open reader sees. A write handle is a
-write session (``writes.py``): it stages a new version, and its last flush uploads, verifies and, in
-``published/``, publishes it, so ``close()`` returns only once the version is durable.
+- ``entries``: mount paths parsed, and the attributes a path shows;
+- ``metadata``: the cached view of the repository's metadata, and its invalidation;
+- ``handles``: the open files (a reader keeps the version it opened, whatever is published later);
+- ``writes``: write sessions, whose last flush uploads, verifies and, in ``published/``, publishes
+  the version, so ``close()`` returns only once it is durable.
 
-Concurrency: ``_lock`` guards the handle tables; it is never held across database or store I/O, nor
-while the metadata view's or a session's lock is taken.
+The tree itself decides the namespace: what a name shows while it is being written, and what unlink,
+rename, mkdir, rmdir, chmod, utimens and the extended attributes do in each state's tree.
+
+Concurrency: each part guards its own state with its own lock, held only for moments: never across
+database or store I/O, and never while another part's lock is taken (a session's lock, held for a
+whole flush, is the one exception: the handle table's and the metadata view's are taken inside it).
 """
 
 from __future__ import annotations
@@ -19,12 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
-
-from cachetools import LRUCache
 
 from ..domain.content import AppendDigest
 from ..domain.lifecycle import State
@@ -49,8 +50,9 @@ from ..errors import (
 )
 from ..local.prefetch import Prefetcher
 from ..meta.metastore import Version
-from ..repo import S3Repo, VersionReader
+from ..repo import S3Repo
 from .entries import STATES, XATTR_PREFIX, Entry, Location, file_entry, ns, xattr_values
+from .handles import HIDDEN_PREFIX, Handles, ReadHandle
 from .metadata import MetadataView
 from .writes import MAX_FILE_SIZE, Stage, Writes, WriteSession
 
@@ -58,9 +60,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MAX_FILE_SIZE", "STATES", "Entry", "Tree"]
 
-# libfuse renames a file unlinked while open to this name until its last close (unless hard_remove):
-# the tree takes that rename for the unlink, and answers for the open file under the name.
-HIDDEN_PREFIX = ".fuse_hidden"
 # The moves ``rename`` makes (from one state's tree into another's): a publish, a re-publish, a
 # rename in published/ (published at the new path), a rename of a staged version.
 MOVES = {
@@ -76,19 +75,6 @@ class UnsupportedFileKindError(LifecycleError):
     log_level = logging.WARNING
 
 
-@dataclass
-class ReadHandle:
-    mount_path: str
-    entry: Entry  # what was opened: fstat answers it, whatever the path shows later
-    reader: VersionReader  # holds the cached object open (and pinned) until release
-    keep_pages: bool = False  # the kernel's cached pages of the path are this version's: keep them
-    unlinked: bool = False
-
-    @property
-    def version(self) -> Version:
-        return self.entry.version
-
-
 class Tree:
     def __init__(self, repo: S3Repo, metadata_ttl: float = 1.0, started: float | None = None,
                  max_path_bytes: int = MAX_PATH_BYTES) -> None:
@@ -96,16 +82,8 @@ class Tree:
         self.repo = repo
         self.started = started or time.time()
         self.metadata = MetadataView(repo, metadata_ttl, ns(self.started), max_path_bytes)
-        self.writes = Writes(repo, self.metadata, self.started, self.versions_being_written)
-        self._lock = threading.Lock()
-        self._handles: dict[int, ReadHandle | WriteSession] = {}
-        self._writers: dict[str, WriteSession] = {}  # mount path -> newest open writer
-        # libfuse's hidden name -> the unlinked open file: its writer, if any, and its entry when unlinked
-        self._hidden: dict[str, tuple[WriteSession | None, Entry]] = {}
-        # Mount path -> the version whose bytes the kernel may cache for it: an open keeps the kernel's
-        # pages only for the same version (mtime can be set by users, so it cannot say which bytes they are).
-        self._pages: LRUCache = LRUCache(maxsize=100_000)
-        self._next_fh = 1
+        self.handles = Handles()
+        self.writes = Writes(repo, self.metadata, self.started, self.handles.versions_being_written)
         config = repo.config
         self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size, self.metadata.list_ahead)
 
@@ -128,11 +106,10 @@ class Tree:
 
     def lookup(self, path: str) -> Entry:
         """The entry at ``path``; NotFoundError if there is none."""
-        with self._lock:
-            writer = self._writers.get(path)
-            hidden = self._hidden.get(path) if HIDDEN_PREFIX in path else None
+        hidden = self.handles.hidden(path)
         if hidden is not None:
             return self._unlinked_entry(*hidden)
+        writer = self.handles.writer(path)
         if writer is not None and (entry := self._writer_entry(writer)) is not None:
             return entry
         return self.metadata.lookup(path)
@@ -158,7 +135,7 @@ class Tree:
     def getattr(self, path: str | None, fh: int | None = None) -> dict:
         """The attributes of ``path``, or of an open handle's file (fstat): its own bytes, even once its
         name is gone (``path`` is None then)."""
-        handle = self._handles.get(fh) if fh else None
+        handle = self.handles.get(fh)
         entry = None
         if isinstance(handle, WriteSession):
             entry = self._writer_entry(handle)
@@ -182,12 +159,10 @@ class Tree:
             return [(state.value, self.lookup(f"/{state}")) for state in STATES]
         base = path.rstrip("/")
         listed = self.metadata.listing(loc, base)
-        prefix = base + "/"
-        with self._lock:
-            writers = [w for p, w in self._writers.items() if p.startswith(prefix) and "/" not in p[len(prefix):]]
+        writers = self.handles.writers_in(base)
         if not writers:
             return listed
-        found = dict(listed)
+        found, prefix = dict(listed), base + "/"
         for writer in writers:
             if (entry := self._writer_entry(writer)) is not None:
                 found[writer.mount_path[len(prefix):]] = entry
@@ -213,9 +188,7 @@ class Tree:
         if entry is not None and self._in_progress(entry.version):
             entry = None if stale else self._stored_entry(path)  # (a listing shows the writer's version)
         if entry is None:
-            with self._lock:
-                being_written = path in self._writers
-            if being_written:
+            if self.handles.writer(path) is not None:
                 raise NotYetWrittenError(f"{path}: not yet closed by its writer")
             raise NotFoundError(f"{path}: no such file")
         if entry.is_dir:
@@ -225,10 +198,8 @@ class Tree:
         try:
             if not stale:
                 self.prefetcher.opened(entry.version)
-            with self._lock:
-                keep = self._pages.get(path) == entry.version.id
-                self._pages[path] = entry.version.id
-            return self._add_handle(ReadHandle(path, entry, reader, keep_pages=keep))
+            keep = self.handles.opened_pages(path, entry.version.id)
+            return self.handles.add(ReadHandle(path, entry, reader, keep_pages=keep))
         except BaseException:
             reader.close()
             raise
@@ -236,13 +207,8 @@ class Tree:
     def _in_progress(self, version: Version | None) -> bool:
         """Is an open writer still filling ``version``? Only an unpublished one can be: reads of published
         and expired files (the hot path) never walk the handles."""
-        return version is not None and version.state == State.UNPUBLISHED and version.id in self._versions_in_progress()
-
-    def _versions_in_progress(self) -> set[int]:
-        """The versions open writers are still filling (not those a flush stored or left to the retry)."""
-        with self._lock:
-            return {h.version.id for h in self._handles.values()
-                    if isinstance(h, WriteSession) and h.filling}
+        return (version is not None and version.state == State.UNPUBLISHED
+                and version.id in self.handles.versions_in_progress())
 
     def _stored_entry(self, path: str) -> Entry | None:
         """What ``path`` shows once its writers' unfinished bytes are set aside: the published version
@@ -253,7 +219,7 @@ class Tree:
         if loc.state == State.PUBLISHED:
             version = self.repo.find_version(loc.file, State.PUBLISHED)
             return self.metadata.file_entry(version, State.PUBLISHED) if version else None
-        in_progress = self._versions_in_progress()
+        in_progress = self.handles.versions_in_progress()
         for version in reversed(self.repo.versions_at(loc.file)):
             if version.state == State.UNPUBLISHED and version.id not in in_progress:
                 return self.metadata.file_entry(version, State.UNPUBLISHED)
@@ -262,24 +228,20 @@ class Tree:
     def readable_fd(self, fh: int, size: int, offset: int) -> int:
         """The file descriptor holding the handle's bytes, once [offset, offset + size) is there
         (waits for a download still writing them): the FUSE layer lets libfuse read it directly."""
-        handle = self._handle(fh)
+        handle = self.handles.require(fh)
         if isinstance(handle, ReadHandle):
             try:
                 return handle.reader.ready(size, offset)
             except RepoError:  # a failed download may have served bytes it could not verify: the kernel
-                self._drop_pages(handle.mount_path)  # must not keep them for the next open
+                self.handles.drop_pages(handle.mount_path)  # must not keep them for the next open
                 raise
         return handle.fd
 
     def keeps_pages(self, fh: int) -> bool:
         """May the kernel keep its cached pages of this handle's file at open (FOPEN_KEEP_CACHE)? Only a
         reader of the version whose bytes they are; writers and other versions start afresh."""
-        handle = self._handles.get(fh)
+        handle = self.handles.get(fh)
         return isinstance(handle, ReadHandle) and handle.keep_pages
-
-    def _drop_pages(self, path: str) -> None:
-        with self._lock:
-            self._pages.pop(path, None)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -321,11 +283,9 @@ class Tree:
     def _start_writer(self, path: str, state: State, version: Version, fd: int, digest: AppendDigest,
                       stage: Stage = Stage.CHANGED) -> int:
         handle = WriteSession(path, state, version, fd, digest, stage=stage)
-        with self._lock:
-            self._writers[path] = handle
-            self._pages.pop(path, None)  # the kernel drops its pages at a writer's open
+        fh = self.handles.start_writer(handle)
         self.metadata.forget(path)
-        return self._add_handle(handle)
+        return fh
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
         return self.write_with(fh, offset, lambda fd: os.pwrite(fd, data, offset))
@@ -335,18 +295,18 @@ class Tree:
         returns the bytes written (the FUSE layer lets libfuse copy them in C)."""
         if offset >= MAX_FILE_SIZE:
             raise FileTooLargeError(f"write at {offset}: a file holds at most {MAX_FILE_SIZE} bytes")
-        return self.writes.write(self._write_handle(fh), offset, write_to)
+        return self.writes.write(self.handles.require_writer(fh), offset, write_to)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         if length > MAX_FILE_SIZE:  # truncate -s 1E would have the flush hash an exabyte of holes
             raise FileTooLargeError(f"{path}: {length} bytes: a file holds at most {MAX_FILE_SIZE}, as an S3 object")
         if fh:
-            self.writes.truncate(self._write_handle(fh), length)
+            self.writes.truncate(self.handles.require_writer(fh), length)
             return
         # truncate(1) on a path: a new version with the truncated bytes, published at once
         new = self._open_write(path, os.O_WRONLY, 0, 0)
         try:
-            handle = self._write_handle(new)
+            handle = self.handles.require_writer(new)
             os.ftruncate(handle.fd, length)
             handle.digest.spoil()
             handle.changed()
@@ -361,37 +321,19 @@ class Tree:
         ``echo x > f`` closes a duplicate of the descriptor before writing, and publishing the empty
         file at that flush would show readers a state the writer never meant.
         """
-        handle = self._handles.get(fh)
+        handle = self.handles.get(fh)
         if isinstance(handle, WriteSession):
             self.writes.flush(handle, final)
 
     def release(self, fh: int) -> None:
-        handle = self._handles.get(fh)
+        handle = self.handles.get(fh)
         try:
             if isinstance(handle, WriteSession):
                 self.writes.finish(handle)
         finally:  # whatever the last flush met, the handle and its descriptors go
-            self._drop_handle(fh, handle)
-
-    def _drop_handle(self, fh: int, handle: ReadHandle | WriteSession | None) -> None:
-        with self._lock:
-            self._handles.pop(fh, None)
-            if isinstance(handle, WriteSession) and self._writers.get(handle.mount_path) is handle:
-                del self._writers[handle.mount_path]
-                # Another writer of the name still open (truncate of the path beside it, a second open)
-                # is its writer again: stat shows its bytes, utimens and chmod reach its version.
-                others = [h for h in self._handles.values() if isinstance(h, WriteSession)
-                          and h.mount_path == handle.mount_path and not h.unlinked]
-                if others:
-                    self._writers[handle.mount_path] = others[-1]
-        if isinstance(handle, ReadHandle):
-            handle.reader.close()
-        elif isinstance(handle, WriteSession):
-            handle.digest.stop()
-            fd, handle.fd = handle.fd, -1  # a concurrent stat of this writer now finds it closed
-            for number in (fd, *handle.retired_fds):
-                os.close(number)
-            self.metadata.forget(handle.mount_path)
+            self.handles.drop(fh, handle)
+            if isinstance(handle, WriteSession):
+                self.metadata.forget(handle.mount_path)
 
     def fsync(self, fh: int) -> None:
         self.flush(fh, final=True)
@@ -403,9 +345,8 @@ class Tree:
         the version they opened, open writers write on into bytes that are never stored (discarded at
         release). In published/ the published version is expired; in unpublished/ every staged version
         of the path is discarded, so no older one comes back under the name."""
-        with self._lock:
-            if self._hidden.pop(path, None) is not None:  # libfuse, at the last close of an unlinked file
-                return
+        if self.handles.unhide(path):  # libfuse, at the last close of an unlinked file
+            return
         loc = self.parse(path)
         entry = self.lookup(path)
         if entry.is_dir:
@@ -427,20 +368,13 @@ class Tree:
         """libfuse's rename of a file open here to a hidden name, instead of unlinking it: the unlink,
         and the hidden name kept for the open file's attributes (fstat) until libfuse unlinks it."""
         entry = self.lookup(path)
-        with self._lock:
-            writer = self._writers.get(path)
+        writer = self.handles.writer(path)
         self.unlink(path)
-        with self._lock:
-            self._hidden[hidden] = (writer, entry)
+        self.handles.hide(hidden, writer, entry)
 
     def _unlink_writers(self, path: str) -> list[WriteSession]:
         """Detach the open handles of ``path`` from the name: writers' bytes will never be stored."""
-        with self._lock:
-            opened = [h for h in self._handles.values() if h.mount_path == path]
-            for handle in opened:
-                handle.unlinked = True
-            self._writers.pop(path, None)
-            writers = [h for h in opened if isinstance(h, WriteSession)]
+        writers = self.handles.detach(path)
         for writer in writers:
             with writer.lock:  # a flush in progress finishes first; none starts after this
                 if writer.filling:
@@ -467,9 +401,7 @@ class Tree:
         """Discard every unpublished version of ``path``, but those other names' writers are filling (a
         file being written in published/ is staged under the same path). This name's own writers count
         for nothing: their versions, even one stored at a close whose release has not come yet, go too."""
-        with self._lock:
-            elsewhere = {h.version.id for h in self._handles.values()
-                         if isinstance(h, WriteSession) and h.mount_path != mount_path}
+        elsewhere = self.handles.versions_written_elsewhere(mount_path)
         for version in self.repo.versions_at(path):
             if version.state == State.UNPUBLISHED and version.id not in elsewhere:
                 self.writes.discard_quietly(version)
@@ -541,9 +473,8 @@ class Tree:
         access times are not kept). A file being written takes it at once, and its version records it once
         its bytes are stored (a later write moves it on, as on any file); a stored version and a directory
         record it at once."""
-        handle = self._handles.get(fh) if fh else None
-        with self._lock:
-            writer = handle if isinstance(handle, WriteSession) else self._writers.get(path)
+        handle = self.handles.get(fh)
+        writer = handle if isinstance(handle, WriteSession) else self.handles.writer(path)
         if writer is not None:
             with writer.lock:
                 if writer.unlinked or writer.filling:
@@ -573,8 +504,7 @@ class Tree:
         if loc.state is None or not loc.parts:
             raise LifecycleError(f"{path}: the mount's top directories are fixed")
         entry = self.lookup(path)
-        with self._lock:
-            writer = self._writers.get(path)
+        writer = self.handles.writer(path)
         try:
             if writer is not None:
                 writer.version = self.repo.set_attrs(writer.version.id, **attrs)
@@ -641,6 +571,30 @@ class Tree:
             if key == "state":
                 self.metadata.changed_behind_kernel(path)
 
+    def removexattr(self, path: str, name: str) -> None:
+        """``setfattr -x``: no attribute can be removed (a version's state changes by setting it)."""
+        if not name.startswith("user."):
+            raise NamespaceNotSupportedError(f"{path}: {name}: only user.* attributes are supported")
+        raise NotSupportedError(f"{path}: {name} cannot be removed")
+
+    # -- what a repository cannot hold ------------------------------------------------------------
+
+    def link(self, target: str, source: str) -> None:
+        """``ln``: refused (EPERM); a version lives at one path (``cp`` makes another)."""
+        raise UnsupportedFileKindError(f"{target} -> {source}: hard links are not supported")
+
+    def symlink(self, target: str, source: str) -> None:
+        """``ln -s``: refused (EPERM)."""
+        raise UnsupportedFileKindError(f"{target} -> {source}: symbolic links are not supported")
+
+    def readlink(self, path: str) -> str:
+        """No symbolic link exists in the tree: NotFoundError."""
+        raise NotFoundError(f"{path}: not a symbolic link")
+
+    def mknod(self, path: str, mode: int) -> None:
+        """Device files, FIFOs and sockets: refused (EPERM); regular files are made by ``create``."""
+        raise UnsupportedFileKindError(f"{path}: only regular files and directories can be made")
+
     def statfs(self) -> dict:
         st = os.statvfs(self.repo.config.local_root)
         return {name: getattr(st, name) for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
@@ -656,25 +610,6 @@ class Tree:
             raise LifecycleError(f"{path}: the mount's top directories are fixed")
         return loc
 
-    def _add_handle(self, handle: ReadHandle | WriteSession) -> int:
-        with self._lock:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._handles[fh] = handle
-        return fh
-
-    def _handle(self, fh: int) -> ReadHandle | WriteSession:
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise RepoError(f"unknown file handle {fh}")
-        return handle
-
-    def _write_handle(self, fh: int) -> WriteSession:
-        handle = self._handle(fh)
-        if not isinstance(handle, WriteSession):
-            raise BadHandleError(f"file handle {fh} is open read-only")
-        return handle
-
     # -- for the retry thread and the unmount ---------------------------------------------------
 
     def retryable(self, version: Version) -> bool:
@@ -689,14 +624,11 @@ class Tree:
 
     def versions_being_written(self) -> set[int]:
         """Every version an open write handle holds (a path may have several writers)."""
-        with self._lock:
-            return {h.version.id for h in self._handles.values() if isinstance(h, WriteSession)}
+        return self.handles.versions_being_written()
 
     def flush_all(self, on_error: Callable[[str, Exception], None] | None = None) -> None:
         """Flush every written handle (at unmount)."""
-        with self._lock:
-            handles = [fh for fh, h in self._handles.items() if isinstance(h, WriteSession)]
-        for fh in handles:
+        for fh in self.handles.write_handles():
             try:
                 self.flush(fh)
             except (RepoError, OSError) as exc:  # logged by the flush; the others are flushed all the same
