@@ -194,6 +194,10 @@ class S3Repo:
     # -- for a mounted tree: records and staged files, one call each ------------------------------
     # The mount caches what these answer; it reaches the metadata and the cache only through them.
 
+    def describe(self) -> str:
+        """The database and the object store, for a log line."""
+        return f"{self.db.describe()}, {self.store.describe_location()}"
+
     def find_version(self, path: RepoPath, state: str) -> Version | None:
         """The newest version of ``path`` in ``state`` (the only one, for published), or None."""
         return self.meta.find(path, state)

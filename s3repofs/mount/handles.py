@@ -44,6 +44,8 @@ Handle = ReadHandle | WriteSession
 
 
 class Handles:
+    """The open handles by number, and by path."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._handles: dict[int, Handle] = {}

@@ -31,6 +31,8 @@ MISSING = object()  # the cached answer for a path with nothing at it
 
 
 class MetadataView:
+    """Entries and listings by mount path, cached, queried through the repository, or last known."""
+
     def __init__(self, repo: S3Repo, ttl: float, root_time_ns: int, max_path_bytes: int) -> None:
         self.repo = repo
         self.max_path_bytes = max_path_bytes

@@ -6,6 +6,7 @@ tree is the facade the FUSE glue calls, over its parts:
 
 - ``entries``: mount paths parsed, and the attributes a path shows;
 - ``metadata``: the cached view of the repository's metadata, and its invalidation;
+- ``lookups``: what each path shows now, the stored entry or an open writer's bytes;
 - ``handles``: the open files (a reader keeps the version it opened, whatever is published later);
 - ``writes``: write sessions, whose last flush uploads, verifies and, in ``published/``, publishes
   the version, so ``close()`` returns only once it is durable.
@@ -24,7 +25,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import replace
 from typing import Callable
 
 from ..domain.content import AppendDigest
@@ -32,7 +32,6 @@ from ..domain.lifecycle import State
 from ..domain.paths import MAX_PATH_BYTES, DirPath, RepoPath
 from ..errors import (
     AlreadyExistsError,
-    BadHandleError,
     CrossDeviceError,
     DatabaseUnavailableError,
     FileTooLargeError,
@@ -51,8 +50,9 @@ from ..errors import (
 from ..local.prefetch import Prefetcher
 from ..meta.metastore import Version
 from ..repo import S3Repo
-from .entries import STATES, XATTR_PREFIX, Entry, Location, file_entry, ns, xattr_values
+from .entries import STATES, XATTR_PREFIX, Entry, Location, ns, xattr_values
 from .handles import HIDDEN_PREFIX, Handles, ReadHandle
+from .lookups import Lookups
 from .metadata import MetadataView
 from .writes import MAX_FILE_SIZE, Stage, Writes, WriteSession
 
@@ -84,6 +84,7 @@ class Tree:
         self.metadata = MetadataView(repo, metadata_ttl, ns(self.started), max_path_bytes)
         self.handles = Handles()
         self.writes = Writes(repo, self.metadata, self.started, self.handles.versions_being_written)
+        self.lookups = Lookups(repo, self.metadata, self.handles)
         config = repo.config
         self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size, self.metadata.list_ahead)
 
@@ -106,67 +107,16 @@ class Tree:
 
     def lookup(self, path: str) -> Entry:
         """The entry at ``path``; NotFoundError if there is none."""
-        hidden = self.handles.hidden(path)
-        if hidden is not None:
-            return self._unlinked_entry(*hidden)
-        writer = self.handles.writer(path)
-        if writer is not None and (entry := self._writer_entry(writer)) is not None:
-            return entry
-        return self.metadata.lookup(path)
-
-    def _writer_entry(self, writer: WriteSession) -> Entry | None:
-        """The attributes of a file being written (None once its writer has closed)."""
-        # No lock: a flush holds the writer's lock for a whole upload, and stat must not wait for it.
-        v = writer.version
-        # Once stored, the stored version: its file is a cache object now, whose mtime the cache sets.
-        if writer.stage is Stage.STORED:
-            return file_entry(v, writer.state)
-        try:
-            st = os.fstat(writer.fd)
-        except OSError:  # closed meanwhile (fd -1)
-            return None
-        return Entry(False, v.mode, v.uid, v.gid, st.st_size, st.st_mtime_ns, st.st_mtime_ns, v)
-
-    def _unlinked_entry(self, writer: WriteSession | None, entry: Entry) -> Entry:
-        # Once its writer is released, readers may still be open: the entry as it was unlinked.
-        current = self._writer_entry(writer) if writer is not None else None
-        return replace(current or entry, nlink=0)
+        return self.lookups.lookup(path)
 
     def getattr(self, path: str | None, fh: int | None = None) -> dict:
         """The attributes of ``path``, or of an open handle's file (fstat): its own bytes, even once its
         name is gone (``path`` is None then)."""
-        handle = self.handles.get(fh)
-        entry = None
-        if isinstance(handle, WriteSession):
-            entry = self._writer_entry(handle)
-        elif isinstance(handle, ReadHandle) and path is None:
-            # Only once unlinked: while the name lives, its attributes are the path's (one kernel inode
-            # serves every reader of the path; the older version's size would cut the newer's reads short).
-            entry = handle.entry
-        if entry is not None:
-            return replace(entry, nlink=0).stat() if handle.unlinked else entry.stat()
-        if path is None:
-            raise BadHandleError(f"file handle {fh} is closed")
-        return self.lookup(path).stat()
+        return self.lookups.getattr(path, fh)
 
     def readdir(self, path: str) -> list[tuple[str, Entry]]:
         """The directory's entries by name, with their attributes (one query, whatever their number)."""
-        loc = self.parse(path)
-        entry = self.lookup(path)
-        if not entry.is_dir:
-            raise NotDirectoryError(f"{path}: not a directory")
-        if loc.state is None:  # by lookup: cached, and from the last-known entries while the database is down
-            return [(state.value, self.lookup(f"/{state}")) for state in STATES]
-        base = path.rstrip("/")
-        listed = self.metadata.listing(loc, base)
-        writers = self.handles.writers_in(base)
-        if not writers:
-            return listed
-        found, prefix = dict(listed), base + "/"
-        for writer in writers:
-            if (entry := self._writer_entry(writer)) is not None:
-                found[writer.mount_path[len(prefix):]] = entry
-        return sorted(found.items())
+        return self.lookups.readdir(path)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -185,8 +135,8 @@ class Tree:
                 entry = self.metadata.query(self.parse(path))
             except DatabaseUnavailableError:
                 entry, stale = self.metadata.last_known(path), True
-        if entry is not None and self._in_progress(entry.version):
-            entry = None if stale else self._stored_entry(path)  # (a listing shows the writer's version)
+        if entry is not None and self.lookups.in_progress(entry.version):
+            entry = None if stale else self.lookups.stored_entry(path)  # (a listing shows the writer's version)
         if entry is None:
             if self.handles.writer(path) is not None:
                 raise NotYetWrittenError(f"{path}: not yet closed by its writer")
@@ -203,27 +153,6 @@ class Tree:
         except BaseException:
             reader.close()
             raise
-
-    def _in_progress(self, version: Version | None) -> bool:
-        """Is an open writer still filling ``version``? Only an unpublished one can be: reads of published
-        and expired files (the hot path) never walk the handles."""
-        return (version is not None and version.state == State.UNPUBLISHED
-                and version.id in self.handles.versions_in_progress())
-
-    def _stored_entry(self, path: str) -> Entry | None:
-        """What ``path`` shows once its writers' unfinished bytes are set aside: the published version
-        in published/, the newest staged version a writer has finished with in unpublished/."""
-        loc = self.parse(path)
-        if loc.file is None or loc.state == State.EXPIRED:
-            return None
-        if loc.state == State.PUBLISHED:
-            version = self.repo.find_version(loc.file, State.PUBLISHED)
-            return self.metadata.file_entry(version, State.PUBLISHED) if version else None
-        in_progress = self.handles.versions_in_progress()
-        for version in reversed(self.repo.versions_at(loc.file)):
-            if version.state == State.UNPUBLISHED and version.id not in in_progress:
-                return self.metadata.file_entry(version, State.UNPUBLISHED)
-        return None
 
     def readable_fd(self, fh: int, size: int, offset: int) -> int:
         """The file descriptor holding the handle's bytes, once [offset, offset + size) is there
@@ -268,8 +197,8 @@ class Tree:
         if entry.is_dir:
             raise IsDirectoryError(f"{path}: is a directory")
         shown = source = entry.version
-        if self._in_progress(source):  # another writer's bytes so far: copy what is stored
-            stored = self._stored_entry(path)
+        if self.lookups.in_progress(source):  # another writer's bytes so far: copy what is stored
+            stored = self.lookups.stored_entry(path)
             source = stored.version if stored else None
         keep = not flags & os.O_TRUNC
         if keep and source is not None:
@@ -509,7 +438,7 @@ class Tree:
             if writer is not None:
                 writer.version = self.repo.set_attrs(writer.version.id, **attrs)
                 if writer.stage is Stage.UNCHANGED:  # an unchanged copy: the stored version is the file
-                    stored = self._stored_entry(path)
+                    stored = self.lookups.stored_entry(path)
                     if stored is not None:
                         self.repo.set_attrs(stored.version.id, **attrs)
             elif entry.is_dir:
