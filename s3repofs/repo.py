@@ -26,7 +26,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
-from typing import IO, BinaryIO, Callable, Mapping
+from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Mapping
 
 from .config import EMBEDDED, Config, load_config
 from .domain.content import Content, download_digest, file_content
@@ -48,6 +48,9 @@ from .meta.db import Database
 from .meta.metastore import SCHEMA_VERSION, VISIBLE_STATES, MetaStore, Version
 from .objects.s3 import S3Store
 from .objects.store import ObjectStore, describe, open_store
+
+if TYPE_CHECKING:  # the mount's directory records (see "for a mounted tree")
+    from .meta.metastore import Directory
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +191,80 @@ class S3Repo:
             versions += [v for v in self.meta.history(exact) if v.state in states]
             versions.sort(key=lambda v: (v.file_type, v.dir, v.name, v.id))
         return [RepoFile(self, v) for v in versions]
+
+    # -- for a mounted tree: records and staged files, one call each ------------------------------
+    # The mount caches what these answer; it reaches the metadata and the cache only through them.
+
+    def describe(self) -> str:
+        """The database and the object store, for a log line."""
+        return f"{self.db.describe()}, {self.store.describe_location()}"
+
+    def find_version(self, path: RepoPath, state: str) -> Version | None:
+        """The newest version of ``path`` in ``state`` (the only one, for published), or None."""
+        return self.meta.find(path, state)
+
+    def recorded_version(self, version_id: int) -> Version:
+        """A version's row as recorded now (NotFoundError if there is none)."""
+        return self.meta.get(version_id)
+
+    def versions_at(self, path: RepoPath) -> list[Version]:
+        """Every version of ``path``, in any state, oldest first."""
+        return self.meta.history(path)
+
+    def list_types(self) -> list[Directory]:
+        return self.meta.list_types()
+
+    def list_subdirs(self, directory: DirPath) -> list[Directory]:
+        return self.meta.list_subdirs(directory)
+
+    def list_directory(self, directory: DirPath, state: str, after: str = "",
+                       limit: int | None = None) -> list[Version]:
+        """The versions in one directory of one state's tree (newest per name), by name, after ``after``."""
+        return self.meta.list_dir(directory, state, after=after, limit=limit)
+
+    def get_dir(self, directory: DirPath) -> Directory | None:
+        return self.meta.get_dir(directory)
+
+    def make_dir(self, directory: DirPath, mode: int, uid: int, gid: int) -> Directory:
+        return self.meta.make_dir(directory, mode, uid, gid)
+
+    def remove_dir(self, directory: DirPath) -> None:
+        """Remove an empty directory (NotEmptyError otherwise)."""
+        self.meta.remove_dir(directory)
+
+    def set_attrs(self, version_id: int, **attrs: int | None) -> Version:
+        """chmod, chown, utimens of a version (``mode``, ``uid``, ``gid``, ``mtime_ns``; None leaves one)."""
+        return self.meta.set_attrs(version_id, **attrs)
+
+    def set_dir_attrs(self, directory: DirPath, **attrs: int | None) -> Directory:
+        return self.meta.set_dir_attrs(directory, **attrs)
+
+    def set_publish_pending(self, version_id: int, pending: bool) -> None:
+        """Mark (or unmark) an unpublished version for the retry to publish once it is uploaded."""
+        self.meta.set_publish_pending(version_id, pending)
+
+    def move_staged(self, version_id: int, path: RepoPath) -> Version:
+        """Give an unpublished version another path (a rename inside ``unpublished/``)."""
+        return self.meta.move_unpublished(version_id, path)
+
+    def tags(self, version_id: int) -> dict[str, str]:
+        return self.meta.tags(version_id)
+
+    def set_tag(self, version_id: int, key: str, value: str) -> None:
+        self.meta.set_tag(version_id, key, value)
+
+    def staged_path(self, version: Version) -> Path:
+        """Where this host stages the version's bytes (the file exists only while they are staged here)."""
+        return self.cache.staging_path(version.s3_key)
+
+    def open_staged(self, version: Version) -> int:
+        """A writer's descriptor of the version's staged file, holding it against the retry until
+        ``release_staged`` (ReadOnlyError if a retry has taken it)."""
+        return self.cache.open_staged_for_writing(version.s3_key)
+
+    def release_staged(self, fd: int) -> None:
+        """Give up a writer's hold (``open_staged``) on a staged file, before its descriptor is closed."""
+        self.cache.release_staged(fd)
 
     # -- version operations (RepoFile delegates here) ---------------------------------------------
 

@@ -32,7 +32,7 @@ def test_the_retry_thread_never_takes_a_version_a_writer_may_still_fill(repo):
     tree = Tree(repo)
     staged_now = repo.add_file(path="t/new").version  # staged, its writer not registered yet
     fh = tree.create("/published/t/open", 0o644, 0, 0)
-    writer_version = tree._handles[fh].version
+    writer_version = tree.handles.get(fh).version
     assert tree.retryable(left_over)
     assert not tree.retryable(staged_now)
     assert not tree.retryable(writer_version)
@@ -131,7 +131,7 @@ def test_the_prefetchers_listing_answers_a_sequential_readers_next_lookups(repo,
 
 def test_another_mounts_retry_never_takes_a_version_still_being_written(repo):
     tree, fh = _writing(repo)
-    version = tree._handles[fh].version
+    version = tree.handles.get(fh).version
     other = Tree(repo, started=time.time() + 60)  # a mount on this host that started after the version was made
     assert other.retryable(repo.get_version(version.id).version)  # its own rules would let it
     assert repo.retry_staged_uploads(other.retryable) == 0  # but the writer holds the staged file
@@ -146,7 +146,7 @@ def test_a_version_left_to_the_retry_is_retried_while_its_writer_goes_on_in_a_ne
     from s3repofs.errors import StoreUnavailableError
 
     tree, fh = _writing(repo)
-    old = tree._handles[fh].version
+    old = tree.handles.get(fh).version
     with monkeypatch.context() as patched:
         patched.setattr(repo.store, "put", _failing(StoreUnavailableError("unreachable (injected)")))
         with pytest.raises(StoreUnavailableError):
@@ -237,7 +237,7 @@ def test_a_flush_that_finds_other_bytes_stored_fails_and_keeps_its_own(repo):
     tree.mkdir("/unpublished/t", 0o755, 0, 0)
     fh = tree.create("/unpublished/t/f", 0o644, 0, 0)
     tree.write(fh, b"bytes", 0)
-    version = tree._handles[fh].version
+    version = tree.handles.get(fh).version
     repo.meta.mark_uploaded(version.id, Content(4, "0" * 32, "0" * 32))  # what a rogue uploader recorded
     with pytest.raises(LifecycleError):
         tree.flush(fh)
@@ -252,7 +252,7 @@ def test_a_flush_failing_on_the_local_disk_leaves_the_version_to_the_retry(repo,
     import errno
 
     tree, fh = _writing(repo)
-    version = tree._handles[fh].version
+    version = tree.handles.get(fh).version
     publish = repo.publish
     monkeypatch.setattr(repo, "publish", _failing(OSError(errno.EIO, "Input/output error")))
     with pytest.raises(OSError):
@@ -269,7 +269,7 @@ def test_a_publish_whose_answer_was_lost_leaves_later_writes_to_a_new_version(re
     from s3repofs.errors import DatabaseUnavailableError
 
     tree, fh = _writing(repo)
-    first = tree._handles[fh].version
+    first = tree.handles.get(fh).version
     publish = repo.publish
 
     def committed_then_lost(*args, **kwargs):
@@ -300,7 +300,7 @@ def test_a_close_whose_commit_answer_was_lost_succeeds_and_leaves_no_staged_file
     tree.mkdir(f"/{directory}/t", 0o755, 0, 0)
     fh = tree.create(f"/{directory}/t/f", 0o644, 0, 0)
     tree.write(fh, b"bytes", 0)
-    version = tree._handles[fh].version
+    version = tree.handles.get(fh).version
     commit = "publish_staged" if directory == "published" else "mark_uploaded"
     committed = getattr(repo.meta, commit)
 
@@ -365,11 +365,11 @@ def test_a_write_after_close_that_cannot_copy_the_file_leaves_no_version_behind(
     import errno
 
     from s3repofs.domain.paths import RepoPath
-    from s3repofs.mount import tree as tree_module
+    from s3repofs.mount import writes
 
     tree, fh = _writing(repo)
     tree.flush(fh)  # close() of one descriptor; another (a dup) writes on
-    monkeypatch.setattr(tree_module, "_copy_whole", _failing(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(writes, "_copy_whole", _failing(OSError(errno.ENOSPC, "No space left on device")))
     for _ in range(3):
         with pytest.raises(OSError):
             tree.write(fh, b"more!", 5)
@@ -488,3 +488,46 @@ def test_rm_after_a_failed_close_calls_off_the_retrys_publish(repo, monkeypatch)
     assert repo.retry_staged_uploads(tree.retryable) == 1  # uploaded, not published
     assert repo.get_file("t/f") is None
     assert repo.get_file("t/f", state="unpublished").read_bytes() == b"newer"  # nothing lost
+
+
+def test_links_and_special_files_are_refused_with_eperm_and_nothing_is_made(repo):
+    import errno
+    import logging
+    import stat
+
+    from s3repofs.errors import LifecycleError
+
+    tree, fh = _writing(repo)
+    tree.flush(fh)
+    tree.release(fh)
+    refusals = [
+        lambda: tree.link("/published/t/g", "/published/t/f"),
+        lambda: tree.symlink("/published/t/g", "/published/t/f"),
+        lambda: tree.mknod("/published/t/g", stat.S_IFIFO | 0o644),
+    ]
+    for refuse in refusals:
+        with pytest.raises(LifecycleError) as info:
+            refuse()
+        assert info.value.errno == errno.EPERM
+        assert info.value.log_level == logging.WARNING  # a tool that counted on a link failed: say why
+    assert [name for name, _ in tree.readdir("/published/t")] == ["f"]
+
+
+def test_readlink_and_removexattr_answer_as_a_tree_without_links_or_removable_attributes(repo):
+    import errno
+
+    from s3repofs.errors import NamespaceNotSupportedError, NotFoundError, NotSupportedError
+
+    tree, fh = _writing(repo)
+    tree.flush(fh)
+    tree.release(fh)
+    with pytest.raises(NotFoundError) as info:
+        tree.readlink("/published/t/f")
+    assert info.value.errno == errno.ENOENT
+    with pytest.raises(NotSupportedError) as info:
+        tree.removexattr("/published/t/f", "user.s3repo.state")
+    assert info.value.errno == errno.ENOTSUP
+    with pytest.raises(NamespaceNotSupportedError) as info:  # ENOTSUP too, and quiet: tools probe for these
+        tree.removexattr("/published/t/f", "security.selinux")
+    assert info.value.errno == errno.ENOTSUP and info.value.expected
+    assert tree.getxattr("/published/t/f", "user.s3repo.state") == b"published"

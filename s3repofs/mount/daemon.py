@@ -71,7 +71,7 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) ->
     stop = threading.Event()
 
     def ready() -> None:
-        log.info("mounted %s: %s, %s", mountpoint, repo.db.describe(), repo.store.describe_location())
+        log.info("mounted %s: %s", mountpoint, repo.describe())
         if ready_fd is not None:
             report_to(ready_fd, "ready")
         threading.Thread(target=_retry_uploads, args=(repo, tree, stop), name="upload-retry", daemon=True).start()

@@ -223,7 +223,8 @@ class Operations(mfusepy.Operations):
 
     @translated
     def removexattr(self, path, name):
-        raise mfusepy.FuseOSError(errno.ENOTSUP)
+        self.tree.removexattr(path, name)
+        return 0
 
     @translated
     def statfs(self, path):
@@ -231,22 +232,22 @@ class Operations(mfusepy.Operations):
 
     @translated
     def link(self, target, source):
-        log.warning("link %s -> %s refused: hard links are not supported", target, source)
-        raise mfusepy.FuseOSError(errno.EPERM)
+        self.tree.link(target, source)
+        return 0
 
     @translated
     def symlink(self, target, source):
-        log.warning("symlink %s -> %s refused: symbolic links are not supported", target, source)
-        raise mfusepy.FuseOSError(errno.EPERM)
+        self.tree.symlink(target, source)
+        return 0
 
     @translated
     def readlink(self, path):
-        raise NotFoundError(f"{path}: not a symbolic link")
+        return self.tree.readlink(path)
 
     @translated
     def mknod(self, path, mode, dev):
-        raise mfusepy.FuseOSError(errno.EPERM)
-
+        self.tree.mknod(path, mode)
+        return 0
 
 
 def serve(tree: Tree, mountpoint: str, *, foreground_options: dict, on_ready=None, on_exit=None) -> None:

@@ -11,7 +11,7 @@ it goes, one when it is back, not a line per call. While it is down, one query a
 per PROBE_INTERVAL, goes to the database as a probe, and the others fail at once: behind a dropped
 route, each query would wait for the connect timeout (10 s), and ``ls -l`` that long for every name.
 
-Lock order: ``LastKnown`` is learnt under ``Tree._lock`` (so a ``forget`` cannot slip between a
+Lock order: ``LastKnown`` is learnt under ``MetadataView._lock`` (so a ``forget`` cannot slip between a
 query's generation check and its learning); its own lock is taken inside, never around, that one.
 """
 
