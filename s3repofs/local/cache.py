@@ -35,8 +35,6 @@ class LocalCache:
         self.checkpoints = Checkpoints(local_root / "cache", self.objects)
         self.fills = Fills(self.objects, self.checkpoints, download_threads)
         self.objects_dir = self.objects.dir
-        self.staging_dir = self.staging.dir
-        self.max_bytes = max_bytes
         self._ready = False
         self._prepare_lock = threading.Lock()
 
@@ -46,7 +44,7 @@ class LocalCache:
         first does the work."""
         with self._prepare_lock:
             if not self._ready:
-                for directory in (self.objects_dir, self.staging_dir):
+                for directory in (self.objects.dir, self.staging.dir):
                     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self.checkpoints.recover()
                 self.objects.evict()
