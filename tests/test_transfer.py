@@ -127,12 +127,23 @@ def test_a_failed_part_fails_every_waiting_reader(dest, pool):
     assert len(errors) == 1 and download.done
 
 
-def test_an_empty_object(tmp_path, pool):
+@pytest.mark.parametrize("digest", [("md5", hashlib.md5(b"").hexdigest()), ("xxh3", xxhash.xxh3_128(b"").hexdigest())],
+                         ids=["md5", "xxh3"])
+def test_an_empty_object_is_verified_and_read_to_its_end(tmp_path, pool, digest):
     fd = os.open(tmp_path / "empty", os.O_RDWR | os.O_CREAT)
-    download = Download(fd, 0, ("md5", hashlib.md5(b"").hexdigest()), "test", lambda s, e: iter(()), 8, pool)
-    download.run()
-    download.wait(0, 4096)
-    os.close(fd)
+    try:
+        download = Download(fd, 0, digest, "test", lambda s, e: iter(()), 8, pool)
+        download.run()
+        assert download.done
+        download.wait(0, 4096)  # a read past the end returns at once: EOF on verified (no) bytes
+        assert os.fstat(fd).st_size == 0
+        wrong = Download(fd, 0, (digest[0], "0" * 32), "test", lambda s, e: iter(()), 8, pool)
+        with pytest.raises(VerificationError):
+            wrong.run()
+        with pytest.raises(VerificationError):
+            wrong.wait(0, 4096)
+    finally:
+        os.close(fd)
 
 
 def test_no_part_writes_after_a_failed_download_returns(dest, pool):

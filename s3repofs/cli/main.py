@@ -10,7 +10,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import NotFoundError, RepoError, UsageError
+from ..local.atomic import atomic_write
 from ..ops import cache as cache_ops
 from ..ops import status as status_ops
 from ..repo import RepoFile, S3Repo
@@ -236,15 +236,12 @@ def cmd_get(args: argparse.Namespace) -> int:
         dest = dest / args.path.rstrip("/").rpartition("/")[2]
     with open_repo(args) as repo:
         rf = repo.require_file(args.path)
-        tmp = dest.parent / f".{dest.name}.s3repofs-{os.getpid()}"
         try:
-            with rf.open("rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1024 * 1024)
-            os.replace(tmp, dest)
+            with rf.open("rb") as src:
+                # Not fsynced, as cp does not: the repository keeps the version, and syncing is the user's call.
+                atomic_write(dest, lambda dst: shutil.copyfileobj(src, dst, 1024 * 1024), durable=False)
         except OSError as exc:
             raise RepoError(f"cannot write {dest}: {exc.strerror or exc}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
         print(f"{rf.path} (version {rf.id}, {rf.file_size} bytes) -> {dest}")
     return 0
 

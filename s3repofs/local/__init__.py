@@ -1,1 +1,2 @@
-"""This host's disk: the staging area, the cache of verified objects, downloads into it, and prefetching."""
+"""This host's disk: the staging area, the cache of verified objects and its crash checkpoints, downloads into
+it, prefetching, and atomic file writes."""

@@ -3,10 +3,10 @@
 A ``Download`` fetches the object as one stream (``part_size`` 0, the default), hashing each chunk
 as it arrives, or in parts of ``part_size`` bytes fetched by a shared pool while the thread that runs
 it hashes the file in order behind them (receiving and hashing then run side by side: both release
-the GIL). Readers wait only
-for the range they asked for, so the first bytes of a large cold file are served while the rest is
-still arriving; a read that reaches the end of the object also waits for the digest check (xxh3, or
-md5 for versions recorded without one), so a reader that sees EOF has seen verified bytes.
+the GIL). Readers wait only for the range they asked for, so the first bytes of a large cold file
+are served while the rest is still arriving; a read that reaches the end of the object also waits
+for the digest check (xxh3, or md5 for versions recorded without one), so a reader that sees EOF
+has seen verified bytes.
 
 Which strategy is faster depends on the server: real S3 serves parts in parallel, while moto copies
 the whole object for every ranged GET. ``download_part_size`` in the config chooses.
@@ -232,9 +232,6 @@ class Download:
                     self._served = self._served or start < end  # unverified bytes: no second download
                     return
                 self._cond.wait()
-
-    def wait_verified(self) -> None:
-        self.wait(0, self.size)
 
     @property
     def done(self) -> bool:

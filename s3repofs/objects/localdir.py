@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -22,6 +21,7 @@ from ..errors import (
     StoreUnavailableError,
     VerificationError,
 )
+from ..local.atomic import atomic_write
 from .store import ObjectInfo, ObjectStore, read_description
 
 
@@ -125,12 +125,4 @@ class LocalStore(ObjectStore):
 
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, write)
