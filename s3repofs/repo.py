@@ -45,7 +45,8 @@ from .errors import (
 from .local.cache import LocalCache, StartDownload
 from .local.transfer import Download
 from .meta.db import Database
-from .meta.metastore import SCHEMA_VERSION, VISIBLE_STATES, MetaStore, Version
+from .meta.metastore import VISIBLE_STATES, MetaStore, Version
+from .meta.schema import SCHEMA_VERSION
 from .objects.store import ObjectStore, S3Store, describe, open_store
 
 log = logging.getLogger(__name__)
