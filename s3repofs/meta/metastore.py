@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable
 
 from ..domain.content import Content
-from ..domain.lifecycle import VISIBLE_STATES  # noqa: F401  (re-exported)
+from ..domain.lifecycle import VISIBLE_STATES, State, Storage, check_transition
 from ..domain.paths import DirPath, RepoPath
 from ..errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
 from . import schema
@@ -32,7 +32,7 @@ class Version:
     file_type: str
     dir: str
     name: str
-    state: str
+    state: str  # a State (read back as the str it equals), likewise storage a Storage and tier a Tier
     storage: str
     tier: str
     bucket: str
@@ -84,6 +84,7 @@ class Directory:
 
 
 _VERSION_COLUMNS = ", ".join(f.name for f in fields(Version))
+_VISIBLE = ", ".join(f"'{state}'" for state in VISIBLE_STATES)
 _DIR_COLUMNS = ", ".join(f.name for f in fields(Directory) if f.name != "subdirs")
 
 
@@ -136,9 +137,9 @@ class MetaStore:
         """Write the intent row of a new unpublished version, before any byte of it is uploaded."""
         now = self.clock()
 
-        insert_sql = """INSERT INTO versions (file_type, dir, name, state, storage, bucket, s3_key,
-                             origin_host, mode, uid, gid, created_at)
-                         VALUES (?, ?, ?, 'unpublished', 'local', ?, ?, ?, ?, ?, ?, ?)"""
+        insert_sql = f"""INSERT INTO versions (file_type, dir, name, state, storage, bucket, s3_key,
+                              origin_host, mode, uid, gid, created_at)
+                          VALUES (?, ?, ?, '{State.UNPUBLISHED}', '{Storage.LOCAL}', ?, ?, ?, ?, ?, ?, ?)"""
         values = (path.file_type, path.dir, path.name, bucket, s3_key, origin_host, mode, uid, gid, now)
 
         def insert(tx: Tx) -> Version:
@@ -161,7 +162,7 @@ class MetaStore:
             raise NotFoundError(f"no version {version_id}")
         return Version(**row)
 
-    def find(self, path: RepoPath, state: str = "published") -> Version | None:
+    def find(self, path: RepoPath, state: str = State.PUBLISHED) -> Version | None:
         """The newest version of ``path`` in ``state`` (the only one, for published)."""
         at_path, params = self._at(path)
         return self.db.run(lambda tx: _version(tx.one(
@@ -187,13 +188,15 @@ class MetaStore:
         return self.db.run(run)
 
     def _mark_uploaded(self, tx: Tx, version_id: int, content: Content, now: float) -> None:
-        changed = tx.execute("""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = 'uploaded', uploaded_at = ?
-                                WHERE id = ? AND storage = 'local' AND state = 'unpublished'""",
+        check_transition(f"version {version_id}", Storage.LOCAL, Storage.UPLOADED)  # made where the row is local
+        changed = tx.execute(f"""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = '{Storage.UPLOADED}',
+                                     uploaded_at = ?
+                                 WHERE id = ? AND storage = '{Storage.LOCAL}' AND state = '{State.UNPUBLISHED}'""",
                              (content.size, content.md5, content.xxh3, now, version_id))
         if changed:
             return
         version = self._lock_version(tx, version_id)
-        if version.storage == "uploaded" and (version.size, version.md5) == (content.size, content.md5):
+        if version.storage == Storage.UPLOADED and (version.size, version.md5) == (content.size, content.md5):
             return  # a retry of an upload that had been recorded
         raise LifecycleError(f"{version.path}: version {version_id} is {version.state} "
                              f"and {version.storage}; its content is immutable")
@@ -225,30 +228,31 @@ class MetaStore:
             if uploaded is not None:
                 self._mark_uploaded(tx, version_id, uploaded, now)
             version = self._lock_version(tx, version_id)  # re-read under the path lock
-            if unless_superseded and not (version.state == "unpublished" and version.publish_pending):
+            if unless_superseded and not (version.state == State.UNPUBLISHED and version.publish_pending):
                 return version, None  # done meanwhile (another mount's retry), or expired since: as it is
-            if version.state not in ("unpublished", "expired", "published"):
-                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; it cannot be published")
-            if version.storage != "uploaded":
+            check_transition(f"{version.path}: version {version_id}", version.state, State.PUBLISHED)
+            if version.storage != Storage.UPLOADED:
                 raise LifecycleError(f"{version.path}: version {version_id} is not uploaded and verified; "
                                      "it cannot be published")
-            if version.state == "published" and target == version.path:  # by a first attempt, too (tx.rerun)
+            if version.state == State.PUBLISHED and target == version.path:  # by a first attempt, too (tx.rerun)
                 return version, self._expired_by(tx, version) if tx.rerun else None
             current = self._published(tx, target)
             if unless_superseded and current is not None and current.id > version.id:  # ids: in order of creation
                 tx.execute("UPDATE versions SET publish_pending = 0 WHERE id = ?", (version_id,))
                 return replace(version, publish_pending=0), None
             if current is not None:
-                tx.execute("UPDATE versions SET state = 'expired', expired_at = ? WHERE id = ?", (now, current.id))
+                check_transition(f"{current.path}: version {current.id}", current.state, State.EXPIRED)
+                tx.execute(f"UPDATE versions SET state = '{State.EXPIRED}', expired_at = ? WHERE id = ?",
+                           (now, current.id))
             if target != version.path:
                 self._ensure_dirs(tx, target.parent, now)
             tx.execute(
-                """UPDATE versions SET state = 'published', published_at = ?, expired_at = NULL,
-                       publish_pending = 0, file_type = ?, dir = ?, name = ? WHERE id = ?""",
+                f"""UPDATE versions SET state = '{State.PUBLISHED}', published_at = ?, expired_at = NULL,
+                        publish_pending = 0, file_type = ?, dir = ?, name = ? WHERE id = ?""",
                 (now, target.file_type, target.dir, target.name, version_id),
             )
-            expired = replace(current, state="expired", expired_at=now) if current is not None else None
-            return replace(version, state="published", published_at=now, expired_at=None, publish_pending=0,
+            expired = replace(current, state=State.EXPIRED, expired_at=now) if current is not None else None
+            return replace(version, state=State.PUBLISHED, published_at=now, expired_at=None, publish_pending=0,
                            file_type=target.file_type, dir=target.dir, name=target.name), expired
 
         return self.db.run(run)
@@ -264,51 +268,54 @@ class MetaStore:
         published under the same condition, so both happen or neither."""
         now = self.clock()
         path = staged.path
+        # The transitions the UPDATEs below make, where their conditions hold.
+        check_transition(f"{path}: its published version", State.PUBLISHED, State.EXPIRED)
+        check_transition(f"{path}: version {staged.id}", State.UNPUBLISHED, State.PUBLISHED)
+        check_transition(f"{path}: version {staged.id}", Storage.LOCAL, Storage.UPLOADED)
         where_path, at_path = self._at(path)
-        as_staged = f"id = ? AND state = 'unpublished' AND storage = 'local' AND {where_path}"
+        as_staged = f"id = ? AND state = '{State.UNPUBLISHED}' AND storage = '{Storage.LOCAL}' AND {where_path}"
 
         def run(tx: Tx) -> list[dict]:
             self._lock_path(tx, path)
             tx.defer("SELECT id FROM versions WHERE id = ?" + self.db.dialect.for_update, (staged.id,))
-            tx.defer(f"""UPDATE versions SET state = 'expired', expired_at = ?
-                         WHERE {where_path} AND state = 'published' AND id <> ?
+            tx.defer(f"""UPDATE versions SET state = '{State.EXPIRED}', expired_at = ?
+                         WHERE {where_path} AND state = '{State.PUBLISHED}' AND id <> ?
                              AND EXISTS (SELECT 1 FROM versions WHERE {as_staged})""",
                      (now, *at_path, staged.id, staged.id, *at_path))
-            tx.defer(f"""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = 'uploaded', uploaded_at = ?,
-                             state = 'published', published_at = ?, expired_at = NULL, publish_pending = 0
+            tx.defer(f"""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = '{Storage.UPLOADED}',
+                             uploaded_at = ?, state = '{State.PUBLISHED}', published_at = ?, expired_at = NULL,
+                             publish_pending = 0
                          WHERE {as_staged}""",
                      (content.size, content.md5, content.xxh3, now, now, staged.id, *at_path))
             return tx.all(f"""SELECT {_VERSION_COLUMNS} FROM versions
-                              WHERE id = ? OR ({where_path} AND state = 'expired' AND expired_at = ?)""",
+                              WHERE id = ? OR ({where_path} AND state = '{State.EXPIRED}' AND expired_at = ?)""",
                           (staged.id, *at_path, now))
 
         rows = [Version(**row) for row in self.db.run(run, one_trip=True)]
-        published = next((v for v in rows if v.id == staged.id and v.state == "published"), None)
+        published = next((v for v in rows if v.id == staged.id and v.state == State.PUBLISHED), None)
         if published is None or published.published_at != now:
             return self.publish(staged.id, uploaded=content)
         return published, next((v for v in rows if v.id != staged.id), None)
 
     def expire(self, version_id: int) -> Version:
-        return self._change_state(version_id, "published", "expired", "expired_at = ?")
+        """Withdraw a published version (it stays readable in expired/)."""
+        return self._change_state(version_id, State.EXPIRED, "expired_at = ?")
 
     def discard(self, version_id: int) -> Version:
         """Throw away an unpublished version (gc deletes its object later)."""
-        return self._change_state(version_id, "unpublished", "discarded", "expired_at = ?, publish_pending = 0")
+        return self._change_state(version_id, State.DISCARDED, "expired_at = ?, publish_pending = 0")
 
-    def _change_state(self, version_id: int, source: str, target: str, assignments: str) -> Version:
-        """Move a version from state ``source`` to ``target``, setting ``assignments`` (their one ``?`` is
-        the time). LifecycleError if it is in another state, except on a re-run (tx.rerun) that finds it
-        in ``target``: the first attempt's commit went through."""
+    def _change_state(self, version_id: int, target: State, assignments: str) -> Version:
+        """Move a version to state ``target``, setting ``assignments`` (their one ``?`` is the time).
+        LifecycleError if the lifecycle's TRANSITIONS do not lead there from its state, except on a
+        re-run (tx.rerun) that finds it in ``target``: the first attempt's commit went through."""
         now = self.clock()
-        article = "an" if source[0] in "aeiou" else "a"
 
         def run(tx: Tx) -> Version:
             version = self._lock_version(tx, version_id)
             if tx.rerun and version.state == target:
                 return version
-            if version.state != source:
-                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; only {article} "
-                                     f"{source} version can be {target}")
+            check_transition(f"{version.path}: version {version_id}", version.state, target)
             tx.execute(f"UPDATE versions SET state = '{target}', {assignments} WHERE id = ?", (now, version_id))
             return self._lock_version(tx, version_id)
 
@@ -320,7 +327,7 @@ class MetaStore:
 
         def run(tx: Tx) -> Version:
             version = self._lock_version(tx, version_id)
-            if version.state != "unpublished":
+            if version.state != State.UNPUBLISHED:
                 raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; it cannot be moved")
             self._ensure_dirs(tx, path.parent, now)
             tx.execute("UPDATE versions SET file_type = ?, dir = ?, name = ? WHERE id = ?",
@@ -337,7 +344,8 @@ class MetaStore:
         """Unpublished versions of ``host`` not yet uploaded, or uploaded but waiting to be published."""
         rows = self.db.run(lambda tx: tx.all(
             f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE state = 'unpublished' AND origin_host = ? AND (storage = 'local' OR publish_pending = 1)
+                WHERE state = '{State.UNPUBLISHED}' AND origin_host = ?
+                    AND (storage = '{Storage.LOCAL}' OR publish_pending = 1)
                 ORDER BY id""",
             (host,)), write=False)
         return [Version(**r) for r in rows]
@@ -361,9 +369,9 @@ class MetaStore:
         only names after ``after``, at most ``limit`` of them (an indexed range scan either way)."""
         page, limited = (" LIMIT ?", (limit,)) if limit is not None else ("", ())
         in_dir, at_dir = self._in(directory)
-        if state == "published":
+        if state == State.PUBLISHED:
             sql = f"""SELECT {_VERSION_COLUMNS} FROM versions
-                      WHERE {in_dir} AND state = 'published' AND name > ? ORDER BY name{page}"""
+                      WHERE {in_dir} AND state = '{State.PUBLISHED}' AND name > ? ORDER BY name{page}"""
             params = (*at_dir, after, *limited)
         else:
             sql = f"""SELECT {_VERSION_COLUMNS} FROM versions WHERE id IN (
@@ -470,7 +478,7 @@ class MetaStore:
             child = tx.one(f"SELECT 1 FROM directories WHERE {under} LIMIT 1", params)
             version = tx.one(
                 f"""SELECT 1 FROM versions WHERE {in_dir}
-                    AND state IN ('unpublished', 'published', 'expired') LIMIT 1""", at_dir)
+                    AND state IN ({_VISIBLE}) LIMIT 1""", at_dir)
             if child or version:
                 raise NotEmptyError(f"{directory}: directory not empty")
             tx.execute(f"DELETE FROM directories WHERE {in_dir}", at_dir)
@@ -512,14 +520,14 @@ class MetaStore:
         at_path, params = self._at(published.path)
         return _version(tx.one(
             f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE {at_path} AND state = 'expired' AND expired_at = ? AND id <> ?""",
+                WHERE {at_path} AND state = '{State.EXPIRED}' AND expired_at = ? AND id <> ?""",
             (*params, published.published_at, published.id),
         ))
 
     def _published(self, tx: Tx, path: RepoPath) -> Version | None:
         at_path, params = self._at(path)
         return _version(tx.one(
-            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {at_path} AND state = 'published'"
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {at_path} AND state = '{State.PUBLISHED}'"
             + self.db.dialect.for_update, params))
 
     # -- conditions on a path, as the indexes find them -------------------------------------------
