@@ -9,7 +9,7 @@ docs/internals.md draws it.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Mapping, Union
+from typing import Mapping
 
 from ..errors import LifecycleError
 
@@ -42,13 +42,13 @@ class Tier(StrEnum):
 # The states a mount and a listing show, each as a top-level directory of the mount.
 VISIBLE_STATES = (State.UNPUBLISHED, State.PUBLISHED, State.EXPIRED)
 
-Facet = Union[State, Storage, Tier]
+Facet = State | Storage | Tier
 
 # Every change of a version's state, storage or tier that the code makes, and what makes it: a change
-# not in this table is refused (check_transition). A publish at another path changes the path of a
-# published version, not its state, and goes through the table like any publish. Operations not built
-# yet add their rows when they are: gc's purge (expired or discarded -> purged), fsck's missing,
-# archive's tier (docs/internals.md draws them, marked so).
+# not in this table is refused (check_transition). A publish at another path moves a published version
+# without changing its state, and is checked like any publish. Operations not built yet add their rows
+# when they are: gc's purge (expired -> purged), fsck's missing, archive's tier (docs/internals.md
+# draws them, marked so).
 TRANSITIONS: Mapping[tuple[Facet, Facet], str] = {
     (State.UNPUBLISHED, State.PUBLISHED): "publish (close in published/, mv into published/, setxattr)",
     (State.UNPUBLISHED, State.DISCARDED): "discard (rm in unpublished/, replaced by a newer staged version)",
