@@ -16,6 +16,9 @@ setup(
         "xxhash>=3.0,<5",
         # mfusepy: the maintained continuation of fusepy (same high-level API, libfuse 2 and 3).
         "mfusepy>=3.0,<4",
+        # tenacity: the attempt loop of the one S3 retry policy (s3repofs/objects/retry.py), so a download's
+        # retries are a stop, a wait and a predicate, not a hand-written loop.
+        "tenacity>=8,<10",
     ],
     extras_require={
         # hypothesis: the reference-model test (tests/test_model.py) drives random operation sequences.

@@ -80,23 +80,6 @@ class Config:
     host_name: str | None = None
 
     @property
-    def store_kind(self) -> str:
-        return "local" if self.object_dir is not None else "s3"
-
-    @property
-    def database_kind(self) -> str:
-        return "sqlite" if self.database_url.startswith("sqlite:") else "postgresql"
-
-    @property
-    def database_display(self) -> str:
-        """The database URL with any password masked, for messages and `status`."""
-        return mask_url(self.database_url)
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.local_root / "cache"
-
-    @property
     def staging_dir(self) -> Path:
         return self.local_root / "staging"
 

@@ -161,8 +161,9 @@ class StoreUnavailableError(UnavailableError):
 
 class TransientStoreError(StoreUnavailableError):
     """S3 failed in a way a later attempt may mend, after the HTTP client's own quick retries: an
-    answer's body broke off (cut short, connection dropped, stalled), a 5xx answer, or connections
-    closed without an answer. A download retries these itself (transfer.Download)."""
+    answer's body broke off (cut short, connection dropped, stalled), a 500/502/503/504 answer or a
+    RequestTimeout, or connections closed without an answer. A download retries these itself; the
+    policy is objects/retry.py's."""
 
 
 class DatabaseUnavailableError(UnavailableError):

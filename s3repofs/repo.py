@@ -48,7 +48,8 @@ from .local.transfer import Download
 from .meta.db import Database
 from .meta.metastore import MetaStore, Version
 from .meta.schema import SCHEMA_VERSION
-from .objects.store import ObjectStore, S3Store, describe, open_store
+from .objects.s3 import S3Store
+from .objects.store import ObjectStore, describe, open_store
 
 log = logging.getLogger(__name__)
 

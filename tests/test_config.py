@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from s3repofs.config import EMBEDDED, load_config
+from s3repofs.config import EMBEDDED, load_config, mask_url
 from s3repofs.errors import ConfigError
 
 GOOD = {
@@ -29,9 +29,9 @@ def write(tmp_path, data, mode=0o600):
 def test_original_config_file_is_understood(tmp_path):
     config = load_config(write(tmp_path, GOOD))
     assert config.default_s3_bucket == "my-bucket"
-    assert config.store_kind == "s3" and config.database_kind == "postgresql"
+    assert config.object_dir is None
     assert config.database_url == "postgresql://u:p%40ss%2Fword@localhost:5432/db"
-    assert "p%40ss" not in config.database_display and "***" in config.database_display
+    assert mask_url(config.database_url) == "postgresql://u:***@localhost:5432/db"
 
 
 def test_secrets_never_appear_in_repr(tmp_path):
@@ -56,7 +56,7 @@ def test_no_config_means_the_embedded_default(tmp_path, monkeypatch):
     assert config.source == EMBEDDED
     assert config.local_root == tmp_path / "s3repofs"
     assert config.database_url == f"sqlite://{tmp_path}/s3repofs/repo.db"
-    assert config.store_kind == "local"
+    assert config.object_dir == tmp_path / "s3repofs" / "objects"
 
 
 @pytest.mark.parametrize("data, words", [
@@ -105,4 +105,5 @@ def test_private_config_gets_no_warning(tmp_path, caplog):
 
 def test_local_object_dir_replaces_the_bucket(tmp_path):
     config = load_config({"local_root": str(tmp_path), "object_dir": str(tmp_path / "objects")})
-    assert config.store_kind == "local" and config.database_kind == "sqlite"
+    assert config.object_dir == tmp_path / "objects"
+    assert config.database_url == f"sqlite://{tmp_path}/repo.db"

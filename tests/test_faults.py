@@ -17,6 +17,7 @@ from mount_helper import fuse_available, mounted
 from s3repofs import S3Repo
 from s3repofs.errors import RepoError, TransientStoreError, VerificationError
 from s3repofs.local import transfer
+from s3repofs.objects import retry
 
 FILES = 40
 PART = 256 * 1024
@@ -32,7 +33,7 @@ def proxy(s3_server):
 def quick_retries(monkeypatch, proxy):
     """Retries as in production, with shorter pauses (the tests stay fast); no faults until a test
     asks for them."""
-    monkeypatch.setattr(transfer, "RETRY_DELAY", 0.005)
+    monkeypatch.setattr(retry, "BACKOFF_BASE", 0.005)
     proxy.reset(seed=11)
 
 

@@ -18,7 +18,7 @@ from s3repofs.domain.paths import MAX_PATH_BYTES, DirPath, RepoPath
 from s3repofs.errors import LifecycleError, NameTooLongError, ReadOnlyError, RepoError, VerificationError
 from s3repofs.meta import schema
 from s3repofs.meta.schema import SCHEMA_VERSION
-from s3repofs.objects.store import S3Store
+from s3repofs.objects.s3 import S3Store
 
 
 def test_the_readme_example_round_trips(repo_config):

@@ -9,10 +9,11 @@ import socket
 
 import pytest
 
-from s3repofs.domain.content import Content
+from s3repofs.domain.content import CHUNK, Content
 from s3repofs.errors import ObjectMissingError, StoreUnavailableError, VerificationError
+from s3repofs.objects.s3 import FIRST_CHUNK, S3Store, check_etag
 from s3repofs.objects.s3http import SignedRequests
-from s3repofs.objects.store import CHUNK, FIRST_CHUNK, S3Store, check_etag, describe
+from s3repofs.objects.store import describe
 
 DATA = os.urandom(3 * CHUNK + 12345)
 

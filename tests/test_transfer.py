@@ -13,6 +13,7 @@ import xxhash
 from s3repofs.errors import ObjectMissingError, StoreUnavailableError, TransientStoreError, VerificationError
 from s3repofs.local import transfer
 from s3repofs.local.transfer import Download
+from s3repofs.objects import retry
 
 DATA = os.urandom(1000)
 MD5 = ("md5", hashlib.md5(DATA).hexdigest())
@@ -33,7 +34,7 @@ def strategy(request, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(transfer, "RETRY_DELAY", 0.001)
+    monkeypatch.setattr(retry, "BACKOFF_BASE", 0.001)
 
 
 @pytest.fixture

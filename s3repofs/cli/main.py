@@ -19,6 +19,8 @@ from typing import Callable
 from .. import __version__
 from ..domain.lifecycle import VISIBLE_STATES, State
 from ..errors import NotFoundError, RepoError, UsageError
+from ..ops import cache as cache_ops
+from ..ops import status as status_ops
 from ..repo import RepoFile, S3Repo
 
 log = logging.getLogger("s3repofs")
@@ -143,17 +145,15 @@ def cmd_init(args: argparse.Namespace) -> int:
 @command("status")
 def cmd_status(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
-        counts = repo.meta.counts()
-        print(f"config:     {repo.config.source}")
-        print(f"database:   {repo.db.describe()} (schema version {repo.meta.schema_version()})")
-        print(f"objects:    {repo.store.describe_location()}")
-        print(f"local root: {repo.config.local_root}")
-        usage = repo.cache.usage()
-        print(f"cache:      {usage.objects} objects, {human(usage.used_bytes)} of {human(usage.max_bytes)}")
-        print("versions:   " + ", ".join(f"{counts.get(s, 0)} {s}" for s in
-                                         (State.PUBLISHED, State.UNPUBLISHED, State.EXPIRED, State.DISCARDED,
-                                          State.PURGED)))
-        print("hosts:      " + ", ".join(h["name"] for h in repo.meta.hosts()))
+        status = status_ops.gather(repo)
+    print(f"config:     {status.config_source}")
+    print(f"database:   {status.database} (schema version {status.schema_version})")
+    print(f"objects:    {status.objects}")
+    print(f"local root: {status.local_root}")
+    print(f"cache:      {status.cache.objects} objects, {human(status.cache.used_bytes)} of "
+          f"{human(status.cache.max_bytes)}")
+    print("versions:   " + ", ".join(f"{count} {state}" for state, count in status.versions.items()))
+    print("hosts:      " + ", ".join(status.hosts))
     return 0
 
 
@@ -279,26 +279,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise UsageError("cache prefetch takes one or more PATHs; status and clear take none")
     with open_repo(args) as repo:
         if args.action == "clear":
-            print(f"removed {repo.cache.clear()} cached objects from {repo.cache.objects_dir}")
+            print(f"removed {cache_ops.clear(repo)} cached objects from {repo.cache.objects_dir}")
         elif args.action == "prefetch":
-            count, size = prefetch(repo, args.paths)
-            print(f"{count} published files ({human(size)}) are in the cache")
+            plan = cache_ops.plan_prefetch(repo, args.paths)
+            cache_ops.prefetch(repo, plan)
+            print(f"{len(plan.files)} published files ({human(plan.size)}) are in the cache")
         usage = repo.cache.usage()
         print(f"cache: {usage.objects} objects, {human(usage.used_bytes)} of {human(usage.max_bytes)} "
               f"in {repo.cache.objects_dir}")
     return 0
-
-
-def prefetch(repo: S3Repo, paths: list[str]) -> tuple[int, int]:
-    """Download every published version under ``paths``, in parallel; (files, bytes)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    files = [f for path in paths for f in repo.list_files(path, (State.PUBLISHED,))]
-    if not files:
-        raise NotFoundError(f"nothing published under {', '.join(paths)}")
-    with ThreadPoolExecutor(repo.config.transfer_concurrency) as pool:
-        list(pool.map(lambda f: repo.local_file(f.version), files))
-    return len(files), sum(f.file_size or 0 for f in files)
 
 
 def human(size: int | None) -> str:

@@ -23,21 +23,23 @@ from typing import Callable, Iterator
 
 from ..domain.content import HASHES, feed
 from ..errors import RepoError, TransientStoreError, VerificationError
+from ..objects import retry
+from ..objects.retry import ATTEMPTS, DIGEST_ATTEMPTS
 
 log = logging.getLogger(__name__)
 
 SMALL = 1024 * 1024  # objects up to this size are fetched and hashed by the one thread that runs them
-# The HTTP clients retry requests that fail before an answer, quickly; a body that breaks off or
-# arrives wrong is ours to ask for again, and so is a failure that outlasted their retries but may
-# pass (TransientStoreError: a 5xx answer, say): a part up to ATTEMPTS times (from where it
-# stopped), the whole object up to DIGEST_ATTEMPTS times, RETRY_DELAY, then twice as long, and so
-# on, in between.
-ATTEMPTS = 4
-DIGEST_ATTEMPTS = 3
-RETRY_DELAY = 0.1
 
 # fetch(start, end) yields the object's bytes in [start, end), in order.
 Fetch = Callable[[int, int], Iterator[bytes]]
+
+
+class _EndedEarly(VerificationError):
+    """The store ended a part's body before its end, without an error: the rest is asked for again."""
+
+
+class _DownloadAgain(VerificationError):
+    """The object's digest did not match, and it is downloaded again."""
 
 
 class Download:
@@ -66,27 +68,40 @@ class Download:
         fetched again from where it stopped, up to ATTEMPTS times in all; an object whose digest does
         not match is downloaded again, up to DIGEST_ATTEMPTS times, unless a reader was already
         served some of its unverified bytes (that reader must see EIO, not a good end after bad
-        bytes). The error after the last attempt says what happened."""
-        for attempt in range(1, DIGEST_ATTEMPTS + 1):
-            actual = self._fetch_all()
-            if actual == self.expected:
-                with self._cond:
-                    self._verified = True
-                    self._cond.notify_all()
-                return
-            error = VerificationError(f"{self.what}: {self.digest_name} {actual} does not match the recorded "
-                                      f"{self.expected}" + (f" ({attempt} attempts)" if attempt > 1 else ""))
-            with self._cond:
-                again = attempt < DIGEST_ATTEMPTS and not self._served
-                if again:
-                    self._filled = [0] * len(self._starts)
-            if not again:
-                if attempt < DIGEST_ATTEMPTS:
-                    error = VerificationError(f"{error}; not downloaded again: a reader has read some of it")
-                self._fail(error)
-                raise error
-            log.warning("%s; downloading it again (attempt %d of %d)", error, attempt + 1, DIGEST_ATTEMPTS)
-            self._pause(attempt)
+        bytes). The error after the last attempt says what happened. (The policy: ``objects.retry``.)"""
+        try:
+            for attempt in retry.attempts(DIGEST_ATTEMPTS, _DownloadAgain, sleep=self._pause,
+                                          before_retry=self._log_download_again):
+                with attempt:
+                    self._fetch_verified(attempt.retry_state.attempt_number)
+        except VerificationError as exc:
+            self._fail(exc)
+            raise
+        with self._cond:
+            self._verified = True
+            self._cond.notify_all()
+
+    def _fetch_verified(self, attempt: int) -> None:
+        """Fetch every part and check the digest; _DownloadAgain if it does not match and the parts
+        start over (decided under the lock: no reader is served bytes of the failed download since)."""
+        actual = self._fetch_all()
+        if actual == self.expected:
+            return
+        error = f"{self.what}: {self.digest_name} {actual} does not match the recorded {self.expected}"
+        if attempt > 1:
+            error += f" ({attempt} attempts)"
+        with self._cond:
+            if attempt < DIGEST_ATTEMPTS and not self._served:
+                self._filled = [0] * len(self._starts)
+                raise _DownloadAgain(error)
+        if attempt < DIGEST_ATTEMPTS:
+            error += "; not downloaded again: a reader has read some of it"
+        raise VerificationError(error)
+
+    @staticmethod
+    def _log_download_again(state) -> None:
+        log.warning("%s; downloading it again (attempt %d of %d)", state.outcome.exception(),
+                    state.attempt_number + 1, DIGEST_ATTEMPTS)
 
     def _fetch_all(self) -> str:
         """Fetch every part; the hex digest of what arrived. Raises, and fails the readers, on error."""
@@ -123,22 +138,27 @@ class Download:
         """Write part ``index`` into the file as it arrives (and hash it, if given ``digest``); after a
         body that breaks off or ends short, or another transient failure, the rest is asked for again."""
         try:
-            for attempt in range(1, ATTEMPTS + 1):
-                failed: TransientStoreError | None = None
-                try:
-                    self._receive(index, digest)
-                except TransientStoreError as exc:
-                    failed = exc
-                if failed is None and self._filled[index] == self._part_end(index) - self._starts[index]:
-                    return
-                if attempt == ATTEMPTS:
-                    raise self._cut_short(index, attempt, failed)
-                log.warning("%s; asking again for the rest (attempt %d of %d)", self._cut_short(index, attempt, failed),
-                            attempt + 1, ATTEMPTS)
-                self._pause(attempt)
+            for attempt in retry.attempts(ATTEMPTS, (TransientStoreError, _EndedEarly), sleep=self._pause,
+                                          before_retry=self._log_ask_again):
+                with attempt:
+                    self._receive_rest(index, digest, attempt.retry_state.attempt_number)
         except BaseException as exc:
             self._fail(exc)
             raise
+
+    def _receive_rest(self, index: int, digest, attempt: int) -> None:
+        """Receive what is missing of part ``index``; raises what ``_cut_short`` says if it did not all arrive."""
+        try:
+            self._receive(index, digest)
+        except TransientStoreError as exc:
+            raise self._cut_short(index, attempt, exc) from None
+        if self._filled[index] < self._part_end(index) - self._starts[index]:
+            raise self._cut_short(index, attempt, None)
+
+    @staticmethod
+    def _log_ask_again(state) -> None:
+        log.warning("%s; asking again for the rest (attempt %d of %d)", state.outcome.exception(),
+                    state.attempt_number + 1, ATTEMPTS)
 
     def _receive(self, index: int, digest) -> None:
         """Fetch what is missing of part ``index`` (all of it, the first time) and write it into place."""
@@ -159,7 +179,7 @@ class Download:
 
     def _cut_short(self, index: int, attempts: int, failed: TransientStoreError | None) -> RepoError:
         """What a part that did not arrive whole got: TransientStoreError if its request failed (the
-        cause said: the body broke off, a 5xx answer...), VerificationError if the store ended it early."""
+        cause said: the body broke off, a 5xx answer...), _EndedEarly if the store ended it early."""
         start, end = self._starts[index], self._part_end(index)
         which = "" if (start, end) == (0, self.size) else f" (bytes {start}-{end} of {self.size})"
         what = f"{self.what}: got {self._filled[index]} of {end - start} bytes{which}"
@@ -167,11 +187,11 @@ class Download:
             what += f" in {attempts} attempts"
         if failed is not None:
             return TransientStoreError(f"{what}; {failed}")
-        return VerificationError(f"{what}: the store ended the body early")
+        return _EndedEarly(f"{what}: the store ended the body early")
 
-    def _pause(self, attempt: int) -> None:
-        """Back off before attempt ``attempt + 1``; raises at once if the download failed meanwhile."""
-        deadline = time.monotonic() + RETRY_DELAY * 2 ** (attempt - 1)
+    def _pause(self, seconds: float) -> None:
+        """Back off before the next attempt; raises at once if the download failed meanwhile."""
+        deadline = time.monotonic() + seconds
         with self._cond:
             while (left := deadline - time.monotonic()) > 0:
                 self._raise_failure()

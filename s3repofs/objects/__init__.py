@@ -1,1 +1,2 @@
-"""Where version bytes live: the object stores (a local directory, S3) and the signed S3 fast path."""
+"""Where version bytes live: the object stores (a local directory, S3), the signed S3 fast path, and the one
+retry policy for S3."""

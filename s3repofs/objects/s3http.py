@@ -27,6 +27,8 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.httpsession import get_cert_path
 
+from . import retry
+
 _ERROR_CODE = re.compile(rb"<Code>([^<]+)</Code>")
 _ERROR_MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
 
@@ -37,8 +39,7 @@ class _UnsignedPayload(S3SigV4Auth):
 
 
 class SignedRequests:
-    def __init__(self, client: Any, botocore_session: Any, bucket: str, max_connections: int,
-                 read_timeout: float) -> None:
+    def __init__(self, client: Any, botocore_session: Any, bucket: str, max_connections: int) -> None:
         # The bucket's base URL exactly as botocore addresses it: presign a key and cut it off.
         presigned = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "k"},
                                                   ExpiresIn=60)
@@ -56,10 +57,8 @@ class SignedRequests:
             tls = {"ca_certs": get_cert_path(verify)}
         self._pool = urllib3.connection_from_url(
             self._base, maxsize=max_connections, block=False, **tls,
-            timeout=urllib3.Timeout(connect=5, read=read_timeout),
-            # GETs and PUTs of one key are idempotent: both are retried (a PUT's body is rewound).
-            retries=urllib3.Retry(total=3, status_forcelist=(500, 502, 503, 504), backoff_factor=0.05,
-                                  allowed_methods=("GET", "PUT"), raise_on_status=False))
+            timeout=urllib3.Timeout(connect=retry.CONNECT_TIMEOUT, read=retry.READ_TIMEOUT),
+            retries=retry.urllib3_retries())
 
     @staticmethod
     def usable(endpoint_url: str | None) -> bool:
