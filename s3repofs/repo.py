@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Mapping
 
 from .config import EMBEDDED, Config, load_config
 from .domain.content import Content, download_digest, file_content
+from .domain.lifecycle import VISIBLE_STATES, State, Storage, Tier
 from .domain.paths import DirPath, RepoPath, validate_type
 from .errors import (
     ArchivedError,
@@ -45,7 +46,8 @@ from .errors import (
 from .local.cache import LocalCache, StartDownload
 from .local.transfer import Download
 from .meta.db import Database
-from .meta.metastore import SCHEMA_VERSION, VISIBLE_STATES, MetaStore, Version
+from .meta.metastore import MetaStore, Version
+from .meta.schema import SCHEMA_VERSION
 from .objects.s3 import S3Store
 from .objects.store import ObjectStore, describe, open_store
 
@@ -160,7 +162,7 @@ class S3Repo:
         log.info("added %s (version %d, key %s)", repo_path, version.id, key)
         return RepoFile(self, version)
 
-    def get_file(self, path: str, state: str = "published") -> "RepoFile | None":
+    def get_file(self, path: str, state: str = State.PUBLISHED) -> "RepoFile | None":
         """The published version of ``path`` (or the newest in ``state``), or None."""
         self.ensure_ready()
         if state not in VISIBLE_STATES:
@@ -172,7 +174,7 @@ class S3Repo:
         self.ensure_ready()
         return RepoFile(self, self.meta.get(version_id))
 
-    def require_file(self, path: str, state: str = "published") -> "RepoFile":
+    def require_file(self, path: str, state: str = State.PUBLISHED) -> "RepoFile":
         found = self.get_file(path, state)
         if found is None:
             raise NotFoundError(f"{path}: no {state} version")
@@ -272,7 +274,7 @@ class S3Repo:
         """Upload and verify a staged version, then record its size and md5 and mark it uploaded.
         ``content``: what the staged bytes are, if the caller hashed them as it wrote them. Waits up
         to ``wait`` s (CLAIM_WAIT) for a writer still at the version (BeingWrittenError after that)."""
-        if version.storage == "uploaded":
+        if version.storage == Storage.UPLOADED:
             return version
         with self.cache.claim_staged(version.s3_key, CLAIM_WAIT if wait is None else wait) as held:
             if held:
@@ -284,7 +286,7 @@ class S3Repo:
     def publish(self, version: Version, path: RepoPath | None = None, *, content: Content | None = None) -> Version:
         """Upload if needed, then publish atomically (at ``path`` if given); expires the previous one.
         ``content``: as for ``upload``, which waits for a writer likewise."""
-        if version.storage == "local":  # the upload is recorded in the publishing transaction
+        if version.storage == Storage.LOCAL:  # the upload is recorded in the publishing transaction
             with self.cache.claim_staged(version.s3_key, CLAIM_WAIT) as held:
                 if held:
                     content = self._store_staged(version, content)
@@ -304,7 +306,7 @@ class S3Repo:
         """A version whose staged file is not here (any more), as recorded: uploaded meanwhile (by the
         retry, a writer's close or another publish), or staged on another host."""
         recorded = self.meta.get(version.id)
-        if recorded.storage == "local":
+        if recorded.storage == Storage.LOCAL:
             raise LifecycleError(f"{version.path}: the staged bytes of version {version.id} are not on this host "
                                  f"({version.origin_host} staged them)")
         return recorded
@@ -314,7 +316,7 @@ class S3Repo:
         A ``content`` given (hashed while the bytes were written) spares hashing the file when its
         size matches the staged file's and the store proves the md5 of what it stored; where the
         store can check only the size, the file is hashed after all and must agree."""
-        if version.state != "unpublished" or version.storage != "local":
+        if version.state != State.UNPUBLISHED or version.storage != Storage.LOCAL:
             raise LifecycleError(f"{version.path}: version {version.id} is {version.state}/{version.storage}; "
                                  "nothing to upload")
         staged = self.cache.staging_path(version.s3_key)  # held by the caller (claim_staged)
@@ -369,7 +371,7 @@ class S3Repo:
             if not retryable(version):
                 continue
             try:
-                if version.storage == "local" and not self.cache.staging_path(version.s3_key).exists():
+                if version.storage == Storage.LOCAL and not self.cache.staging_path(version.s3_key).exists():
                     continue
                 version = self.upload(version, wait=0)
                 if version.publish_pending:
@@ -388,15 +390,15 @@ class S3Repo:
         """Publish an uploaded version (a retry's), unless a version of its path created later is
         published: decided in the publishing transaction, since another host may publish meanwhile."""
         published, expired = self.meta.publish(version.id, unless_superseded=True)
-        if published.state != "published":
-            why = "a newer version is published" if published.state == "unpublished" else f"it is {published.state}"
+        if published.state != State.PUBLISHED:
+            why = "a newer version is published" if published.state == State.UNPUBLISHED else f"it is {published.state}"
             log.warning("not publishing %s (version %d): %s", version.path, version.id, why)
             return
         _log_published(published, expired)
 
     def local_file(self, version: Version) -> Path:
         """A local file holding the version's verified bytes: staged, or fetched into the cache."""
-        if version.storage == "local":
+        if version.storage == Storage.LOCAL:
             return self._staged_file(version)
         self._check_downloadable(version)
         return self.cache.fetch(version.s3_key, version.size, self._downloader(version))
@@ -406,7 +408,7 @@ class S3Repo:
         only for its own range (so the first bytes of a large cold file come at once). ``cached_only``:
         no new download (a mount reading from stale metadata): UnavailableError unless the object is in
         this host's cache, or already on its way there."""
-        if version.storage == "local":
+        if version.storage == Storage.LOCAL:
             return VersionReader(os.open(self._staged_file(version), os.O_RDONLY), None, None)
         self._check_downloadable(version)
         key = version.s3_key
@@ -416,7 +418,7 @@ class S3Repo:
 
     def prefetch(self, version: Version) -> bool:
         """Start downloading an uploaded version into the cache in the background; False if it need not."""
-        if version.storage != "uploaded" or version.tier == "archived" or version.size is None:
+        if version.storage != Storage.UPLOADED or version.tier == Tier.ARCHIVED or version.size is None:
             return False
         return self.cache.prefetch(version.s3_key, version.size, self._downloader(version)) is not None
 
@@ -428,9 +430,9 @@ class S3Repo:
                             "not uploaded yet")
 
     def _check_downloadable(self, version: Version) -> None:
-        if version.state in ("discarded", "purged"):
+        if version.state in (State.DISCARDED, State.PURGED):
             raise NotFoundError(f"{version.path}: version {version.id} is {version.state}")
-        if version.tier == "archived":
+        if version.tier == Tier.ARCHIVED:
             raise ArchivedError(f"{version.path}: version {version.id} is archived; thaw it first")
         if version.size is None or version.md5 is None:
             raise LifecycleError(f"{version.path}: version {version.id} has no recorded size and md5")
@@ -527,7 +529,7 @@ class RepoFile:
             raise ValueError(f"unsupported mode {mode!r}: use r, rb, w or wb")
         if mode.startswith("w"):
             self.refresh()
-            if self.state != "unpublished" or self.storage != "local":
+            if self.state != State.UNPUBLISHED or self.storage != Storage.LOCAL:
                 raise ReadOnlyError(f"{self.path}: version {self.id} is {self.state}/{self.storage}; "
                                     "its content is immutable (add a new version)")
             try:

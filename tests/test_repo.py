@@ -16,8 +16,8 @@ from s3repofs import S3Repo
 from s3repofs.domain.content import Content
 from s3repofs.domain.paths import MAX_PATH_BYTES, DirPath, RepoPath
 from s3repofs.errors import LifecycleError, NameTooLongError, ReadOnlyError, RepoError, VerificationError
-from s3repofs.meta import metastore as meta
-from s3repofs.meta.metastore import SCHEMA_VERSION
+from s3repofs.meta import schema
+from s3repofs.meta.schema import SCHEMA_VERSION
 from s3repofs.objects.s3 import S3Store
 
 
@@ -175,7 +175,7 @@ def test_a_path_of_path_max_bytes_of_random_names_works_everywhere(repo):
 def test_a_repository_of_schema_2_takes_paths_of_path_max_bytes_once_migrated(repo_config_pair, monkeypatch):
     """Migration 4 re-indexes PostgreSQL's path columns; rows and their uniqueness survive it."""
     with S3Repo(repo_config_pair) as repo:
-        monkeypatch.setattr(meta, "SCHEMA_VERSION", 2)
+        monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
         repo.meta.create_schema()
         monkeypatch.undo()
         old = repo.add_file(path="t/d/old.txt").touch("old").publish()

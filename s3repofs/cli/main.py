@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..domain.lifecycle import VISIBLE_STATES, State
 from ..errors import NotFoundError, RepoError, UsageError
 from ..local.atomic import atomic_write
 from ..ops import cache as cache_ops
@@ -24,7 +25,7 @@ from ..repo import RepoFile, S3Repo
 
 log = logging.getLogger("s3repofs")
 
-STATE_CHOICES = ("unpublished", "published", "expired", "all")
+STATE_CHOICES = (*(state.value for state in VISIBLE_STATES), "all")  # values: argparse's messages show their repr
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("ls", "List versions under PREFIX (a type, a directory or a path).")
     p.add_argument("prefix", nargs="?", default="", metavar="PREFIX")
-    p.add_argument("--state", choices=STATE_CHOICES, default="published", help="which versions (default: published)")
+    p.add_argument("--state", choices=STATE_CHOICES, default=State.PUBLISHED.value,
+                   help="which versions (default: published)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
 
     p = add("cat", "Write the published version of PATH to standard output.")
@@ -189,7 +191,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 current = repo.get_file(path)
                 # an expired version comes back only when nothing is published, so a repeated
                 # `publish` (from cron, say) never flips between two versions
-                rf = repo.get_file(path, "unpublished") or (None if current else repo.get_file(path, "expired"))
+                rf = (repo.get_file(path, State.UNPUBLISHED)
+                      or (None if current else repo.get_file(path, State.EXPIRED)))
                 if rf is None:
                     raise NotFoundError(f"{path}: already published (version {current.id})" if current
                                         else f"{path}: no unpublished or expired version")
@@ -209,7 +212,7 @@ def cmd_expire(args: argparse.Namespace) -> int:
 
 @command("ls")
 def cmd_ls(args: argparse.Namespace) -> int:
-    states = ("unpublished", "published", "expired") if args.state == "all" else (args.state,)
+    states = VISIBLE_STATES if args.state == "all" else (args.state,)
     with open_repo(args) as repo:
         files = repo.list_files(args.prefix, states)
         if args.json:

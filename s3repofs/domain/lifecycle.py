@@ -9,6 +9,9 @@ docs/internals.md draws it.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Mapping
+
+from ..errors import LifecycleError
 
 
 class State(StrEnum):
@@ -38,3 +41,32 @@ class Tier(StrEnum):
 
 # The states a mount and a listing show, each as a top-level directory of the mount.
 VISIBLE_STATES = (State.UNPUBLISHED, State.PUBLISHED, State.EXPIRED)
+
+Facet = State | Storage | Tier
+
+# Every change of a version's state, storage or tier that the code makes, and what makes it: a change
+# not in this table is refused (check_transition). A publish at another path moves a published version
+# without changing its state, and is checked like any publish. Operations not built yet add their rows
+# when they are: gc's purge (expired -> purged), fsck's missing, archive's tier (docs/internals.md
+# draws them, marked so).
+TRANSITIONS: Mapping[tuple[Facet, Facet], str] = {
+    (State.UNPUBLISHED, State.PUBLISHED): "publish (close in published/, mv into published/, setxattr)",
+    (State.UNPUBLISHED, State.DISCARDED): "discard (rm in unpublished/, replaced by a newer staged version)",
+    (State.PUBLISHED, State.EXPIRED): "expire (rm in published/, setxattr, a newer version published)",
+    (State.PUBLISHED, State.PUBLISHED): "publish at another path (mv inside published/)",
+    (State.EXPIRED, State.PUBLISHED): "re-publish (mv expired/ -> published/, setxattr)",
+    (Storage.LOCAL, Storage.UPLOADED): "upload (a flush, close or publish; the retry of staged uploads)",
+}
+
+
+def check_transition(version: str, old: Facet, new: Facet) -> None:
+    """Refuse, with LifecycleError, a change from ``old`` to ``new`` that TRANSITIONS does not hold.
+    ``version`` names the version for the message (``"t/a.txt: version 7"``)."""
+    if (old, new) in TRANSITIONS:
+        return
+    sources = [source for source, target in TRANSITIONS if target == new]
+    if not sources:
+        raise LifecycleError(f"{version} is {old}; no version can be {new}")
+    article = "an" if sources[0][0] in "aeiou" else "a"
+    listed = ", ".join(sources[:-1]) + " or " + sources[-1] if len(sources) > 1 else sources[0]
+    raise LifecycleError(f"{version} is {old}; only {article} {listed} version can be {new}")

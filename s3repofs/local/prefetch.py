@@ -15,6 +15,7 @@ from typing import Callable
 
 from cachetools import LRUCache
 
+from ..domain.lifecycle import State
 from ..domain.paths import DirPath
 from ..errors import RepoError
 from ..meta.metastore import Version
@@ -44,7 +45,7 @@ class Prefetcher:
 
     def opened(self, version: Version) -> None:
         """A reader opened ``version`` (published): prefetch what it will probably open next."""
-        if self.window <= 0 or version.state != "published":
+        if self.window <= 0 or version.state != State.PUBLISHED:
             return
         directory, name = version.path.parent, version.name
         with self._lock:

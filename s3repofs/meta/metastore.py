@@ -1,4 +1,4 @@
-"""The metadata store: the one place that knows the schema, its migrations and its queries.
+"""The metadata store: the queries of versions, directories, tags and hosts (the schema is schema.py's).
 
 Every method is one transaction (``Database.run``), and each can run twice: when the answer to its
 commit is lost, ``Database.run`` runs it again with ``tx.rerun`` set. Most are idempotent as they
@@ -17,167 +17,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable
 
 from ..domain.content import Content
-from ..domain.lifecycle import VISIBLE_STATES  # noqa: F401  (re-exported)
+from ..domain.lifecycle import VISIBLE_STATES, State, Storage, check_transition
 from ..domain.paths import DirPath, RepoPath
 from ..errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
+from . import schema
 from .db import Database, Tx
-
-SCHEMA_VERSION = 4
-_SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400e9 AS INTEGER)"  # ns since the epoch, as time.time_ns()
-_SQLITE_TOUCHED = f"mtime_ns = max({_SQLITE_NOW}, coalesce(mtime_ns, 0) + 1)"
-
-
-# Each migration takes the schema from version N-1 to N. Never edit one that has shipped: add the next.
-# A migration of one engine only is a dict of statements by dialect name.
-MIGRATIONS: dict[int, list[str] | dict[str, list[str]]] = {
-    1: [
-        """CREATE TABLE hosts (
-            name       TEXT PRIMARY KEY,
-            first_seen {real} NOT NULL,
-            last_seen  {real} NOT NULL
-        )""",
-        """CREATE TABLE versions (
-            id           {id},
-            file_type    TEXT NOT NULL,
-            dir          TEXT NOT NULL,
-            name         TEXT NOT NULL,
-            state        TEXT NOT NULL CHECK (state IN
-                           ('unpublished', 'published', 'expired', 'discarded', 'purged')),
-            storage      TEXT NOT NULL CHECK (storage IN ('local', 'uploaded', 'missing')),
-            tier         TEXT NOT NULL DEFAULT 'fresh' CHECK (tier IN ('fresh', 'archived')),
-            bucket       TEXT NOT NULL,
-            s3_key       TEXT NOT NULL UNIQUE,
-            size         {bigint},
-            md5          TEXT,
-            origin_host  TEXT NOT NULL,
-            mode         INTEGER NOT NULL,
-            uid          INTEGER NOT NULL,
-            gid          INTEGER NOT NULL,
-            -- set when a writer asked for publication but the upload failed: retried, then published
-            publish_pending INTEGER NOT NULL DEFAULT 0,
-            created_at   {real} NOT NULL,
-            uploaded_at  {real},
-            published_at {real},
-            expired_at   {real},
-            archived_at  {real},
-            purged_at    {real}
-        )""",
-        # The database, not the code, guarantees one published version per path.
-        """CREATE UNIQUE INDEX one_published_per_path ON versions (file_type, dir, name)
-            WHERE state = 'published'""",
-        # Listing a directory in one state is an equality lookup on this index.
-        "CREATE INDEX versions_by_dir ON versions (file_type, dir, state, name)",
-        "CREATE INDEX versions_by_state ON versions (state, created_at)",
-        """CREATE TABLE tags (
-            version_id {bigint} NOT NULL REFERENCES versions (id) ON DELETE CASCADE,
-            key        TEXT NOT NULL,
-            value      TEXT NOT NULL,
-            PRIMARY KEY (version_id, key)
-        )""",
-        # Directories: every ancestor of every version (implicit) and those made by mkdir (explicit).
-        # A type's top directory has dir = '' and parent NULL.
-        """CREATE TABLE directories (
-            file_type  TEXT NOT NULL,
-            dir        TEXT NOT NULL,
-            parent     TEXT,
-            explicit   INTEGER NOT NULL DEFAULT 0,
-            mode       INTEGER NOT NULL DEFAULT 493,
-            uid        INTEGER NOT NULL DEFAULT 0,
-            gid        INTEGER NOT NULL DEFAULT 0,
-            created_at {real} NOT NULL,
-            PRIMARY KEY (file_type, dir)
-        )""",
-        "CREATE INDEX directories_by_parent ON directories (parent, file_type)",
-        # One row per path that was ever published: publishers serialize on it (SELECT ... FOR UPDATE).
-        """CREATE TABLE path_locks (
-            file_type TEXT NOT NULL,
-            dir       TEXT NOT NULL,
-            name      TEXT NOT NULL,
-            PRIMARY KEY (file_type, dir, name)
-        )""",
-    ],
-    # The digest downloads are verified with (see content.Content); rows without one fall back to md5.
-    2: ["ALTER TABLE versions ADD COLUMN xxh3 TEXT"],
-    # Times, in integer nanoseconds (a float loses what rsync and cp -p compare): a version's mtime as a user
-    # set it (utimens; NULL: its creation), and a directory's mtime,
-    # the last time an entry was added to it or removed from it in any state tree (NULL: its creation),
-    # kept by triggers so that every change of a row, by any code on any host, moves it (forward, by at
-    # least 1 ns, even within one tick of the database's clock: a poller sees every change).
-    3: {"sqlite": [
-        "ALTER TABLE versions ADD COLUMN mtime_ns INTEGER",
-        "ALTER TABLE directories ADD COLUMN mtime_ns INTEGER",
-        f"""CREATE TRIGGER IF NOT EXISTS versions_touch_dir AFTER INSERT ON versions BEGIN
-            UPDATE directories SET {_SQLITE_TOUCHED} WHERE file_type = NEW.file_type AND dir = NEW.dir; END""",
-        f"""CREATE TRIGGER IF NOT EXISTS versions_touch_dirs AFTER UPDATE OF state, file_type, dir, name ON versions
-            WHEN OLD.state <> NEW.state OR OLD.file_type <> NEW.file_type OR OLD.dir <> NEW.dir OR OLD.name <> NEW.name
-            BEGIN
-            UPDATE directories SET {_SQLITE_TOUCHED} WHERE (file_type = NEW.file_type AND dir = NEW.dir)
-                OR (file_type = OLD.file_type AND dir = OLD.dir); END""",
-        f"""CREATE TRIGGER IF NOT EXISTS directories_touch_parent AFTER INSERT ON directories
-            WHEN NEW.parent IS NOT NULL BEGIN
-            UPDATE directories SET {_SQLITE_TOUCHED}
-            WHERE file_type = NEW.file_type AND dir = NEW.parent; END""",
-        f"""CREATE TRIGGER IF NOT EXISTS directories_touch_parent_gone AFTER DELETE ON directories
-            WHEN OLD.parent IS NOT NULL BEGIN
-            UPDATE directories SET {_SQLITE_TOUCHED}
-            WHERE file_type = OLD.file_type AND dir = OLD.parent; END""",
-    ], "postgresql": [
-        "ALTER TABLE versions ADD COLUMN IF NOT EXISTS mtime_ns BIGINT",
-        "ALTER TABLE directories ADD COLUMN IF NOT EXISTS mtime_ns BIGINT",
-        # md5(dir): how migration 4 indexes it (a dir can outgrow a btree entry).
-        """CREATE OR REPLACE FUNCTION s3repofs_touch_dirs() RETURNS trigger LANGUAGE plpgsql AS $$
-            DECLARE _now BIGINT := (extract(epoch FROM clock_timestamp()) * 1e9)::BIGINT;
-            BEGIN
-                IF TG_TABLE_NAME = 'versions' THEN
-                    UPDATE directories SET mtime_ns = GREATEST(_now, coalesce(mtime_ns, 0) + 1)
-                    WHERE file_type = NEW.file_type AND md5(dir) = md5(NEW.dir) AND dir = NEW.dir;
-                    IF TG_OP = 'UPDATE' AND (OLD.file_type, OLD.dir) IS DISTINCT FROM (NEW.file_type, NEW.dir) THEN
-                        UPDATE directories SET mtime_ns = GREATEST(_now, coalesce(mtime_ns, 0) + 1)
-                        WHERE file_type = OLD.file_type AND md5(dir) = md5(OLD.dir) AND dir = OLD.dir;
-                    END IF;
-                ELSIF TG_OP = 'INSERT' THEN
-                    UPDATE directories SET mtime_ns = GREATEST(_now, coalesce(mtime_ns, 0) + 1)
-                    WHERE file_type = NEW.file_type AND md5(dir) = md5(NEW.parent) AND dir = NEW.parent;
-                ELSE
-                    UPDATE directories SET mtime_ns = GREATEST(_now, coalesce(mtime_ns, 0) + 1)
-                    WHERE file_type = OLD.file_type AND md5(dir) = md5(OLD.parent) AND dir = OLD.parent;
-                END IF;
-                RETURN NULL;
-            END $$""",
-        "DROP TRIGGER IF EXISTS versions_touch_dir ON versions",
-        """CREATE TRIGGER versions_touch_dir AFTER INSERT ON versions
-            FOR EACH ROW EXECUTE FUNCTION s3repofs_touch_dirs()""",
-        "DROP TRIGGER IF EXISTS versions_touch_dirs ON versions",
-        """CREATE TRIGGER versions_touch_dirs AFTER UPDATE OF state, file_type, dir, name ON versions FOR EACH ROW
-            WHEN ((OLD.state, OLD.file_type, OLD.dir, OLD.name) IS DISTINCT FROM
-                  (NEW.state, NEW.file_type, NEW.dir, NEW.name))
-            EXECUTE FUNCTION s3repofs_touch_dirs()""",
-        "DROP TRIGGER IF EXISTS directories_touch_parent ON directories",
-        """CREATE TRIGGER directories_touch_parent AFTER INSERT OR DELETE ON directories
-            FOR EACH ROW EXECUTE FUNCTION s3repofs_touch_dirs()""",
-    ]},
-    # Paths up to PATH_MAX: a dir can take 4,095 bytes, and a PostgreSQL btree entry has room for 2,704
-    # ("index row size exceeds btree maximum"), so its indexes hold md5(dir) and md5(parent) instead, and
-    # queries name the same expression (MetaStore._is). A unique index on md5 refuses only two different
-    # dirs with one md5 (a crafted collision, of valid UTF-8 without '/' or NUL). SQLite has no such limit.
-    # Each statement can run again: the schema 1 test re-runs it on an already migrated database.
-    4: {"postgresql": [
-        "DROP INDEX IF EXISTS one_published_per_path",
-        """CREATE UNIQUE INDEX one_published_per_path ON versions (file_type, md5(dir), name)
-            WHERE state = 'published'""",
-        "DROP INDEX IF EXISTS versions_by_dir",
-        "CREATE INDEX versions_by_dir ON versions (file_type, md5(dir), state, name)",
-        "ALTER TABLE directories DROP CONSTRAINT IF EXISTS directories_pkey",
-        "DROP INDEX IF EXISTS directories_by_dir",
-        "CREATE UNIQUE INDEX directories_by_dir ON directories (file_type, md5(dir))",
-        "DROP INDEX IF EXISTS directories_by_parent",
-        "CREATE INDEX directories_by_parent ON directories (md5(parent), file_type)",
-        "CREATE INDEX IF NOT EXISTS directories_types ON directories (file_type) WHERE parent IS NULL",
-        "ALTER TABLE path_locks DROP CONSTRAINT IF EXISTS path_locks_pkey",
-        "DROP INDEX IF EXISTS path_locks_by_path",
-        "CREATE UNIQUE INDEX path_locks_by_path ON path_locks (file_type, md5(dir), name)",
-    ]},
-}
 
 
 @dataclass(frozen=True)
@@ -188,7 +32,7 @@ class Version:
     file_type: str
     dir: str
     name: str
-    state: str
+    state: str  # a State (read back as the str it equals), likewise storage a Storage and tier a Tier
     storage: str
     tier: str
     bucket: str
@@ -240,6 +84,7 @@ class Directory:
 
 
 _VERSION_COLUMNS = ", ".join(f.name for f in fields(Version))
+_VISIBLE = ", ".join(f"'{state}'" for state in VISIBLE_STATES)
 _DIR_COLUMNS = ", ".join(f.name for f in fields(Directory) if f.name != "subdirs")
 
 
@@ -265,40 +110,11 @@ class MetaStore:
 
     def create_schema(self) -> int:
         """Create or migrate the schema to SCHEMA_VERSION; idempotent and safe to run concurrently."""
-
-        def migrate(tx: Tx) -> int:
-            if tx.kind == "postgresql":
-                tx.execute("SELECT pg_advisory_xact_lock(7303521)")  # one migrator at a time
-            tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            current = tx.scalar("SELECT MAX(version) FROM schema_version") or 0
-            if current > SCHEMA_VERSION:
-                raise RepoError(
-                    f"the database schema is version {current}, newer than this s3repofs "
-                    f"understands ({SCHEMA_VERSION}): upgrade s3repofs"
-                )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                statements = MIGRATIONS[version]
-                if isinstance(statements, dict):
-                    statements = statements.get(tx.kind, [])
-                for statement in statements:
-                    tx.execute(self.db.dialect.ddl(statement))
-                tx.execute("DELETE FROM schema_version")
-                tx.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-            return SCHEMA_VERSION
-
-        return self.db.run(migrate)
+        return self.db.run(lambda tx: schema.migrate(tx, self.db.dialect))
 
     def schema_version(self) -> int:
         """The schema version of the database, 0 if the repository was never created."""
-
-        def read(tx: Tx) -> int:
-            if tx.kind == "postgresql":
-                exists = tx.scalar("SELECT to_regclass('schema_version') IS NOT NULL")
-            else:
-                exists = tx.scalar("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'")
-            return (tx.scalar("SELECT MAX(version) FROM schema_version") or 0) if exists else 0
-
-        return self.db.run(read, write=False)
+        return self.db.run(schema.current_version, write=False)
 
     # -- hosts ----------------------------------------------------------------------------------
 
@@ -321,9 +137,9 @@ class MetaStore:
         """Write the intent row of a new unpublished version, before any byte of it is uploaded."""
         now = self.clock()
 
-        insert_sql = """INSERT INTO versions (file_type, dir, name, state, storage, bucket, s3_key,
-                             origin_host, mode, uid, gid, created_at)
-                         VALUES (?, ?, ?, 'unpublished', 'local', ?, ?, ?, ?, ?, ?, ?)"""
+        insert_sql = f"""INSERT INTO versions (file_type, dir, name, state, storage, bucket, s3_key,
+                              origin_host, mode, uid, gid, created_at)
+                          VALUES (?, ?, ?, '{State.UNPUBLISHED}', '{Storage.LOCAL}', ?, ?, ?, ?, ?, ?, ?)"""
         values = (path.file_type, path.dir, path.name, bucket, s3_key, origin_host, mode, uid, gid, now)
 
         def insert(tx: Tx) -> Version:
@@ -346,7 +162,7 @@ class MetaStore:
             raise NotFoundError(f"no version {version_id}")
         return Version(**row)
 
-    def find(self, path: RepoPath, state: str = "published") -> Version | None:
+    def find(self, path: RepoPath, state: str = State.PUBLISHED) -> Version | None:
         """The newest version of ``path`` in ``state`` (the only one, for published)."""
         at_path, params = self._at(path)
         return self.db.run(lambda tx: _version(tx.one(
@@ -372,13 +188,15 @@ class MetaStore:
         return self.db.run(run)
 
     def _mark_uploaded(self, tx: Tx, version_id: int, content: Content, now: float) -> None:
-        changed = tx.execute("""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = 'uploaded', uploaded_at = ?
-                                WHERE id = ? AND storage = 'local' AND state = 'unpublished'""",
+        check_transition(f"version {version_id}", Storage.LOCAL, Storage.UPLOADED)  # made where the row is local
+        changed = tx.execute(f"""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = '{Storage.UPLOADED}',
+                                     uploaded_at = ?
+                                 WHERE id = ? AND storage = '{Storage.LOCAL}' AND state = '{State.UNPUBLISHED}'""",
                              (content.size, content.md5, content.xxh3, now, version_id))
         if changed:
             return
         version = self._lock_version(tx, version_id)
-        if version.storage == "uploaded" and (version.size, version.md5) == (content.size, content.md5):
+        if version.storage == Storage.UPLOADED and (version.size, version.md5) == (content.size, content.md5):
             return  # a retry of an upload that had been recorded
         raise LifecycleError(f"{version.path}: version {version_id} is {version.state} "
                              f"and {version.storage}; its content is immutable")
@@ -410,30 +228,31 @@ class MetaStore:
             if uploaded is not None:
                 self._mark_uploaded(tx, version_id, uploaded, now)
             version = self._lock_version(tx, version_id)  # re-read under the path lock
-            if unless_superseded and not (version.state == "unpublished" and version.publish_pending):
+            if unless_superseded and not (version.state == State.UNPUBLISHED and version.publish_pending):
                 return version, None  # done meanwhile (another mount's retry), or expired since: as it is
-            if version.state not in ("unpublished", "expired", "published"):
-                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; it cannot be published")
-            if version.storage != "uploaded":
+            check_transition(f"{version.path}: version {version_id}", version.state, State.PUBLISHED)
+            if version.storage != Storage.UPLOADED:
                 raise LifecycleError(f"{version.path}: version {version_id} is not uploaded and verified; "
                                      "it cannot be published")
-            if version.state == "published" and target == version.path:  # by a first attempt, too (tx.rerun)
+            if version.state == State.PUBLISHED and target == version.path:  # by a first attempt, too (tx.rerun)
                 return version, self._expired_by(tx, version) if tx.rerun else None
             current = self._published(tx, target)
             if unless_superseded and current is not None and current.id > version.id:  # ids: in order of creation
                 tx.execute("UPDATE versions SET publish_pending = 0 WHERE id = ?", (version_id,))
                 return replace(version, publish_pending=0), None
             if current is not None:
-                tx.execute("UPDATE versions SET state = 'expired', expired_at = ? WHERE id = ?", (now, current.id))
+                check_transition(f"{current.path}: version {current.id}", current.state, State.EXPIRED)
+                tx.execute(f"UPDATE versions SET state = '{State.EXPIRED}', expired_at = ? WHERE id = ?",
+                           (now, current.id))
             if target != version.path:
                 self._ensure_dirs(tx, target.parent, now)
             tx.execute(
-                """UPDATE versions SET state = 'published', published_at = ?, expired_at = NULL,
-                       publish_pending = 0, file_type = ?, dir = ?, name = ? WHERE id = ?""",
+                f"""UPDATE versions SET state = '{State.PUBLISHED}', published_at = ?, expired_at = NULL,
+                        publish_pending = 0, file_type = ?, dir = ?, name = ? WHERE id = ?""",
                 (now, target.file_type, target.dir, target.name, version_id),
             )
-            expired = replace(current, state="expired", expired_at=now) if current is not None else None
-            return replace(version, state="published", published_at=now, expired_at=None, publish_pending=0,
+            expired = replace(current, state=State.EXPIRED, expired_at=now) if current is not None else None
+            return replace(version, state=State.PUBLISHED, published_at=now, expired_at=None, publish_pending=0,
                            file_type=target.file_type, dir=target.dir, name=target.name), expired
 
         return self.db.run(run)
@@ -449,51 +268,54 @@ class MetaStore:
         published under the same condition, so both happen or neither."""
         now = self.clock()
         path = staged.path
+        # The transitions the UPDATEs below make, where their conditions hold.
+        check_transition(f"{path}: its published version", State.PUBLISHED, State.EXPIRED)
+        check_transition(f"{path}: version {staged.id}", State.UNPUBLISHED, State.PUBLISHED)
+        check_transition(f"{path}: version {staged.id}", Storage.LOCAL, Storage.UPLOADED)
         where_path, at_path = self._at(path)
-        as_staged = f"id = ? AND state = 'unpublished' AND storage = 'local' AND {where_path}"
+        as_staged = f"id = ? AND state = '{State.UNPUBLISHED}' AND storage = '{Storage.LOCAL}' AND {where_path}"
 
         def run(tx: Tx) -> list[dict]:
             self._lock_path(tx, path)
             tx.defer("SELECT id FROM versions WHERE id = ?" + self.db.dialect.for_update, (staged.id,))
-            tx.defer(f"""UPDATE versions SET state = 'expired', expired_at = ?
-                         WHERE {where_path} AND state = 'published' AND id <> ?
+            tx.defer(f"""UPDATE versions SET state = '{State.EXPIRED}', expired_at = ?
+                         WHERE {where_path} AND state = '{State.PUBLISHED}' AND id <> ?
                              AND EXISTS (SELECT 1 FROM versions WHERE {as_staged})""",
                      (now, *at_path, staged.id, staged.id, *at_path))
-            tx.defer(f"""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = 'uploaded', uploaded_at = ?,
-                             state = 'published', published_at = ?, expired_at = NULL, publish_pending = 0
+            tx.defer(f"""UPDATE versions SET size = ?, md5 = ?, xxh3 = ?, storage = '{Storage.UPLOADED}',
+                             uploaded_at = ?, state = '{State.PUBLISHED}', published_at = ?, expired_at = NULL,
+                             publish_pending = 0
                          WHERE {as_staged}""",
                      (content.size, content.md5, content.xxh3, now, now, staged.id, *at_path))
             return tx.all(f"""SELECT {_VERSION_COLUMNS} FROM versions
-                              WHERE id = ? OR ({where_path} AND state = 'expired' AND expired_at = ?)""",
+                              WHERE id = ? OR ({where_path} AND state = '{State.EXPIRED}' AND expired_at = ?)""",
                           (staged.id, *at_path, now))
 
         rows = [Version(**row) for row in self.db.run(run, one_trip=True)]
-        published = next((v for v in rows if v.id == staged.id and v.state == "published"), None)
+        published = next((v for v in rows if v.id == staged.id and v.state == State.PUBLISHED), None)
         if published is None or published.published_at != now:
             return self.publish(staged.id, uploaded=content)
         return published, next((v for v in rows if v.id != staged.id), None)
 
     def expire(self, version_id: int) -> Version:
-        return self._change_state(version_id, "published", "expired", "expired_at = ?")
+        """Withdraw a published version (it stays readable in expired/)."""
+        return self._change_state(version_id, State.EXPIRED, "expired_at = ?")
 
     def discard(self, version_id: int) -> Version:
         """Throw away an unpublished version (gc deletes its object later)."""
-        return self._change_state(version_id, "unpublished", "discarded", "expired_at = ?, publish_pending = 0")
+        return self._change_state(version_id, State.DISCARDED, "expired_at = ?, publish_pending = 0")
 
-    def _change_state(self, version_id: int, source: str, target: str, assignments: str) -> Version:
-        """Move a version from state ``source`` to ``target``, setting ``assignments`` (their one ``?`` is
-        the time). LifecycleError if it is in another state, except on a re-run (tx.rerun) that finds it
-        in ``target``: the first attempt's commit went through."""
+    def _change_state(self, version_id: int, target: State, assignments: str) -> Version:
+        """Move a version to state ``target``, setting ``assignments`` (their one ``?`` is the time).
+        LifecycleError if the lifecycle's TRANSITIONS do not lead there from its state, except on a
+        re-run (tx.rerun) that finds it in ``target``: the first attempt's commit went through."""
         now = self.clock()
-        article = "an" if source[0] in "aeiou" else "a"
 
         def run(tx: Tx) -> Version:
             version = self._lock_version(tx, version_id)
             if tx.rerun and version.state == target:
                 return version
-            if version.state != source:
-                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; only {article} "
-                                     f"{source} version can be {target}")
+            check_transition(f"{version.path}: version {version_id}", version.state, target)
             tx.execute(f"UPDATE versions SET state = '{target}', {assignments} WHERE id = ?", (now, version_id))
             return self._lock_version(tx, version_id)
 
@@ -505,7 +327,7 @@ class MetaStore:
 
         def run(tx: Tx) -> Version:
             version = self._lock_version(tx, version_id)
-            if version.state != "unpublished":
+            if version.state != State.UNPUBLISHED:
                 raise LifecycleError(f"{version.path}: version {version_id} is {version.state}; it cannot be moved")
             self._ensure_dirs(tx, path.parent, now)
             tx.execute("UPDATE versions SET file_type = ?, dir = ?, name = ? WHERE id = ?",
@@ -522,7 +344,8 @@ class MetaStore:
         """Unpublished versions of ``host`` not yet uploaded, or uploaded but waiting to be published."""
         rows = self.db.run(lambda tx: tx.all(
             f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE state = 'unpublished' AND origin_host = ? AND (storage = 'local' OR publish_pending = 1)
+                WHERE state = '{State.UNPUBLISHED}' AND origin_host = ?
+                    AND (storage = '{Storage.LOCAL}' OR publish_pending = 1)
                 ORDER BY id""",
             (host,)), write=False)
         return [Version(**r) for r in rows]
@@ -546,9 +369,9 @@ class MetaStore:
         only names after ``after``, at most ``limit`` of them (an indexed range scan either way)."""
         page, limited = (" LIMIT ?", (limit,)) if limit is not None else ("", ())
         in_dir, at_dir = self._in(directory)
-        if state == "published":
+        if state == State.PUBLISHED:
             sql = f"""SELECT {_VERSION_COLUMNS} FROM versions
-                      WHERE {in_dir} AND state = 'published' AND name > ? ORDER BY name{page}"""
+                      WHERE {in_dir} AND state = '{State.PUBLISHED}' AND name > ? ORDER BY name{page}"""
             params = (*at_dir, after, *limited)
         else:
             sql = f"""SELECT {_VERSION_COLUMNS} FROM versions WHERE id IN (
@@ -655,7 +478,7 @@ class MetaStore:
             child = tx.one(f"SELECT 1 FROM directories WHERE {under} LIMIT 1", params)
             version = tx.one(
                 f"""SELECT 1 FROM versions WHERE {in_dir}
-                    AND state IN ('unpublished', 'published', 'expired') LIMIT 1""", at_dir)
+                    AND state IN ({_VISIBLE}) LIMIT 1""", at_dir)
             if child or version:
                 raise NotEmptyError(f"{directory}: directory not empty")
             tx.execute(f"DELETE FROM directories WHERE {in_dir}", at_dir)
@@ -697,14 +520,14 @@ class MetaStore:
         at_path, params = self._at(published.path)
         return _version(tx.one(
             f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE {at_path} AND state = 'expired' AND expired_at = ? AND id <> ?""",
+                WHERE {at_path} AND state = '{State.EXPIRED}' AND expired_at = ? AND id <> ?""",
             (*params, published.published_at, published.id),
         ))
 
     def _published(self, tx: Tx, path: RepoPath) -> Version | None:
         at_path, params = self._at(path)
         return _version(tx.one(
-            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {at_path} AND state = 'published'"
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {at_path} AND state = '{State.PUBLISHED}'"
             + self.db.dialect.for_update, params))
 
     # -- conditions on a path, as the indexes find them -------------------------------------------
