@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -202,6 +204,27 @@ def test_a_body_that_keeps_breaking_off_fails_with_what_arrived(dest, pool):
     with pytest.raises(TransientStoreError, match="got 40 of 1000 bytes in 4 attempts; the connection broke off"):
         Download(dest, len(DATA), MD5, "test", fetch, 0, pool).run()
     assert asked == [0, 10, 20, 30]
+
+
+def test_a_part_stopped_by_another_parts_failure_is_not_asked_for_again(dest, pool, caplog):
+    """Part 1 meets part 0's failure at its next chunk: it stops with that error, and logs no retry of its own."""
+    download = None
+
+    def fetch(start, end):
+        if start == 0:  # every body of part 0 ends early
+            return
+        for _ in range(1000):  # part 1's next chunk arrives once part 0 has failed the download
+            if download._error is not None:
+                break
+            time.sleep(0.01)
+        yield DATA[start:start + 10]
+
+    download = Download(dest, len(DATA), MD5, "test", fetch, 500, pool)
+    with caplog.at_level(logging.WARNING, logger=transfer.__name__):
+        with pytest.raises(VerificationError, match="got 0 of 500 bytes .* in 4 attempts: the store ended the body"):
+            download.run()
+    again = [r.getMessage() for r in caplog.records if "asking again for the rest" in r.getMessage()]
+    assert len(again) == retry.ATTEMPTS - 1 and not any("in 4 attempts" in message for message in again)
 
 
 def test_a_missing_object_is_not_asked_for_again(dest, pool):

@@ -155,10 +155,12 @@ class Download:
         if self._filled[index] < self._part_end(index) - self._starts[index]:
             raise self._cut_short(index, attempt, None)
 
-    @staticmethod
-    def _log_ask_again(state) -> None:
-        log.warning("%s; asking again for the rest (attempt %d of %d)", state.outcome.exception(),
-                    state.attempt_number + 1, ATTEMPTS)
+    def _log_ask_again(self, state) -> None:
+        failure = state.outcome.exception()
+        with self._cond:
+            if failure is self._error:  # another part's, met at this part's next chunk: the pause raises it at once
+                return
+        log.warning("%s; asking again for the rest (attempt %d of %d)", failure, state.attempt_number + 1, ATTEMPTS)
 
     def _receive(self, index: int, digest) -> None:
         """Fetch what is missing of part ``index`` (all of it, the first time) and write it into place."""
