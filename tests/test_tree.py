@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -531,3 +532,28 @@ def test_readlink_and_removexattr_answer_as_a_tree_without_links_or_removable_at
         tree.removexattr("/published/t/f", "security.selinux")
     assert info.value.errno == errno.ENOTSUP and info.value.expected
     assert tree.getxattr("/published/t/f", "user.s3repo.state") == b"published"
+
+
+def test_chmod_racing_the_first_write_after_a_flush_leaves_the_new_bytes_to_be_stored(repo, monkeypatch):
+    tree, fh = _writing(repo, b"first")
+    tree.flush(fh)  # stored and published: the next write continues in a new version
+    set_attrs = repo.set_attrs
+    writes = []
+
+    def write_during_the_round_trip(version_id, **attrs):
+        # The first write after the flush arrives while chmod waits for the database.
+        writer = threading.Thread(target=lambda: writes.append(tree.write(fh, b"second", 0)))
+        writer.start()
+        writer.join(0.5)  # with chmod holding the session, the write waits for it to finish
+        return set_attrs(version_id, **attrs)
+
+    monkeypatch.setattr(repo, "set_attrs", write_during_the_round_trip)
+    tree.chmod("/published/t/f", 0o600)
+    monkeypatch.setattr(repo, "set_attrs", set_attrs)
+    deadline = time.monotonic() + 5
+    while not writes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tree.flush(fh)
+    tree.release(fh)
+    assert repo.get_file("t/f").read_bytes() == b"second"
+    assert [v.state for v in repo.versions_at(RepoPath.parse("t/f"))][-1] == "published"

@@ -436,8 +436,12 @@ class Tree:
         writer = self.handles.writer(path)
         try:
             if writer is not None:
-                writer.version = self.repo.set_attrs(writer.version.id, **attrs)
-                if writer.stage is Stage.UNCHANGED:  # an unchanged copy: the stored version is the file
+                # Under the session's lock: a flush, or the first write after one, replaces its version,
+                # and this must not put the older one back.
+                with writer.lock:
+                    writer.version = self.repo.set_attrs(writer.version.id, **attrs)
+                    unchanged = writer.stage is Stage.UNCHANGED
+                if unchanged:  # an unchanged copy: the stored version is the file
                     stored = self.lookups.stored_entry(path)
                     if stored is not None:
                         self.repo.set_attrs(stored.version.id, **attrs)
