@@ -16,7 +16,6 @@ marked uploaded, and only then is the version published in one transaction.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
@@ -26,7 +25,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .config import EMBEDDED, Config, load_config
 from .domain.content import Content, download_digest, file_content
@@ -38,7 +37,6 @@ from .errors import (
     LifecycleError,
     NotFoundError,
     OutcomeUnknownError,
-    ReadOnlyError,
     RepoError,
     UnavailableError,
     VerificationError,
@@ -50,6 +48,7 @@ from .meta.metastore import MetaStore, Version
 from .meta.schema import SCHEMA_VERSION
 from .objects.s3 import S3Store
 from .objects.store import ObjectStore, describe, open_store
+from .repofile import RepoFile
 
 if TYPE_CHECKING:  # the mount's directory records (see "for a mounted tree")
     from .meta.metastore import Directory
@@ -484,97 +483,6 @@ def _log_published(published: Version, expired: Version | None) -> None:
     if expired is not None:
         log.info("expired %s (version %d, superseded by %d)", expired.path, expired.id, published.id)
     log.info("published %s (version %d)", published.path, published.id)
-
-
-class RepoFile:
-    """One version of a repository file. Properties reflect the last read of its row (``refresh()``)."""
-
-    def __init__(self, repo: S3Repo, version: Version) -> None:
-        self.repo = repo
-        self.version = version
-
-    def __repr__(self) -> str:
-        return f"<RepoFile {self.path} version={self.id} state={self.state}>"
-
-    # properties of the original API
-    id = property(lambda self: self.version.id)
-    path = property(lambda self: str(self.version.path))
-    file_type = property(lambda self: self.version.file_type)
-    state = property(lambda self: self.version.state)
-    storage = property(lambda self: self.version.storage)
-    tier = property(lambda self: self.version.tier)
-    md5 = property(lambda self: self.version.md5)
-    file_size = property(lambda self: self.version.size)
-    s3_key = property(lambda self: self.version.s3_key)
-    bucket = property(lambda self: self.version.bucket)
-    origin_host = property(lambda self: self.version.origin_host)
-    created_at = property(lambda self: self.version.created_at)
-    uploaded_at = property(lambda self: self.version.uploaded_at)
-    published_at = property(lambda self: self.version.published_at)
-    expired_at = property(lambda self: self.version.expired_at)
-
-    def refresh(self) -> "RepoFile":
-        self.version = self.repo.meta.get(self.id)
-        return self
-
-    def touch(self, content: str | bytes = b"") -> "RepoFile":
-        """Replace the staged content of this unpublished version."""
-        with self.open("wb") as f:
-            f.write(content.encode("utf-8") if isinstance(content, str) else content)
-        return self
-
-    def open(self, mode: str = "r") -> IO:
-        """Open for reading (any version with bytes) or writing ("w"/"wb": unpublished, not yet uploaded)."""
-        if mode not in ("r", "rb", "w", "wb"):
-            raise ValueError(f"unsupported mode {mode!r}: use r, rb, w or wb")
-        if mode.startswith("w"):
-            self.refresh()
-            if self.state != State.UNPUBLISHED or self.storage != Storage.LOCAL:
-                raise ReadOnlyError(f"{self.path}: version {self.id} is {self.state}/{self.storage}; "
-                                    "its content is immutable (add a new version)")
-            try:
-                fd = self.repo.cache.open_staged_for_writing(self.s3_key, truncate=True)
-            except FileNotFoundError:
-                raise NotFoundError(f"{self.path}: version {self.id} was staged on {self.origin_host}") from None
-            raw: BinaryIO = open(fd, "wb")
-            return raw if mode == "wb" else io.TextIOWrapper(raw, encoding="utf-8")
-        local = self.repo.local_file(self.version)
-        return open(local, "rb") if mode == "rb" else open(local, "r", encoding="utf-8")
-
-    def read_bytes(self) -> bytes:
-        with self.open("rb") as f:
-            return f.read()
-
-    def local_path(self) -> Path:
-        return self.repo.local_file(self.version)
-
-    def upload(self) -> "RepoFile":
-        self.version = self.repo.upload(self.refresh().version)
-        return self
-
-    def publish(self, path: str | None = None) -> "RepoFile":
-        target = RepoPath.parse(path) if path is not None else None
-        self.version = self.repo.publish(self.refresh().version, target)
-        return self
-
-    def expire(self) -> "RepoFile":
-        self.version = self.repo.expire(self.version)
-        return self
-
-    @property
-    def tags(self) -> dict[str, str]:
-        return self.repo.meta.tags(self.id)
-
-    def set_tag(self, key: str, value: str) -> None:
-        self.repo.meta.set_tag(self.id, key, value)
-
-    def as_dict(self) -> dict:
-        v = self.version
-        return {"path": self.path, "version": v.id, "state": v.state, "storage": v.storage, "tier": v.tier,
-                "size": v.size, "md5": v.md5, "bucket": v.bucket, "s3_key": v.s3_key,
-                "origin_host": v.origin_host, "mode": v.mode, "uid": v.uid, "gid": v.gid,
-                "created_at": v.created_at, "uploaded_at": v.uploaded_at, "published_at": v.published_at,
-                "expired_at": v.expired_at}
 
 
 def _create_empty(path: Path) -> None:
