@@ -19,6 +19,9 @@ setup(
         # tenacity: the attempt loop of the one S3 retry policy (s3repofs/objects/retry.py), so a download's
         # retries are a stop, a wait and a predicate, not a hand-written loop.
         "tenacity>=8,<10",
+        # tqdm: the progress bar of gc, backup, restore, fsck and rebuild on a terminal (ops/progress.py);
+        # the field's standard, with rate and time left, rather than a bar drawn by hand.
+        "tqdm>=4.66,<5",
     ],
     extras_require={
         # hypothesis: the reference-model test (tests/test_model.py) drives random operation sequences.

@@ -38,6 +38,10 @@ _OPTIONAL: dict[str, tuple[tuple[type, ...], Any]] = {
     "cache_max_bytes": ((int,), 10 * 1024**3),
     "unpublished_ttl": ((int, float), 7 * 86400),
     "expired_retention": ((int, float), 30 * 86400),
+    "orphan_grace": ((int, float), 86400),
+    "host_gone_after": ((int, float), 86400),
+    "backup_prefix": ((str,), "_s3repofs/backups/"),
+    "backup_keep": ((int,), 7),
     "metadata_ttl": ((int, float), 5.0),
     "multipart_threshold": ((int,), 128 * 1024**2),
     "multipart_chunksize": ((int,), 16 * 1024**2),
@@ -68,6 +72,16 @@ class Config:
     cache_max_bytes: int = 10 * 1024**3
     unpublished_ttl: float = 7 * 86400
     expired_retention: float = 30 * 86400
+    # gc leaves an object no row references alone this long: its upload may still be arriving.
+    orphan_grace: float = 86400
+    # A host whose mounts and commands have not been heard of for this long is gone: gc may discard what
+    # it staged, fsck reports it. Mounts record themselves every HEARTBEAT seconds, far shorter than this.
+    host_gone_after: float = 86400
+    # Database backups go to backup_s3_bucket (else the objects' store) under this prefix; the newest
+    # backup_keep are kept. The prefix starts with '_', which no file type can, so gc never mistakes a
+    # backup for an orphan object.
+    backup_prefix: str = "_s3repofs/backups/"
+    backup_keep: int = 7
     metadata_ttl: float = 5.0
     # Measured on moto and s3rver: completing a multipart upload of 64 MiB costs them ~250 ms (they
     # concatenate the parts), so one PUT is twice as fast below this size.
@@ -165,6 +179,10 @@ def config_from_dict(data: dict, source: str) -> Config:
         raise ConfigError(f"{source}: key 'metadata_ttl' must be at most 3600 seconds")
     if values["multipart_chunksize"] < 5 * 1024**2:
         raise ConfigError(f"{source}: key 'multipart_chunksize' must be at least 5 MiB (an S3 rule)")
+    if values["backup_keep"] < 1:
+        raise ConfigError(f"{source}: key 'backup_keep' must be at least 1")
+    if not values["backup_prefix"].startswith("_") or not values["backup_prefix"].endswith("/"):
+        raise ConfigError(f"{source}: key 'backup_prefix' must start with '_' (no file type does) and end with '/'")
     if values["transfer_concurrency"] < 1:
         raise ConfigError(f"{source}: key 'transfer_concurrency' must be at least 1")
     for key in ("download_part_size", "prefetch_files", "prefetch_max_size", "cache_max_bytes"):

@@ -324,7 +324,8 @@ class S3Repo:
             content = file_content(staged)
         proven = self.store.put(version.s3_key, staged, content.size, content.md5, describe(
             path=str(version.path), file_type=version.file_type, version_id=version.id, content=content,
-            origin_host=version.origin_host))
+            origin_host=version.origin_host, created_at=version.created_at, mode=version.mode, uid=version.uid,
+            gid=version.gid))
         if given and not proven and file_content(staged) != content:  # its description is wrong: upload again
             raise VerificationError(f"{version.path}: the digests of version {version.id} computed while it was "
                                     "written do not match its bytes; it stays staged")

@@ -110,7 +110,8 @@ def test_a_path_too_long_for_s3_metadata_is_kept_in_an_object_beside_it(store, t
     source.write_bytes(b"deep")
     md5 = hashlib.md5(b"deep").hexdigest()
     store.put("t/deep", source, 4, md5, describe(path=path, file_type="t", version_id=7,
-                                                 content=Content(4, md5, "0" * 32), origin_host="h"))
+                                                 content=Content(4, md5, "0" * 32), origin_host="h",
+                                                 created_at=1.5, mode=0o644, uid=0, gid=0))
     metadata = store.client.head_object(Bucket=store.bucket, Key="t/deep")["Metadata"]
     assert sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items()) <= 2048
     assert store.head("t/deep").description["path"] == path  # the object still describes itself

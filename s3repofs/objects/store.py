@@ -29,10 +29,13 @@ class ObjectInfo:
     storage_class: str = "STANDARD"
 
 
-def describe(*, path: str, file_type: str, version_id: int, content: Content, origin_host: str) -> dict[str, str]:
-    """An object's self-description. Values are percent-encoded: S3 user metadata must be ASCII."""
+def describe(*, path: str, file_type: str, version_id: int, content: Content, origin_host: str,
+             created_at: float, mode: int, uid: int, gid: int) -> dict[str, str]:
+    """An object's self-description: enough for ``s3repofs rebuild`` to write its version's row again.
+    Values are percent-encoded: S3 user metadata must be ASCII."""
     values = {"path": path, "type": file_type, "version": str(version_id), "md5": content.md5,
-              "xxh3": content.xxh3, "size": str(content.size), "origin-host": origin_host}
+              "xxh3": content.xxh3, "size": str(content.size), "origin-host": origin_host,
+              "created": repr(created_at), "mode": str(mode), "uid": str(uid), "gid": str(gid)}
     return {k: quote(v, safe="/") for k, v in values.items()}
 
 
