@@ -20,6 +20,7 @@ from ..domain.lifecycle import VISIBLE_STATES, State
 from ..errors import NotFoundError, RepoError, UsageError
 from ..local.atomic import atomic_write
 from ..ops import cache as cache_ops
+from ..ops import gc as gc_ops
 from ..ops import status as status_ops
 from ..repo import RepoFile, S3Repo
 
@@ -90,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="status: usage; clear: delete cached objects (staged versions are kept); "
                         "prefetch: download the published versions under each PATH")
     p.add_argument("paths", nargs="*", metavar="PATH", help="for prefetch: files, directories or types")
+
+    p = add("gc", "Delete what is no longer needed (stale unpublished versions, expired versions past "
+                  "expired_retention, orphan objects, leftover staged files), after printing the plan.")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument("--json", action="store_true", help="print the plan (and the result) as JSON")
 
     from . import mount
 
@@ -285,6 +291,36 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"cache: {usage.objects} objects, {human(usage.used_bytes)} of {human(usage.max_bytes)} "
               f"in {repo.cache.objects_dir}")
     return 0
+
+
+@command("gc")
+def cmd_gc(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        # TODO wired to ops.backup: pass the created time of the oldest retained database backup
+        # (oldest_backup_at), so that gc refuses while a backup could name a purged version as published.
+        plan = gc_ops.plan(repo, oldest_backup_at=None, quiet=args.json)
+        if not args.json:
+            print_gc_plan(plan, args.verbose)
+        result = None if args.dry_run else gc_ops.execute(repo, plan, quiet=args.json)
+    if args.json:
+        print(json.dumps({"plan": plan.as_dict(), "result": result and result.as_dict()}, indent=2))
+    elif result is not None:
+        removed = ", ".join(f"{result.removed[c]} {c}" for c in gc_ops.CATEGORIES)
+        skipped = "".join(f"; left alone: {n} ({why})" for why, n in result.skipped.items())
+        print(f"gc: removed {removed}; freed {human(result.bytes_freed)}{skipped}")
+    return 0
+
+
+def print_gc_plan(plan, verbose: bool) -> None:
+    print(f"gc plan ({timestamp(plan.now)}):")
+    for category in gc_ops.CATEGORIES:
+        items = plan.items(category)
+        print(f"  {category:<12} {len(items):>8}  {human(plan.size(category)):>10}  {gc_ops.MEANING[category]}")
+        for item in items if verbose else ():
+            what = f"version {item.version_id} {item.path or ''}" if item.version_id is not None else ""
+            print(f"    {item.key}  {human(item.size)}  {what}".rstrip())
+    for why, count in plan.kept.items():
+        print(f"  left alone: {count} ({why})")
 
 
 def human(size: int | None) -> str:

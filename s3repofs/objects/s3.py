@@ -255,7 +255,8 @@ class S3Store(ObjectStore):
             with suppress(ObjectMissingError), self._errors(key, "head"):
                 body = self.client.get_object(Bucket=self.bucket, Key=description["path-object"])["Body"]
                 description["path"] = body.read().decode()
-        return ObjectInfo(key, response["ContentLength"], description, response.get("StorageClass", "STANDARD"))
+        return ObjectInfo(key, response["ContentLength"], description, response.get("StorageClass", "STANDARD"),
+                          _seconds(response.get("LastModified")))
 
     def delete(self, key: str) -> None:
         with self._errors(key, "delete"):
@@ -269,7 +270,8 @@ class S3Store(ObjectStore):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
                     if not item["Key"].endswith(PATH_OBJECT_SUFFIX):  # part of the object it is named after
-                        yield ObjectInfo(item["Key"], item["Size"], {}, item.get("StorageClass", "STANDARD"))
+                        yield ObjectInfo(item["Key"], item["Size"], {}, item.get("StorageClass", "STANDARD"),
+                                         _seconds(item.get("LastModified")))
 
     def check_access(self) -> None:
         """Fail with a clear StoreUnavailableError unless the bucket exists and our credentials work."""
@@ -328,6 +330,11 @@ class S3Store(ObjectStore):
             raise TransientStoreError(f"the {action} of {key} from {where} broke off: {detail}") from None
         except OSError as exc:
             raise StoreUnavailableError(f"{action} of {key} at {where}: {exc.strerror or exc}") from None
+
+
+def _seconds(when) -> float | None:
+    """A LastModified (a datetime, as botocore parses it) in seconds since the epoch."""
+    return when.timestamp() if when is not None else None
 
 
 def _client_error_type() -> type:
