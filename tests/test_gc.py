@@ -234,7 +234,7 @@ def test_an_expired_version_republished_between_plan_and_execute_keeps_its_objec
     repo.publish(repo.meta.get(first.id))  # mv expired/t/a published/t/a
     result = gc.execute(repo, plan)
     assert result.removed["expired"] == 0
-    assert result.skipped == {"expired: published or expired again meanwhile": 1}
+    assert result.skipped == {"expired: no longer expired since before the cutoff": 1}
     assert repo.get_file("t/a").id == first.id
     repo.cache.clear()
     assert read(repo, repo.meta.get(first.id)) == b"first"

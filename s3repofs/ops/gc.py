@@ -194,7 +194,7 @@ def _sweep_store(repo: S3Repo, now: float, kept: Counter, quiet: bool) -> tuple[
                 if row is None:
                     if obj.modified is not None and obj.modified < grace_before:
                         orphan.append(GcItem(obj.key, obj.size))
-                    else:  # its upload may still be arriving, or its row be on its way back (a lost commit)
+                    else:  # the grace: its row may yet reach this database (restored, or failed over, a moment ago)
                         kept["orphan: younger than orphan_grace"] += 1
                 elif row["state"] not in LIVE_STATES:
                     leftover.append(GcItem(obj.key, obj.size, row["id"]))
@@ -296,7 +296,7 @@ def _purge(repo: S3Repo, plan: GcPlan, result: GcResult, shown: Progress) -> lis
             result.removed["expired"] += 1
             purged.append(item)
         else:
-            result.skipped["expired: published or expired again meanwhile"] += 1
+            result.skipped["expired: no longer expired since before the cutoff"] += 1
     return purged
 
 
