@@ -82,7 +82,7 @@ class LocalStore(ObjectStore):
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            size = self._data(key).stat().st_size
+            stat = self._data(key).stat()
         except FileNotFoundError:
             return None
         with self._errors(key):
@@ -90,7 +90,7 @@ class LocalStore(ObjectStore):
                 description = json.loads(self._meta(key).read_text())
             except FileNotFoundError:
                 description = {}
-        return ObjectInfo(key, size, read_description(description))
+        return ObjectInfo(key, stat.st_size, read_description(description), modified=stat.st_mtime)
 
     def delete(self, key: str) -> None:
         with self._errors(key):
@@ -106,7 +106,8 @@ class LocalStore(ObjectStore):
                 full = Path(dirpath) / name
                 key = full.relative_to(data).as_posix()
                 if key.startswith(prefix):
-                    yield ObjectInfo(key, full.stat().st_size, {})
+                    stat = full.stat()
+                    yield ObjectInfo(key, stat.st_size, {}, modified=stat.st_mtime)
 
     @contextmanager
     def _errors(self, key: str) -> Iterator[None]:
