@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..config import load_config
 from ..domain.lifecycle import VISIBLE_STATES, State
 from ..errors import NotFoundError, RepoError, UsageError
 from ..local.atomic import atomic_write
+from ..objects.store import open_store
 from ..ops import cache as cache_ops
 from ..ops import gc as gc_ops
+from ..ops import rebuild as rebuild_ops
 from ..ops import status as status_ops
 from ..repo import RepoFile, S3Repo
 
@@ -96,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "expired_retention, orphan objects, leftover staged files), after printing the plan.")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--json", action="store_true", help="print the plan (and the result) as JSON")
+    p = add("rebuild", "Rebuild the metadata from the objects' self-descriptions into an empty database, when "
+                       "every backup is lost: the newest version of each path is published, the others expired.")
+    p.add_argument("--to", dest="target", required=True, metavar="DATABASE_URL",
+                   help="an empty database: postgresql://... or sqlite:///abs/path.db")
+    p.add_argument("--dry-run", action="store_true", help="read every object's description, write nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     from . import mount
 
@@ -321,6 +330,25 @@ def print_gc_plan(plan, verbose: bool) -> None:
             print(f"    {item.key}  {human(item.size)}  {what}".rstrip())
     for why, count in plan.kept.items():
         print(f"  left alone: {count} ({why})")
+
+
+@command("rebuild")
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    config = load_config(args.config)  # not the repository's database: it is what was lost
+    report = rebuild_ops.rebuild(open_store(config), config.backup_prefix, args.target, dry_run=args.dry_run,
+                                 quiet=args.json)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    verb = "would write" if args.dry_run else "wrote"
+    print(f"{verb} {report.versions} versions ({report.published} published, {report.expired} expired) from "
+          f"{report.objects} objects into {report.target} in {report.seconds:.1f} s")
+    for skipped in report.skipped:
+        print(f"  skipped {skipped['key']}: {skipped['why']}")
+    for name, count in report.defaulted.items():
+        print(f"  {count} objects lack '{name}': took {rebuild_ops.DEFAULTED[name]}")
+    print("not recorded in any object, so not rebuilt: " + "; ".join(rebuild_ops.NEVER_RECORDED))
+    return 0
 
 
 def human(size: int | None) -> str:

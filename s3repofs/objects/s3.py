@@ -256,7 +256,7 @@ class S3Store(ObjectStore):
                 body = self.client.get_object(Bucket=self.bucket, Key=description["path-object"])["Body"]
                 description["path"] = body.read().decode()
         return ObjectInfo(key, response["ContentLength"], description, response.get("StorageClass", "STANDARD"),
-                          _seconds(response.get("LastModified")))
+                          response["LastModified"].timestamp())
 
     def delete(self, key: str) -> None:
         with self._errors(key, "delete"):
@@ -271,7 +271,7 @@ class S3Store(ObjectStore):
                 for item in page.get("Contents", []):
                     if not item["Key"].endswith(PATH_OBJECT_SUFFIX):  # part of the object it is named after
                         yield ObjectInfo(item["Key"], item["Size"], {}, item.get("StorageClass", "STANDARD"),
-                                         _seconds(item.get("LastModified")))
+                                         item["LastModified"].timestamp())
 
     def check_access(self) -> None:
         """Fail with a clear StoreUnavailableError unless the bucket exists and our credentials work."""
@@ -330,11 +330,6 @@ class S3Store(ObjectStore):
             raise TransientStoreError(f"the {action} of {key} from {where} broke off: {detail}") from None
         except OSError as exc:
             raise StoreUnavailableError(f"{action} of {key} at {where}: {exc.strerror or exc}") from None
-
-
-def _seconds(when) -> float | None:
-    """A LastModified (a datetime, as botocore parses it) in seconds since the epoch."""
-    return when.timestamp() if when is not None else None
 
 
 def _client_error_type() -> type:
