@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "expired_retention, orphan objects, leftover staged files), after printing the plan.")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--json", action="store_true", help="print the plan (and the result) as JSON")
+
     p = add("rebuild", "Rebuild the metadata from the objects' self-descriptions into an empty database, when "
                        "every backup is lost: the newest version of each path is published, the others expired.")
     p.add_argument("--to", dest="target", required=True, metavar="DATABASE_URL",
