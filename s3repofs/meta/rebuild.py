@@ -11,7 +11,7 @@ go in batches, and the publishing and the derived tables are statements the data
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ..domain.lifecycle import State, Storage, Tier, check_transition
 from ..domain.paths import DirPath
@@ -46,27 +46,40 @@ _COLUMNS = ("id", "file_type", "dir", "name", "state", "storage", "tier", "bucke
             "origin_host", "mode", "uid", "gid", "publish_pending", "created_at", "uploaded_at", "expired_at")
 
 
-def insert_versions(db: Database, versions: Iterable[RecoveredVersion], expired_at: float) -> int:
-    """Write every version as expired at ``expired_at``, in batches; how many were written."""
+def insert_versions(db: Database, versions: Iterable[RecoveredVersion], expired_at: float,
+                    duplicate: Callable[[RecoveredVersion], None]) -> int:
+    """Write every version as expired at ``expired_at``, in batches; how many were written. A version
+    whose id is taken (an object copied under another key) is not written: ``duplicate`` hears of it.
+    The database's primary key finds them, so no set of every id is held here."""
     written, batch = 0, []
     for version in versions:
-        batch.append((version.id, version.file_type, version.dir, version.name, State.EXPIRED.value,
-                      Storage.UPLOADED.value, version.tier, version.bucket, version.s3_key, version.size, version.md5,
-                      version.xxh3, version.origin_host, version.mode, version.uid, version.gid, 0,
-                      version.created_at, version.uploaded_at, expired_at))
+        batch.append(version)
         if len(batch) == BATCH:
-            written += _insert(db, batch)
+            written += _insert(db, batch, expired_at, duplicate)
             batch = []
     if batch:
-        written += _insert(db, batch)
+        written += _insert(db, batch, expired_at, duplicate)
     return written
 
 
-def _insert(db: Database, rows: list[tuple]) -> int:
+def _insert(db: Database, versions: list[RecoveredVersion], expired_at: float,
+            duplicate: Callable[[RecoveredVersion], None]) -> int:
+    rows, keys = {}, {}
+    for v in versions:  # an id twice in one batch: the first listed keeps it
+        if v.id in rows:
+            duplicate(v)
+            continue
+        rows[v.id] = (v.id, v.file_type, v.dir, v.name, State.EXPIRED.value, Storage.UPLOADED.value, v.tier, v.bucket,
+                      v.s3_key, v.size, v.md5, v.xxh3, v.origin_host, v.mode, v.uid, v.gid, 0, v.created_at,
+                      v.uploaded_at, expired_at)
+        keys[v.id] = v
     placeholders = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
-    sql = f"INSERT INTO versions ({', '.join(_COLUMNS)}) VALUES {', '.join([placeholders] * len(rows))}"
-    db.run(lambda tx: tx.execute(sql, [value for row in rows for value in row]))
-    return len(rows)
+    sql = f"""INSERT INTO versions ({', '.join(_COLUMNS)}) VALUES {', '.join([placeholders] * len(rows))}
+              ON CONFLICT (id) DO NOTHING RETURNING id"""
+    inserted = {row["id"] for row in db.run(lambda tx: tx.all(sql, [x for row in rows.values() for x in row]))}
+    for version_id in rows.keys() - inserted:
+        duplicate(keys[version_id])
+    return len(inserted)
 
 
 def publish_newest(db: Database) -> int:

@@ -74,11 +74,11 @@ def rebuild(store: ObjectStore, backup_prefix: str, target_url: str, *, dry_run:
             meta.create_schema()
         recovered = _recovered_versions(store, backup_prefix, report, quiet)
         if dry_run:
-            for _ in recovered:
-                pass
+            report.versions = sum(1 for _ in recovered)
         else:
             now = clock()
-            rows.insert_versions(target, recovered, expired_at=now)
+            report.versions = rows.insert_versions(target, recovered, now, duplicate=lambda version: _skip(
+                report, version.s3_key, f"version id {version.id} is claimed by another object"))
             report.published = rows.publish_newest(target)
             report.directories = rows.derive_tables(target, now)
             rows.advance_ids(target)
@@ -98,7 +98,6 @@ def _check_empty(meta: MetaStore, where: str) -> None:
 def _recovered_versions(store: ObjectStore, backup_prefix: str, report: RebuildReport,
                         quiet: bool) -> Iterator[rows.RecoveredVersion]:
     """The version each object describes, in listing order; objects that describe none go to the report."""
-    seen_ids: set[int] = set()
     listed = (info for info in store.list() if not info.key.startswith(backup_prefix))
     with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="rebuild-head") as pool, \
             progress("rebuild: reading object descriptions", None, unit="objects", quiet=quiet) as shown:
@@ -106,14 +105,8 @@ def _recovered_versions(store: ObjectStore, backup_prefix: str, report: RebuildR
             report.objects += 1
             shown.advance()
             version = _version_of(info, store.bucket, report)
-            if version is None:
-                continue
-            if version.id in seen_ids:  # a copied object: the first one listed keeps the id
-                report.skipped.append({"key": info.key, "why": f"version id {version.id} is claimed by another object"})
-                continue
-            seen_ids.add(version.id)
-            report.versions += 1
-            yield version
+            if version is not None:
+                yield version
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn, items) -> Iterator:
@@ -127,11 +120,15 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items) -> Iterator:
         yield future.result()
 
 
+def _skip(report: RebuildReport, key: str, why: str) -> None:
+    report.skipped.append({"key": key, "why": why})
+
+
 def _version_of(info: ObjectInfo, bucket: str, report: RebuildReport) -> rows.RecoveredVersion | None:
     described = info.description
 
     def skip(why: str) -> None:
-        report.skipped.append({"key": info.key, "why": why})
+        _skip(report, info.key, why)
 
     missing = [name for name in ("path", "version", "md5", "size", "origin-host") if not described.get(name)]
     if missing:
