@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefetch: download the published versions under each PATH")
     p.add_argument("paths", nargs="*", metavar="PATH", help="for prefetch: files, directories or types")
 
-    from . import mount
+    from . import backup, mount
 
     mount.add_commands(add, COMMANDS)
+    backup.add_commands(add, COMMANDS)
     return parser
 
 
