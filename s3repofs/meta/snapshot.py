@@ -15,10 +15,12 @@ batches, columns matched by name: a snapshot of an older schema lacks the newer 
 their defaults (that is how an older backup is migrated). Engines may differ: a PostgreSQL snapshot
 loads into SQLite and back.
 
-Directory mtimes survive a load unchanged: the triggers of schema migration 3 move a directory's
-mtime when a version is inserted in it or a subdirectory under it, so versions are loaded before
-directories, and directories deepest first (a child's dir is always longer than its parent's), so
-that no row a trigger would touch exists yet when its trigger fires.
+Directory mtimes survive a load unchanged. The triggers of schema migration 3 move a directory's
+mtime when a version is inserted in it or a subdirectory under it. SQLite fires them row by row, as each
+row goes in, so versions are loaded before directories, and directories deepest first (a child's dir is
+always longer than its parent's): no row a trigger would touch exists yet when it fires. PostgreSQL fires
+a multi-row INSERT's row triggers when the statement ends, after its parents went in too, so there the
+load switches the tables' triggers off (it has just created them, in the same transaction).
 """
 
 from __future__ import annotations
@@ -123,7 +125,9 @@ def load(db: Database, lines: Iterable[str], *, replace: bool = False, expected:
             refuse_content(db, content_rows(tx))
         _drop_tables(tx)
         schema.migrate(tx, db.dialect)
+        _switch_triggers(tx, "DISABLE")
         header, written = _insert_all(tx, iter(lines), advance)
+        _switch_triggers(tx, "ENABLE")
         _advance_id_sequence(tx, header.next_version_id)
         loaded = {table: tx.scalar(f"SELECT COUNT(*) FROM {table}") for table in TABLES if table not in NOT_LOADED}
         for claimed, source in ((written, "the snapshot's rows"), (expected, "the manifest's rows")):
@@ -215,6 +219,15 @@ def _advance_id_sequence(tx: Tx, next_id: int) -> None:
         tx.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('versions', ?)", (next_id - 1,))
 
 
+def _switch_triggers(tx: Tx, switch: str) -> None:
+    """PostgreSQL: switch the triggers that move directory mtimes off (DISABLE) or on (ENABLE); see the
+    module's docstring. SQLite needs no switch: its rows go in one at a time, in an order that leaves its
+    triggers nothing to touch."""
+    if tx.kind == "postgresql":
+        for table in ("versions", "directories"):
+            tx.execute(f"ALTER TABLE {table} {switch} TRIGGER USER")
+
+
 def _drop_tables(tx: Tx) -> None:
     """Drop the repository's tables (dependents first), so that the schema is created anew."""
     present = set(tables(tx))
@@ -224,35 +237,22 @@ def _drop_tables(tx: Tx) -> None:
 
 
 def _insert_all(tx: Tx, lines: Iterator[str], advance: Callable[[int], None]) -> tuple[Header, dict[str, int]]:
+    """Insert every row of the snapshot; its header and the rows read per table (checked against its end line)."""
     header = _read_header(next(lines, ""))
     if header.schema_version > schema.SCHEMA_VERSION:
         raise SnapshotError(f"the snapshot is of schema version {header.schema_version}, newer than this "
                             f"s3repofs understands ({schema.SCHEMA_VERSION}): upgrade s3repofs")
     written: dict[str, int] = {}
-    table, statement, pick, batch = "", "", None, []
-    last_dir_length = None
+    current: _TableLoad | None = None
     for line in lines:
         value = _parse(line)
         if isinstance(value, list):
-            if not table:
+            if current is None:
                 raise SnapshotError("the snapshot has a row before any table's header")
-            if table == "directories":  # deepest first, or the triggers would move the mtimes
-                length = len(value[pick.dir_index])
-                if last_dir_length is not None and length > last_dir_length:
-                    raise SnapshotError("the snapshot's directories are not in deepest-first order")
-                last_dir_length = length
-            written[table] += 1
-            if table not in NOT_LOADED:
-                batch.append(pick(value))
-                if len(batch) == BATCH:
-                    tx.execute_many(statement, batch)
-                    advance(len(batch))
-                    batch = []
+            current.add(value)
             continue
-        if batch:
-            tx.execute_many(statement, batch)
-            advance(len(batch))
-            batch = []
+        if current is not None:
+            written[current.table] = current.finish()
         if "end" in value:
             if value["end"] != written:
                 raise SnapshotError(f"the snapshot says it holds {value['end']} rows, but {written} were read")
@@ -260,29 +260,49 @@ def _insert_all(tx: Tx, lines: Iterator[str], advance: Callable[[int], None]) ->
         table = value.get("table")
         if table not in TABLES or table in written:
             raise SnapshotError(f"the snapshot holds an unknown or repeated table {table!r}")
-        written[table] = 0
-        pick = _Columns(value["columns"], columns(tx, table), table)
-        statement = pick.insert
-        last_dir_length = None
+        current = _TableLoad(tx, table, value.get("columns") or [], advance)
     raise SnapshotError("the snapshot is cut short: it has no end line")
 
 
-class _Columns:
-    """How the rows of one table of the snapshot are inserted: by column name, so that the columns the snapshot
-    lacks (it is of an older schema) take their defaults."""
+class _TableLoad:
+    """The rows of one table of a snapshot on their way into the database: checked, then inserted in batches
+    by column name, so that the columns the snapshot lacks (it is of an older schema) take their defaults."""
 
-    def __init__(self, source: list[str], target: list[str], table: str) -> None:
-        extra = [name for name in source if name not in target]
+    def __init__(self, tx: Tx, table: str, names: list[str], advance: Callable[[int], None]) -> None:
+        extra = [name for name in names if name not in columns(tx, table)]
         if extra:
             raise SnapshotError(f"the snapshot's table {table} has a column {extra[0]!r} this schema lacks")
-        self.insert = f"INSERT INTO {table} ({', '.join(source)}) VALUES ({', '.join('?' for _ in source)})"
-        self.dir_index = source.index("dir") if "dir" in source else -1
-        self._width = len(source)
+        self.table, self.rows = table, 0
+        self._tx, self._names, self._advance = tx, names, advance
+        self._batch: list[tuple] = []
+        self._dir_index = names.index("dir") if table == "directories" else None
+        self._last_dir_length: int | None = None
 
-    def __call__(self, row: list) -> tuple:
-        if len(row) != self._width:
-            raise SnapshotError(f"a row of the snapshot has {len(row)} values, its header {self._width} columns")
-        return tuple(row)
+    def add(self, row: list) -> None:
+        if len(row) != len(self._names):
+            raise SnapshotError(f"a row of the snapshot's table {self.table} has {len(row)} values, "
+                                f"its header {len(self._names)} columns")
+        if self._dir_index is not None:  # deepest first, or SQLite's triggers would move the mtimes
+            length = len(row[self._dir_index])
+            if self._last_dir_length is not None and length > self._last_dir_length:
+                raise SnapshotError("the snapshot's directories are not in deepest-first order")
+            self._last_dir_length = length
+        self.rows += 1
+        if self.table not in NOT_LOADED:
+            self._batch.append(tuple(row))
+            if len(self._batch) == BATCH:
+                self._flush()
+
+    def finish(self) -> int:
+        """Insert what is left; the rows read."""
+        self._flush()
+        return self.rows
+
+    def _flush(self) -> None:
+        if self._batch:
+            self._tx.insert_many(self.table, self._names, self._batch)
+            self._advance(len(self._batch))
+            self._batch = []
 
 
 def _read_header(line: str) -> Header:

@@ -21,12 +21,12 @@ from typing import Iterator
 
 from ..config import Config, mask_url
 from ..domain.lifecycle import State
-from ..errors import UsageError, VerificationError
+from ..errors import NotFoundError, UsageError, VerificationError
 from ..meta import snapshot
 from ..meta.db import Database
 from ..objects.store import open_store
 from ..repo import S3Repo
-from .backup import Backup, BackupStore, config_of
+from .backup import Backup, BackupListing, BackupStore, config_of
 from .progress import progress
 
 HEAD_BATCH = 1000  # published versions checked at a time by newest_intact (memory stays at a batch)
@@ -92,7 +92,7 @@ def plan_restore(config_or_repo: Config | S3Repo, backup_name: str | None, to_ur
     if backup_name is not None:
         chosen = listing.find(backup_name)
     elif newest_intact:
-        chosen, skipped = _newest_intact(config, store, listing.backups, quiet)
+        chosen, skipped = _newest_intact(config, store, listing, quiet)
     else:
         chosen = listing.newest()
     return RestorePlan(chosen, target.describe(), held, skipped, to_url)
@@ -122,22 +122,28 @@ def restore(config_or_repo: Config | S3Repo, backup_name: str | None, to_url: st
     return execute(config_or_repo, plan, quiet=quiet)
 
 
-def _newest_intact(config: Config, store: BackupStore, backups: list[Backup],
+def _newest_intact(config: Config, store: BackupStore, listing: BackupListing,
                    quiet: bool) -> tuple[Backup, list[Skipped]]:
     """The newest backup whose published versions' objects all exist with their recorded sizes."""
+    if not listing.backups and not listing.corrupt:
+        raise NotFoundError(f"no backups in {store.location}")
     objects = open_store(config)
-    skipped: list[Skipped] = []
+    problems = dict(listing.corrupt)  # backup -> why it is not intact
     with ThreadPoolExecutor(max(8, 2 * config.transfer_concurrency), thread_name_prefix="head") as pool:
-        for backup in reversed(backups):
+        for backup in reversed(listing.backups):
             try:
                 problem = _first_missing(store, objects, backup, pool, quiet)
             except VerificationError as exc:
                 problem = str(exc)
             if problem is None:
-                return backup, skipped
-            skipped.append(Skipped(backup.name, problem))
-    reasons = "; ".join(f"{s.backup}: {s.reason}" for s in skipped) or "there are none"
+                return backup, _skipped(problems, newer_than=backup.name)
+            problems[backup.name] = problem
+    reasons = "; ".join(f"{s.backup}: {s.reason}" for s in _skipped(problems, newer_than=""))
     raise snapshot.SnapshotError(f"no backup in {store.location} is intact ({reasons})")
+
+
+def _skipped(problems: dict[str, str], newer_than: str) -> list[Skipped]:
+    return [Skipped(name, why) for name, why in sorted(problems.items(), reverse=True) if name > newer_than]
 
 
 def _first_missing(store: BackupStore, objects, backup: Backup, pool: ThreadPoolExecutor,
