@@ -2,19 +2,22 @@
 
     python3 tests/backup_scale.py SOURCE_DATABASE_URL EMPTY_TARGET_DATABASE_URL N
 
-The source gets a repository of N published versions (rows written directly, no objects: backup and
-restore read only rows) in a local object store under a temporary directory; it is backed up there
-and restored into the target. Run by tests/test_backup.py (memory stays flat) and by hand (timings).
+The source gets a repository of N published versions (rows written directly, with keys and digests as
+random as real ones; no objects: backup and restore read only rows) in a local object store under a
+temporary directory; it is backed up there and restored into the target. Run by tests/test_backup.py
+(memory stays flat) and by hand (timings).
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import resource
 import sys
 import tempfile
 import time
+import uuid
 
 from s3repofs import S3Repo
 from s3repofs.ops import backup as backup_ops
@@ -33,7 +36,8 @@ def fill(repo: S3Repo, versions: int) -> None:
     def insert(tx, start: int) -> None:
         tx.insert_many("versions", columns, [
             ("story_data", f"2026/{i % DIRS:03d}", f"file-{i:07d}.json", "published", "uploaded", "bucket",
-             f"story_data/{i:032x}", 1000 + i, f"{i:032x}", f"{i:032x}", "host", 0o644, 0, 0, now, now, now)
+             f"story_data/{uuid.uuid4().hex}", 1000 + i, hashlib.md5(b"%d" % i).hexdigest(),
+             hashlib.md5(b"x%d" % i).hexdigest(), "host", 0o644, 0, 0, now + i, now + i, now + i)
             for i in range(start, min(start + BATCH, versions))])
 
     repo.db.run(lambda tx: tx.insert_many(
