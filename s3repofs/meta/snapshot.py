@@ -26,6 +26,7 @@ load switches the tables' triggers off (it has just created them, in the same tr
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -62,32 +63,29 @@ class Header:
     next_version_id: int  # ids below this were handed out: a restored database never hands them out again
 
 
-class Reader:
-    """One consistent read of a database (``with Reader(db) as reader``): count, then dump, the same rows."""
+@contextmanager
+def reading(db: Database) -> Iterator["Reader"]:
+    """One consistent read of ``db`` (a read transaction), to count and then dump the same rows. SnapshotError if
+    the database holds a table this code does not know, or lacks one."""
+    with db.transaction(write=False) as tx:
+        check_tables(tx)
+        yield Reader(tx)
 
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self._context = db.transaction(write=False)
-        self._tx: Tx | None = None
+
+class Reader:
+    """The tables of a database as one read transaction sees them (``reading``)."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
         self.header: Header | None = None  # once dumped
 
-    def __enter__(self) -> "Reader":
-        self._tx = self._context.__enter__()
-        check_tables(self._tx)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._context.__exit__(*exc)
-
     def counts(self) -> dict[str, int]:
-        assert self._tx is not None
         return {table: self._tx.scalar(f"SELECT COUNT(*) FROM {table}") for table in TABLES}
 
     def dump(self, write_line: Callable[[str], None],
              advance: Callable[[int], None] = lambda n: None) -> dict[str, int]:
         """Write the snapshot, line by line (each without its newline); the rows per table."""
         tx = self._tx
-        assert tx is not None
         self.header = Header(schema.current_version(tx), tx.kind, _next_version_id(tx))
         write_line(json.dumps({"s3repofs_snapshot": FORMAT, "schema_version": self.header.schema_version,
                                "database": tx.kind, "next_version_id": self.header.next_version_id}))
@@ -109,7 +107,7 @@ class Reader:
 def dump(db: Database, write_line: Callable[[str], None]) -> dict[str, int]:
     """Write a consistent snapshot of every table of ``db`` through ``write_line``; the rows per table.
     SnapshotError if the database holds a table this code does not know."""
-    with Reader(db) as reader:
+    with reading(db) as reader:
         return reader.dump(write_line)
 
 

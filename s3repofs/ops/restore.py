@@ -24,6 +24,7 @@ from ..domain.lifecycle import State
 from ..errors import NotFoundError, UsageError, VerificationError
 from ..meta import snapshot
 from ..meta.db import Database
+from ..meta.schema import SCHEMA_VERSION
 from ..objects.store import open_store
 from ..repo import S3Repo
 from .backup import Backup, BackupListing, BackupStore, config_of
@@ -111,7 +112,7 @@ def execute(config_or_repo: Config | S3Repo, plan: RestorePlan, *, quiet: bool =
                                              advance=bar.advance)
     finally:
         target.close()
-    migrated = header.schema_version if header.schema_version < snapshot.schema.SCHEMA_VERSION else None
+    migrated = header.schema_version if header.schema_version < SCHEMA_VERSION else None
     return RestoreResult(plan, rows, migrated, time.monotonic() - started)
 
 
