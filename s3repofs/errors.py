@@ -42,6 +42,11 @@ class UsageError(CallerError):
     exit_status = 2
 
 
+class GcRefusedError(UsageError):
+    """gc will not run with these settings: it could delete what a retained database backup still
+    references (the message names the settings and their values)."""
+
+
 class InvalidPathError(CallerError):
     """A repository path or name is not acceptable (escape attempt, empty, NUL, too long...)."""
 

@@ -92,7 +92,7 @@ class S3Repo:
         if isinstance(self.store, S3Store):
             self.store.check_access()
         self.meta.create_schema()
-        self.meta.register_host(self.host)
+        self.heartbeat()
         self.cache.prepare()
         self._checked = True
         log.info("repository ready: %s, %s", self.db.describe(), self.store.describe_location())
@@ -115,8 +115,14 @@ class S3Repo:
         if version < SCHEMA_VERSION:  # migrations only add: hosts still on the older schema keep working
             self.meta.create_schema()
             log.info("migrated the schema of %s from version %d to %d", self.db.describe(), version, SCHEMA_VERSION)
+        self.heartbeat()
         self.cache.prepare()
         self._checked = True
+
+    def heartbeat(self) -> None:
+        """Record that this host is alive (``hosts.last_seen``, one upsert): gc leaves the versions a
+        host staged alone until it has not been heard of for ``host_gone_after``."""
+        self.meta.register_host(self.host)
 
     def commit(self) -> None:
         """Kept for the original S3Repo's callers: every operation already commits when it returns."""

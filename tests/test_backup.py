@@ -9,6 +9,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -452,3 +453,19 @@ def test_a_snapshot_is_gzip_of_json_lines(repo):
     lines = gzip.decompress(body).decode().splitlines()
     assert json.loads(lines[0])["s3repofs_snapshot"] == 1 and json.loads(lines[-1])["end"] == made.rows
     assert hashlib.sha256(body).hexdigest() == made.sha256
+
+
+def test_gc_refuses_while_a_kept_backup_is_older_than_expired_retention(repo_config_pair, tmp_path):
+    """`s3repofs gc` asks ops/backup for the oldest backup kept: a restore of it must find its objects."""
+    config = {**repo_config_pair, "expired_retention": 3600, "backup_keep": 1}
+    config_path = tmp_path / "s3repo.json"
+    config_path.write_text(json.dumps(config))
+    config_path.chmod(0o600)
+    with S3Repo(config) as repo:
+        repo.create_repository()
+        assert run("gc", "--dry-run", "--config", str(config_path)).returncode == 0
+        backup_ops.backup(repo, clock=lambda: time.time() - 2 * 3600)
+        refused = run("gc", "--dry-run", "--config", str(config_path))
+        assert refused.returncode == 2 and "expired_retention" in refused.stderr, refused.stderr
+        backup_ops.backup(repo)  # keeps one: the old backup goes
+        assert run("gc", "--dry-run", "--config", str(config_path)).returncode == 0

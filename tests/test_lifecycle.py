@@ -12,6 +12,7 @@ import ast
 import itertools
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from s3repofs.domain.lifecycle import TRANSITIONS, State, Storage, Tier, check_t
 from s3repofs.domain.paths import RepoPath
 from s3repofs.errors import LifecycleError
 from s3repofs.mount.tree import Tree
+from s3repofs.ops import gc
 
 FACETS = (State, Storage, Tier)
 BORN = {"state": State.UNPUBLISHED, "storage": Storage.LOCAL, "tier": Tier.FRESH}  # a new version's facets
@@ -137,6 +139,7 @@ def _operations(repo: S3Repo) -> list:
         lambda: tree.rename("/published/m/g", "/published/m/g2"),
         lambda: write("/unpublished/m/i", b"i"),
         lambda: tree.unlink("/unpublished/m/i"),  # discard
+        lambda: gc.execute(repo, gc.plan(repo, now=time.time() + 40 * 86400)),  # purges what expired
     ]
 
 
@@ -199,5 +202,6 @@ def test_every_update_of_a_state_storage_or_tier_checks_the_table():
             within = [f for f in functions if f.lineno <= line <= f.end_lineno]
             if not within or not _calls_check(within[0]):
                 unchecked.append(f"{module.relative_to(package)}:{line}")
-    assert updates >= 6  # the pattern still finds them: mark_uploaded, publish (2), publish_staged (2), _change_state
+    assert updates >= 7  # the pattern still finds them: mark_uploaded, publish (2), publish_staged (2), _change_state,
+    # purge
     assert unchecked == [], "UPDATEs of a version's lifecycle outside a function that calls check_transition"

@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..config import load_config
 from ..domain.lifecycle import VISIBLE_STATES, State
 from ..errors import NotFoundError, RepoError, UsageError
 from ..local.atomic import atomic_write
+from ..objects.store import open_store
+from ..ops import backup as backup_ops
 from ..ops import cache as cache_ops
+from ..ops import gc as gc_ops
+from ..ops import rebuild as rebuild_ops
 from ..ops import status as status_ops
 from ..repo import RepoFile, S3Repo
 
@@ -90,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="status: usage; clear: delete cached objects (staged versions are kept); "
                         "prefetch: download the published versions under each PATH")
     p.add_argument("paths", nargs="*", metavar="PATH", help="for prefetch: files, directories or types")
+
+    p = add("gc", "Delete what is no longer needed (stale unpublished versions, expired versions past "
+                  "expired_retention, orphan objects, leftover staged files), after printing the plan.")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument("--json", action="store_true", help="print the plan (and the result) as JSON")
+
+    p = add("rebuild", "Rebuild the metadata from the objects' self-descriptions into an empty database, when "
+                       "every backup is lost: the newest version of each path is published, the others expired.")
+    p.add_argument("--to", dest="target", required=True, metavar="DATABASE_URL",
+                   help="an empty database: postgresql://... or sqlite:///abs/path.db")
+    p.add_argument("--dry-run", action="store_true", help="read every object's description, write nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     from . import backup, mount
 
@@ -285,6 +302,54 @@ def cmd_cache(args: argparse.Namespace) -> int:
         usage = repo.cache.usage()
         print(f"cache: {usage.objects} objects, {human(usage.used_bytes)} of {human(usage.max_bytes)} "
               f"in {repo.cache.objects_dir}")
+    return 0
+
+
+@command("gc")
+def cmd_gc(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        # gc refuses while a retained backup could name a purged version as published.
+        plan = gc_ops.plan(repo, oldest_backup_at=backup_ops.oldest_backup_time(repo), quiet=args.json)
+        if not args.json:
+            print_gc_plan(plan, args.verbose)
+        result = None if args.dry_run else gc_ops.execute(repo, plan, quiet=args.json)
+    if args.json:
+        print(json.dumps({"plan": plan.as_dict(), "result": result and result.as_dict()}, indent=2))
+    elif result is not None:
+        removed = ", ".join(f"{result.removed[c]} {c}" for c in gc_ops.CATEGORIES)
+        skipped = "".join(f"; left alone: {n} ({why})" for why, n in result.skipped.items())
+        print(f"gc: removed {removed}; freed {human(result.bytes_freed)}{skipped}")
+    return 0
+
+
+def print_gc_plan(plan, verbose: bool) -> None:
+    print(f"gc plan ({timestamp(plan.now)}):")
+    for category in gc_ops.CATEGORIES:
+        items = plan.items(category)
+        print(f"  {category:<12} {len(items):>8}  {human(plan.size(category)):>10}  {gc_ops.MEANING[category]}")
+        for item in items if verbose else ():
+            what = f"version {item.version_id} {item.path or ''}" if item.version_id is not None else ""
+            print(f"    {item.key}  {human(item.size)}  {what}".rstrip())
+    for why, count in plan.kept.items():
+        print(f"  left alone: {count} ({why})")
+
+
+@command("rebuild")
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    config = load_config(args.config)  # not the repository's database: it is what was lost
+    report = rebuild_ops.rebuild(open_store(config), config.backup_prefix, args.target, dry_run=args.dry_run,
+                                 quiet=args.json)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    verb = "would write" if args.dry_run else "wrote"
+    print(f"{verb} {report.versions} versions ({report.published} published, {report.expired} expired) from "
+          f"{report.objects} objects into {report.target} in {report.seconds:.1f} s")
+    for skipped in report.skipped:
+        print(f"  skipped {skipped['key']}: {skipped['why']}")
+    for name, count in report.defaulted.items():
+        print(f"  {count} objects lack '{name}': took {rebuild_ops.DEFAULTED[name]}")
+    print("not recorded in any object, so not rebuilt: " + "; ".join(rebuild_ops.NEVER_RECORDED))
     return 0
 
 

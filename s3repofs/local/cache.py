@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Iterator
 
 from .checkpoint import Checkpoints
 from .fill import Fills, StartDownload
@@ -58,6 +59,10 @@ class LocalCache:
 
     def staging_path(self, key: str) -> Path:
         return self.staging.path(key)
+
+    def staged_keys(self) -> Iterator[str]:
+        """See ``Staging.keys``."""
+        return self.staging.keys()
 
     def open_staged_for_writing(self, key: str, truncate: bool = False) -> int:
         """See ``Staging.open_for_writing``."""

@@ -27,6 +27,12 @@ class Staging:
     def path(self, key: str) -> Path:
         return self.dir / key.replace("/", "%")
 
+    def keys(self) -> Iterator[str]:
+        """The key of every file in the staging area (``path``'s inverse: keys hold no '%')."""
+        with suppress(FileNotFoundError), os.scandir(self.dir) as entries:
+            for entry in entries:
+                yield entry.name.replace("%", "/")
+
     def open_for_writing(self, key: str, truncate: bool = False) -> int:
         """A writer's descriptor of a staged file. It holds a shared lock on the file for as long as it
         is open, in whichever process: no upload takes a version while it is being written

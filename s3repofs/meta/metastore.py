@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from ..domain.content import Content
 from ..domain.lifecycle import VISIBLE_STATES, State, Storage, check_transition
@@ -404,6 +404,52 @@ class MetaStore:
         rows = self.db.run(lambda tx: tx.all("SELECT state, COUNT(*) AS n FROM versions GROUP BY state"),
                            write=False)
         return {r["state"]: r["n"] for r in rows}
+
+    # -- gc (ops/gc.py) --------------------------------------------------------------------------
+
+    def unpublished_before(self, cutoff: float) -> list[Version]:
+        """Unpublished versions created before ``cutoff``, oldest first (index versions_by_state)."""
+        rows = self.db.run(lambda tx: tx.all(
+            f"""SELECT {_VERSION_COLUMNS} FROM versions
+                WHERE state = '{State.UNPUBLISHED}' AND created_at < ? ORDER BY created_at, id""",
+            (cutoff,)), write=False)
+        return [Version(**r) for r in rows]
+
+    def expired_before(self, cutoff: float) -> list[Version]:
+        """Expired versions whose expiry is older than ``cutoff``, oldest expiry first."""
+        rows = self.db.run(lambda tx: tx.all(
+            f"""SELECT {_VERSION_COLUMNS} FROM versions
+                WHERE state = '{State.EXPIRED}' AND expired_at < ? ORDER BY expired_at, id""",
+            (cutoff,)), write=False)
+        return [Version(**r) for r in rows]
+
+    def rows_of_keys(self, keys: Sequence[str]) -> dict[str, dict]:
+        """The ``id``, ``state`` and ``storage`` of the version of each of ``keys`` that one holds, by key."""
+        if not keys:
+            return {}
+        rows = self.db.run(lambda tx: tx.all(
+            f"SELECT s3_key, id, state, storage FROM versions WHERE s3_key IN ({', '.join('?' * len(keys))})",
+            tuple(keys)), write=False)
+        return {r.pop("s3_key"): r for r in rows}
+
+    def purge(self, version_id: int, expired_before: float) -> bool:
+        """Mark a version purged if it is still expired, since before ``expired_before``: one expired
+        again later, or published meanwhile, is left as it is (the condition is the UPDATE's own, so a
+        concurrent re-publish is either before it, and wins, or after it, and is refused). True if
+        this call purged it. The caller deletes the object afterwards: once purged, nothing can
+        publish the version again."""
+        check_transition(f"version {version_id}", State.EXPIRED, State.PURGED)  # made where the row is expired
+        now = self.clock()
+
+        def run(tx: Tx) -> bool:
+            changed = tx.execute(f"""UPDATE versions SET state = '{State.PURGED}', purged_at = ?
+                                     WHERE id = ? AND state = '{State.EXPIRED}' AND expired_at < ?""",
+                                 (now, version_id, expired_before))
+            if changed or not tx.rerun:
+                return bool(changed)
+            return tx.scalar("SELECT purged_at FROM versions WHERE id = ?", (version_id,)) == now  # the first attempt's
+
+        return self.db.run(run)
 
     # -- tags -----------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The mount's daemon: the process that serves one mount, from its start to its unmount.
 
 It tunes malloc for long-lived transfers, builds the tree over the repository, serves FUSE until
-unmounted, retries staged uploads that failed in the background, and flushes every writer at unmount.
+unmounted, retries staged uploads that failed and records this host's heartbeat in the background,
+and flushes every writer at unmount.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from ..repo import S3Repo
 
 log = logging.getLogger("s3repofs.mount")
 
+# The background pass: retry staged uploads, and record the heartbeat (hosts.last_seen), which gc reads:
+# a host unheard of for host_gone_after (a day by default, far longer than this) is gone.
 RETRY_INTERVAL = 30.0
 
 _libc = ctypes.CDLL(None)
@@ -74,7 +77,7 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) ->
         log.info("mounted %s: %s", mountpoint, repo.describe())
         if ready_fd is not None:
             report_to(ready_fd, "ready")
-        threading.Thread(target=_retry_uploads, args=(repo, tree, stop), name="upload-retry", daemon=True).start()
+        threading.Thread(target=run_background, args=(repo, tree, stop), name="upload-retry", daemon=True).start()
 
     def finished() -> None:
         stop.set()
@@ -89,11 +92,20 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) ->
         repo.close()
 
 
-def _retry_uploads(repo: S3Repo, tree, stop: threading.Event) -> None:
+def run_background(repo: S3Repo, tree, stop: threading.Event, interval: float = RETRY_INTERVAL) -> None:
+    """Every ``interval`` s until ``stop`` is set: record the heartbeat, retry staged uploads."""
     while True:
+        _heartbeat(repo)
         _retry_once(repo, tree)
-        if stop.wait(RETRY_INTERVAL):
+        if stop.wait(interval):
             return
+
+
+def _heartbeat(repo: S3Repo) -> None:
+    try:
+        repo.heartbeat()
+    except RepoError as exc:  # the database is away: the next pass records it
+        log.warning("recording this host's heartbeat: %s", exc)
 
 
 def _retry_once(repo: S3Repo, tree) -> None:

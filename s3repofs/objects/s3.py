@@ -255,7 +255,8 @@ class S3Store(ObjectStore):
             with suppress(ObjectMissingError), self._errors(key, "head"):
                 body = self.client.get_object(Bucket=self.bucket, Key=description["path-object"])["Body"]
                 description["path"] = body.read().decode()
-        return ObjectInfo(key, response["ContentLength"], description, response.get("StorageClass", "STANDARD"))
+        return ObjectInfo(key, response["ContentLength"], description, response.get("StorageClass", "STANDARD"),
+                          response["LastModified"].timestamp())
 
     def delete(self, key: str) -> None:
         with self._errors(key, "delete"):
@@ -269,7 +270,8 @@ class S3Store(ObjectStore):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
                     if not item["Key"].endswith(PATH_OBJECT_SUFFIX):  # part of the object it is named after
-                        yield ObjectInfo(item["Key"], item["Size"], {}, item.get("StorageClass", "STANDARD"))
+                        yield ObjectInfo(item["Key"], item["Size"], {}, item.get("StorageClass", "STANDARD"),
+                                         item["LastModified"].timestamp())
 
     def check_access(self) -> None:
         """Fail with a clear StoreUnavailableError unless the bucket exists and our credentials work."""

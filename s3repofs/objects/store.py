@@ -27,6 +27,7 @@ class ObjectInfo:
     size: int
     description: dict[str, str]  # the object's self-description (empty if it has none)
     storage_class: str = "STANDARD"
+    modified: float | None = None  # when it was stored (Last-Modified), seconds since the epoch
 
 
 def describe(*, path: str, file_type: str, version_id: int, content: Content, origin_host: str,

@@ -1,0 +1,135 @@
+"""Writes a repository's rows into an empty database from what its objects say about themselves.
+
+``s3repofs rebuild`` (ops/rebuild.py) reads the objects; this module owns the SQL. Every version is
+written as expired (its history), then the newest version of each path is published in one
+statement: the same expired -> published transition a re-publish makes, checked once for all of
+them. Directories are the implicit ancestors of the versions' paths, path locks those of the
+published paths, hosts the versions' origin hosts. Memory is flat in the number of versions: rows
+go in batches, and the publishing and the derived tables are statements the database runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..domain.lifecycle import State, Storage, Tier, check_transition
+from ..domain.paths import DirPath
+from .db import Database, Tx
+
+BATCH = 500  # rows per INSERT: 25 columns each, far under SQLite's 32,766 parameters
+
+
+@dataclass(frozen=True)
+class RecoveredVersion:
+    """A version as its object describes it."""
+
+    id: int
+    file_type: str
+    dir: str
+    name: str
+    tier: str
+    bucket: str
+    s3_key: str
+    size: int
+    md5: str
+    xxh3: str | None
+    origin_host: str
+    mode: int
+    uid: int
+    gid: int
+    created_at: float
+    uploaded_at: float  # when the object was stored (its Last-Modified)
+
+
+_COLUMNS = ("id", "file_type", "dir", "name", "state", "storage", "tier", "bucket", "s3_key", "size", "md5", "xxh3",
+            "origin_host", "mode", "uid", "gid", "publish_pending", "created_at", "uploaded_at", "expired_at")
+
+
+def insert_versions(db: Database, versions: Iterable[RecoveredVersion], expired_at: float) -> int:
+    """Write every version as expired at ``expired_at``, in batches; how many were written."""
+    written, batch = 0, []
+    for version in versions:
+        batch.append((version.id, version.file_type, version.dir, version.name, State.EXPIRED.value,
+                      Storage.UPLOADED.value, version.tier, version.bucket, version.s3_key, version.size, version.md5,
+                      version.xxh3, version.origin_host, version.mode, version.uid, version.gid, 0,
+                      version.created_at, version.uploaded_at, expired_at))
+        if len(batch) == BATCH:
+            written += _insert(db, batch)
+            batch = []
+    if batch:
+        written += _insert(db, batch)
+    return written
+
+
+def _insert(db: Database, rows: list[tuple]) -> int:
+    placeholders = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+    sql = f"INSERT INTO versions ({', '.join(_COLUMNS)}) VALUES {', '.join([placeholders] * len(rows))}"
+    db.run(lambda tx: tx.execute(sql, [value for row in rows for value in row]))
+    return len(rows)
+
+
+def publish_newest(db: Database) -> int:
+    """Publish the newest version of each path (by creation, then id); how many were published."""
+    check_transition("the newest version of each rebuilt path", State.EXPIRED, State.PUBLISHED)
+
+    def run(tx: Tx) -> int:
+        return tx.execute(f"""UPDATE versions SET state = '{State.PUBLISHED}', published_at = uploaded_at,
+                                  expired_at = NULL
+                              WHERE id IN (SELECT id FROM (
+                                  SELECT id, ROW_NUMBER() OVER (PARTITION BY file_type, dir, name
+                                                                ORDER BY created_at DESC, id DESC) AS newness
+                                  FROM versions) ranked WHERE newness = 1)""")
+
+    return db.run(run)
+
+
+def derive_tables(db: Database, now: float) -> int:
+    """Fill directories, path_locks and hosts from the versions written; how many directories."""
+    db.run(lambda tx: tx.execute(f"""INSERT INTO path_locks (file_type, dir, name)
+                                     SELECT file_type, dir, name FROM versions WHERE state = '{State.PUBLISHED}'"""))
+    db.run(lambda tx: tx.execute("""INSERT INTO hosts (name, first_seen, last_seen)
+                                    SELECT origin_host, MIN(created_at), MAX(created_at) FROM versions
+                                    GROUP BY origin_host"""))
+    return _insert_directories(db, now)
+
+
+def _insert_directories(db: Database, now: float) -> int:
+    """Every ancestor of every version's directory, a page of distinct directories at a time."""
+    inserted, after = 0, ("", "")
+    conflict = f"ON CONFLICT (file_type, {db.dialect.indexed('dir')}) DO NOTHING"
+    while True:
+        page = db.run(lambda tx: tx.all(
+            """SELECT DISTINCT file_type, dir FROM versions WHERE file_type > ? OR (file_type = ? AND dir > ?)
+               ORDER BY file_type, dir LIMIT 1000""", (after[0], after[0], after[1])), write=False)
+        if not page:
+            return inserted
+        rows = {(d.file_type, d.dir, d.parent_dir) for row in page
+                for d in DirPath(row["file_type"], row["dir"]).ancestors()}
+
+        def insert(tx: Tx, rows: list = sorted(rows, key=lambda r: (r[0], r[1]))) -> int:
+            count = 0
+            for start in range(0, len(rows), BATCH):
+                chunk = rows[start:start + BATCH]
+                count += tx.execute(f"""INSERT INTO directories (file_type, dir, parent, created_at)
+                                        VALUES {", ".join(["(?, ?, ?, ?)"] * len(chunk))} {conflict}""",
+                                    [value for row in chunk for value in (*row, now)])
+            return count
+
+        inserted += db.run(insert)
+        after = (page[-1]["file_type"], page[-1]["dir"])
+
+
+def advance_ids(db: Database) -> None:
+    """Let the next new version take an id past every rebuilt one (SQLite's AUTOINCREMENT already does)."""
+    if db.kind == "postgresql":
+        db.run(lambda tx: tx.execute("""SELECT setval(pg_get_serial_sequence('versions', 'id'),
+                                                      (SELECT COALESCE(MAX(id), 0) + 1 FROM versions), false)"""))
+
+
+# Storage classes whose objects must be restored before a read (GLACIER_IR is read at once).
+ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+
+
+def tier_of(storage_class: str) -> str:
+    return Tier.ARCHIVED.value if storage_class in ARCHIVE_CLASSES else Tier.FRESH.value

@@ -1,0 +1,158 @@
+"""``s3repofs rebuild``: a repository's metadata written again from its bucket alone, for when every backup is lost.
+
+Each object this project stores describes its version (objects/store.py ``describe``): path, version
+id, size, md5, xxh3, origin host, and since schema 4's objects also created time, mode and owner.
+Rebuild lists the store, reads each description (HEAD, in parallel), and writes one row per version
+into an EMPTY database (meta/rebuild.py): the newest version of each path published, the others
+expired. What no object records is reported, not invented: tags, explicit directories and their
+modes, publish and expiry times (a published version's is taken as its upload time), mtimes set by
+utimens, and which versions were unpublished. A dry run reads everything and writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..domain.paths import RepoPath
+from ..errors import InvalidPathError, RepoError
+from ..meta import rebuild as rows
+from ..meta.db import Database
+from ..meta.metastore import MetaStore
+from ..objects.store import ObjectInfo, ObjectStore
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+# What rebuild cannot know, for the report: no object carries it.
+NEVER_RECORDED = ("tags", "explicit directories (their mode and owner)", "publish and expiry times",
+                  "mtimes set by utimens", "which versions were unpublished, discarded or purged")
+# Description fields objects written before they were added lack, and what the rebuilt row takes instead.
+DEFAULTED = {"created": "the object's upload time", "mode": "0644", "uid": "0", "gid": "0"}
+IN_FLIGHT = 64  # HEADs in flight: enough to hide a round trip, few enough to keep memory flat
+
+
+@dataclass
+class RebuildReport:
+    target: str
+    dry_run: bool
+    objects: int = 0  # listed (backups excluded)
+    versions: int = 0  # described well enough to become a row
+    published: int = 0
+    directories: int = 0
+    defaulted: Counter = field(default_factory=Counter)  # description field -> objects that lacked it
+    skipped: list[dict] = field(default_factory=list)  # {"key", "why"}: objects that became no row
+    seconds: float = 0.0
+
+    @property
+    def expired(self) -> int:
+        return self.versions - self.published
+
+    def as_dict(self) -> dict:
+        return {"target": self.target, "dry_run": self.dry_run, "objects": self.objects, "versions": self.versions,
+                "published": self.published, "expired": self.expired, "directories": self.directories,
+                "defaulted": dict(self.defaulted), "skipped": self.skipped, "never_recorded": list(NEVER_RECORDED),
+                "seconds": round(self.seconds, 3)}
+
+
+def rebuild(store: ObjectStore, backup_prefix: str, target_url: str, *, dry_run: bool = False,
+            quiet: bool = False, clock=time.time) -> RebuildReport:
+    """Write the rows of every version the objects of ``store`` describe into the empty database at
+    ``target_url`` (nothing, with ``dry_run``); RepoError if that database holds a repository."""
+    started = time.monotonic()
+    report = RebuildReport(target="", dry_run=dry_run)
+    target = Database(target_url)
+    try:
+        report.target = target.describe()
+        meta = MetaStore(target, clock)
+        if not dry_run:
+            _check_empty(meta, report.target)
+            meta.create_schema()
+        recovered = _recovered_versions(store, backup_prefix, report, quiet)
+        if dry_run:
+            for _ in recovered:
+                pass
+        else:
+            now = clock()
+            rows.insert_versions(target, recovered, expired_at=now)
+            report.published = rows.publish_newest(target)
+            report.directories = rows.derive_tables(target, now)
+            rows.advance_ids(target)
+    finally:
+        target.close()
+    report.seconds = time.monotonic() - started
+    log.info("rebuilt %d versions (%d published) from %d objects into %s in %.1f s", report.versions,
+             report.published, report.objects, report.target, report.seconds)
+    return report
+
+
+def _check_empty(meta: MetaStore, where: str) -> None:
+    if meta.schema_version() != 0:
+        raise RepoError(f"{where} already holds a repository: rebuild writes only into an empty database")
+
+
+def _recovered_versions(store: ObjectStore, backup_prefix: str, report: RebuildReport,
+                        quiet: bool) -> Iterator[rows.RecoveredVersion]:
+    """The version each object describes, in listing order; objects that describe none go to the report."""
+    seen_ids: set[int] = set()
+    listed = (info for info in store.list() if not info.key.startswith(backup_prefix))
+    with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="rebuild-head") as pool, \
+            progress("rebuild: reading object descriptions", None, unit="objects", quiet=quiet) as shown:
+        for info in _bounded_map(pool, lambda listed_info: store.head(listed_info.key) or listed_info, listed):
+            report.objects += 1
+            shown.advance()
+            version = _version_of(info, store.bucket, report)
+            if version is None:
+                continue
+            if version.id in seen_ids:  # a copied object: the first one listed keeps the id
+                report.skipped.append({"key": info.key, "why": f"version id {version.id} is claimed by another object"})
+                continue
+            seen_ids.add(version.id)
+            report.versions += 1
+            yield version
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items) -> Iterator:
+    """``pool.map`` with at most IN_FLIGHT results pending, so a million items never queue at once."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= IN_FLIGHT:
+            yield pending.popleft().result()
+    for future in pending:
+        yield future.result()
+
+
+def _version_of(info: ObjectInfo, bucket: str, report: RebuildReport) -> rows.RecoveredVersion | None:
+    described = info.description
+
+    def skip(why: str) -> None:
+        report.skipped.append({"key": info.key, "why": why})
+
+    missing = [name for name in ("path", "version", "md5", "size", "origin-host") if not described.get(name)]
+    if missing:
+        skip("no self-description" if len(missing) == 5 else f"its description lacks {', '.join(missing)}")
+        return None
+    try:
+        path = RepoPath.parse(described["path"])
+        version_id, size = int(described["version"]), int(described["size"])
+    except (InvalidPathError, ValueError) as exc:
+        skip(f"its description is invalid: {exc}")
+        return None
+    if size != info.size:
+        skip(f"holds {info.size} bytes, its description says {size}: incomplete or overwritten")
+        return None
+    for name in DEFAULTED:
+        if name not in described:
+            report.defaulted[name] += 1
+    uploaded_at = info.modified if info.modified is not None else time.time()
+    return rows.RecoveredVersion(
+        id=version_id, file_type=path.file_type, dir=path.dir, name=path.name, tier=rows.tier_of(info.storage_class),
+        bucket=bucket, s3_key=info.key, size=size, md5=described["md5"], xxh3=described.get("xxh3") or None,
+        origin_host=described["origin-host"], mode=int(described.get("mode", 0o644)),
+        uid=int(described.get("uid", 0)), gid=int(described.get("gid", 0)),
+        created_at=float(described.get("created", uploaded_at)), uploaded_at=uploaded_at)
