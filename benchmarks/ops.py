@@ -3,7 +3,7 @@
 its peak memory, on repositories of 100,000 and 1,000,000 versions (``--versions``).
 
 Each command runs as an operator runs it (``python -m s3repofs CMD --json``), in its own process, so
-its peak RSS is its own (``wait4``'s ``ru_maxrss``): flat in the number of versions is the target.
+its peak RSS is its own (VmHWM): flat in the number of versions is the target.
 Versions are bulk-inserted into a private PostgreSQL (benchmarks/seed.py, the lived-in mix: ~70 %
 expired, ~25 % published, ~1 % staged), and every uploaded version gets a small object (64 bytes)
 carrying its self-description, in a local object directory (``--store local``, default: a million
@@ -60,13 +60,16 @@ def parse_args() -> argparse.Namespace:
 
 
 # Runs the command's main() and then records the process's own peak RSS (kB) in the file named first.
-_MEASURED = """import resource, sys
+# The peak is the process's own VmHWM (kB): ru_maxrss carries over exec from the forking parent, so a
+# command started by this process (182 MB after seeding 100,000 rows) would report at least its size.
+_MEASURED = """import sys
 from s3repofs.cli import main
 record, sys.argv = sys.argv[1], ["s3repofs", *sys.argv[2:]]
 try:
     status = main()
 finally:
-    open(record, "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    open(record, "w").write(peak)
 sys.exit(status)
 """
 
@@ -173,6 +176,12 @@ def measure(pg, config: Path, versions: int, store: str) -> list[Figure]:
     seconds, peak, report = run_command("rebuild", "--to", rebuilt, "--json", config=config)
     figures.append(Figure(versions, store, "rebuild", seconds, peak,
                           f"{report['versions']:,} versions from {report['objects']:,} objects"))
+    seconds, peak, report = run_command("backup", "--json", config=config)
+    figures.append(Figure(versions, store, "backup", seconds, peak,
+                          f"{report['size'] / 2**20:.1f} MiB gzipped, {sum(report['rows'].values()):,} rows"))
+    restored = pg.create_database(f"ops_restored_{versions}_{store}")
+    seconds, peak, report = run_command("restore", "--to", restored, "--json", config=config)
+    figures.append(Figure(versions, store, "restore", seconds, peak, f"{report['rows']['versions']:,} versions"))
     return figures
 
 

@@ -21,6 +21,7 @@ from ..domain.lifecycle import VISIBLE_STATES, State
 from ..errors import NotFoundError, RepoError, UsageError
 from ..local.atomic import atomic_write
 from ..objects.store import open_store
+from ..ops import backup as backup_ops
 from ..ops import cache as cache_ops
 from ..ops import gc as gc_ops
 from ..ops import rebuild as rebuild_ops
@@ -107,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="read every object's description, write nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    from . import mount
+    from . import backup, mount
 
     mount.add_commands(add, COMMANDS)
+    backup.add_commands(add, COMMANDS)
     return parser
 
 
@@ -306,9 +308,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 @command("gc")
 def cmd_gc(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
-        # TODO wired to ops.backup: pass the created time of the oldest retained database backup
-        # (oldest_backup_at), so that gc refuses while a backup could name a purged version as published.
-        plan = gc_ops.plan(repo, oldest_backup_at=None, quiet=args.json)
+        # gc refuses while a retained backup could name a purged version as published.
+        plan = gc_ops.plan(repo, oldest_backup_at=backup_ops.oldest_backup_time(repo), quiet=args.json)
         if not args.json:
             print_gc_plan(plan, args.verbose)
         result = None if args.dry_run else gc_ops.execute(repo, plan, quiet=args.json)

@@ -89,3 +89,16 @@ def open_store(config) -> ObjectStore:
                    access_key=config.s3_access_key, secret_key=config.s3_secret_key,
                    multipart_threshold=config.multipart_threshold,
                    multipart_chunksize=config.multipart_chunksize, concurrency=config.transfer_concurrency)
+
+
+def open_backup_store(config) -> ObjectStore:
+    """Where database backups go: the bucket ``backup_s3_bucket`` names (on the same endpoint, with the same
+    credentials), else the objects' own store; the caller keeps them under ``backup_prefix``."""
+    from .s3 import S3Store
+
+    if config.backup_s3_bucket is None:
+        return open_store(config)
+    return S3Store(config.backup_s3_bucket, endpoint_url=config.s3_endpoint_url, region=config.s3_region,
+                   access_key=config.s3_access_key, secret_key=config.s3_secret_key,
+                   multipart_threshold=config.multipart_threshold,
+                   multipart_chunksize=config.multipart_chunksize, concurrency=config.transfer_concurrency)
