@@ -175,6 +175,21 @@ def test_the_versions_are_read_a_page_at_a_time(repo, monkeypatch):
     assert len(pages) == 4 and pages[0] == 0 and pages == sorted(pages)
 
 
+def test_a_version_purged_while_it_is_checked_is_not_reported(repo, monkeypatch):
+    f = publish(repo, "t/purged", b"p")
+    head = repo.store.head
+
+    def gc_first(key: str):  # gc purges the version and deletes its object between the page's read and the HEAD
+        if key == f.s3_key:
+            repo.db.run(lambda tx: tx.execute("UPDATE versions SET state = 'purged' WHERE id = ?", (f.id,)))
+            delete(repo, key)
+        return head(key)
+
+    monkeypatch.setattr(repo.store, "head", gc_first)
+    report = fsck.check(repo, quiet=True)
+    assert report.versions == 1 and report.clean
+
+
 # -- the repair --------------------------------------------------------------------------------------
 
 
