@@ -3,7 +3,8 @@
 its peak memory, on repositories of 100,000 and 1,000,000 versions (``--versions``).
 
 Each command runs as an operator runs it (``python -m s3repofs CMD --json``), in its own process, so
-its peak RSS is its own (``wait4``'s ``ru_maxrss``): flat in the number of versions is the target.
+its peak RSS is its own (VmHWM, read by the process itself: ``ru_maxrss`` survives execve on Linux, so a
+child would report this seeding process's peak): flat in the number of versions is the target.
 Versions are bulk-inserted into a private PostgreSQL (benchmarks/seed.py, the lived-in mix: ~70 %
 expired, ~25 % published, ~1 % staged), and every uploaded version gets a small object (64 bytes)
 carrying its self-description, in a local object directory (``--store local``, default: a million
@@ -59,14 +60,14 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-# Runs the command's main() and then records the process's own peak RSS (kB) in the file named first.
-_MEASURED = """import resource, sys
+# Runs the command's main() and then records the process's own peak RSS (VmHWM, kB) in the file named first.
+_MEASURED = """import re, sys
 from s3repofs.cli import main
 record, sys.argv = sys.argv[1], ["s3repofs", *sys.argv[2:]]
 try:
     status = main()
 finally:
-    open(record, "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    open(record, "w").write(re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read()).group(1))
 sys.exit(status)
 """
 
