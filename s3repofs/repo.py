@@ -36,6 +36,7 @@ from .errors import (
     BeingWrittenError,
     LifecycleError,
     NotFoundError,
+    ObjectMissingError,
     OutcomeUnknownError,
     RepoError,
     UnavailableError,
@@ -328,10 +329,8 @@ class S3Repo:
         given = content is not None and content.size == staged.stat().st_size
         if not given:
             content = file_content(staged)
-        proven = self.store.put(version.s3_key, staged, content.size, content.md5, describe(
-            path=str(version.path), file_type=version.file_type, version_id=version.id, content=content,
-            origin_host=version.origin_host, created_at=version.created_at, mode=version.mode, uid=version.uid,
-            gid=version.gid))
+        proven = self.store.put(version.s3_key, staged, content.size, content.md5,
+                                object_description(version, content))
         if given and not proven and file_content(staged) != content:  # its description is wrong: upload again
             raise VerificationError(f"{version.path}: the digests of version {version.id} computed while it was "
                                     "written do not match its bytes; it stays staged")
@@ -438,6 +437,9 @@ class S3Repo:
     def _check_downloadable(self, version: Version) -> None:
         if version.state in (State.DISCARDED, State.PURGED):
             raise NotFoundError(f"{version.path}: version {version.id} is {version.state}")
+        if version.storage == Storage.MISSING:
+            raise ObjectMissingError(f"{version.path}: version {version.id}: object lost; see fsck "
+                                     f"(key {version.s3_key})")
         if version.tier == Tier.ARCHIVED:
             raise ArchivedError(f"{version.path}: version {version.id} is archived; thaw it first")
         if version.size is None or version.md5 is None:
@@ -484,6 +486,14 @@ class VersionReader:
         os.close(self.fd)
         if self._on_close is not None:
             self._on_close()
+
+
+def object_description(version: Version, content: Content) -> dict[str, str]:
+    """What the object of ``version`` (holding ``content``) says about itself: every upload's, and fsck's
+    re-upload's (see objects/store.py describe)."""
+    return describe(path=str(version.path), file_type=version.file_type, version_id=version.id, content=content,
+                    origin_host=version.origin_host, created_at=version.created_at, mode=version.mode,
+                    uid=version.uid, gid=version.gid)
 
 
 def _log_published(published: Version, expired: Version | None) -> None:

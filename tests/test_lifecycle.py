@@ -25,7 +25,7 @@ from s3repofs.domain.lifecycle import TRANSITIONS, State, Storage, Tier, check_t
 from s3repofs.domain.paths import RepoPath
 from s3repofs.errors import LifecycleError
 from s3repofs.mount.tree import Tree
-from s3repofs.ops import gc
+from s3repofs.ops import fsck, gc
 
 FACETS = (State, Storage, Tier)
 BORN = {"state": State.UNPUBLISHED, "storage": Storage.LOCAL, "tier": Tier.FRESH}  # a new version's facets
@@ -117,6 +117,17 @@ def _operations(repo: S3Repo) -> list:
         repo.meta.set_publish_pending(staged.id, True)
         assert repo.retry_staged_uploads() == 1
 
+    def fsck_repair() -> None:
+        fsck.repair(repo, fsck.check(repo, quiet=True), quiet=True)
+
+    def lose_every_copy(path: str) -> None:
+        key = file(path).s3_key
+        repo.store.delete(key)
+        repo.cache.object_path(key).unlink()
+
+    def find_a_copy(path: str, data: bytes) -> None:  # as another host's cache would have it
+        repo.cache.object_path(file(path).s3_key).write_bytes(data)
+
     return [
         lambda: repo.add_file(path="t/a").touch("1").publish(),  # staged, uploaded and published at once
         lambda: repo.add_file(path="t/a").touch("2").publish(),  # expires the first
@@ -139,6 +150,10 @@ def _operations(repo: S3Repo) -> list:
         lambda: tree.rename("/published/m/g", "/published/m/g2"),
         lambda: write("/unpublished/m/i", b"i"),
         lambda: tree.unlink("/unpublished/m/i"),  # discard
+        lambda: lose_every_copy("t/e"),
+        fsck_repair,  # no copy: marked missing
+        lambda: find_a_copy("t/e", b"4"),
+        fsck_repair,  # re-uploaded from the copy
         lambda: gc.execute(repo, gc.plan(repo, now=time.time() + 40 * 86400)),  # purges what expired
     ]
 

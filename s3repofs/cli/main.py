@@ -17,12 +17,13 @@ from typing import Callable
 
 from .. import __version__
 from ..config import load_config
-from ..domain.lifecycle import VISIBLE_STATES, State
+from ..domain.lifecycle import VISIBLE_STATES, State, Storage
 from ..errors import NotFoundError, RepoError, UsageError
 from ..local.atomic import atomic_write
 from ..objects.store import open_store
 from ..ops import backup as backup_ops
 from ..ops import cache as cache_ops
+from ..ops import fsck as fsck_ops
 from ..ops import gc as gc_ops
 from ..ops import rebuild as rebuild_ops
 from ..ops import status as status_ops
@@ -106,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="target", required=True, metavar="DATABASE_URL",
                    help="an empty database: postgresql://... or sqlite:///abs/path.db")
     p.add_argument("--dry-run", action="store_true", help="read every object's description, write nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = add("fsck", "Check that each version's object is in the store with its recorded size (--deep: digest), "
+                    "and look for objects no version references; --repair re-uploads from this host's copies.")
+    p.add_argument("prefix", nargs="?", default="", metavar="PREFIX", help="a type, a directory or a path")
+    p.add_argument("--deep", action="store_true", help="also read every object and check its digest")
+    p.add_argument("--repair", action="store_true",
+                   help="re-upload missing, wrong-size and corrupt objects from a verified copy on this host; "
+                        "mark the others storage missing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     from . import backup, mount
@@ -238,7 +248,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
             return 0
         for f in files:
             when = timestamp(f.published_at or f.created_at)
-            print(f"{f.state:<11} {f.id:>8} {human(f.file_size):>9} {when}  {f.path}")
+            stored = "" if f.storage == Storage.UPLOADED else f"  [{f.storage}]"  # staged, or lost (see fsck)
+            print(f"{f.state:<11} {f.id:>8} {human(f.file_size):>9} {when}  {f.path}{stored}")
     return 0
 
 
@@ -351,6 +362,24 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         print(f"  {count} objects lack '{name}': took {rebuild_ops.DEFAULTED[name]}")
     print("not recorded in any object, so not rebuilt: " + "; ".join(rebuild_ops.NEVER_RECORDED))
     return 0
+
+
+@command("fsck")
+def cmd_fsck(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        report = fsck_ops.check(repo, args.prefix, deep=args.deep, quiet=args.json)
+        if not args.json:  # the plan before the repair
+            for finding in report.findings:
+                print(finding.line())
+            print(report.summary())
+        repaired = fsck_ops.repair(repo, report, quiet=args.json) if args.repair else None
+    if args.json:
+        print(json.dumps({**report.as_dict(), "repair": repaired.as_dict() if repaired else None}, indent=2))
+    elif repaired is not None:
+        for done in repaired.repairs:
+            print(done.line())
+        print(repaired.summary())
+    return 0 if report.clean else fsck_ops.FINDINGS_EXIT_STATUS
 
 
 def human(size: int | None) -> str:

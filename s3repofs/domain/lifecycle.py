@@ -47,7 +47,7 @@ Facet = State | Storage | Tier
 # Every change of a version's state, storage or tier that the code makes, and what makes it: a change
 # not in this table is refused (check_transition). A publish at another path moves a published version
 # without changing its state, and is checked like any publish. Operations not built yet add their rows
-# when they are: fsck's missing, archive's tier (docs/internals.md draws them, marked so).
+# when they are: archive's tier (docs/internals.md draws it, marked so).
 TRANSITIONS: Mapping[tuple[Facet, Facet], str] = {
     (State.UNPUBLISHED, State.PUBLISHED): "publish (close in published/, mv into published/, setxattr)",
     (State.UNPUBLISHED, State.DISCARDED): "discard (rm in unpublished/, replaced by a newer staged version)",
@@ -56,6 +56,8 @@ TRANSITIONS: Mapping[tuple[Facet, Facet], str] = {
     (State.EXPIRED, State.PUBLISHED): "re-publish (mv expired/ -> published/, setxattr)",
     (State.EXPIRED, State.PURGED): "purge (gc, after expired_retention: the row is kept, then the object deleted)",
     (Storage.LOCAL, Storage.UPLOADED): "upload (a flush, close or publish; the retry of staged uploads)",
+    (Storage.UPLOADED, Storage.MISSING): "fsck --repair: the object is lost, and no verified copy is on this host",
+    (Storage.MISSING, Storage.UPLOADED): "fsck --repair: the lost object re-uploaded from a verified local copy",
 }
 
 

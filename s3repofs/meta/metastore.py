@@ -451,6 +451,55 @@ class MetaStore:
 
         return self.db.run(run)
 
+    # -- fsck (ops/fsck.py): versions a page at a time, objects lost and found ---------------------
+
+    def scan_versions(self, after_id: int, limit: int, prefix: DirPath | None = None) -> list[Version]:
+        """Up to ``limit`` versions in a visible state (unpublished, published, expired), any storage, with
+        ids above ``after_id``, by id: a walk of the whole table one page at a time (``after_id`` = the last
+        id of the page before), in constant memory. ``prefix``: only versions under it, or at it exactly."""
+        where, params = self._scope(prefix)
+        return [Version(**r) for r in self.db.run(lambda tx: tx.all(
+            f"""SELECT {_VERSION_COLUMNS} FROM versions WHERE id > ? AND state IN ({_VISIBLE}){where}
+                ORDER BY id LIMIT ?""", (after_id, *params, limit)), write=False)]
+
+    def count_versions(self, prefix: DirPath | None = None) -> int:
+        """How many versions ``scan_versions`` walks."""
+        where, params = self._scope(prefix)
+        return self.db.run(lambda tx: tx.scalar(
+            f"SELECT COUNT(*) FROM versions WHERE state IN ({_VISIBLE}){where}", params), write=False)
+
+    def mark_missing(self, version_id: int) -> Version:
+        """Record that an uploaded version's object is lost and no verified copy was found to restore it."""
+        return self._change_storage(version_id, Storage.UPLOADED, Storage.MISSING)
+
+    def mark_restored(self, version_id: int) -> Version:
+        """Record that a version recorded missing has its object (verified) in the store again."""
+        return self._change_storage(version_id, Storage.MISSING, Storage.UPLOADED)
+
+    def _change_storage(self, version_id: int, old: Storage, new: Storage) -> Version:
+        def run(tx: Tx) -> Version:
+            version = self._lock_version(tx, version_id)
+            if version.storage == new:  # by a first attempt (tx.rerun), or by another fsck meanwhile
+                return version
+            if version.storage != old:
+                raise LifecycleError(f"{version.path}: version {version_id} is {version.storage}, not {old}")
+            check_transition(f"{version.path}: version {version_id}", version.storage, new)
+            tx.execute("UPDATE versions SET storage = ? WHERE id = ?", (str(new), version_id))
+            return self._lock_version(tx, version_id)
+
+        return self.db.run(run)
+
+    def _scope(self, prefix: DirPath | None) -> tuple[str, tuple]:
+        """`` AND ...``: versions under ``prefix`` (a type, or a type's directory), or at it as a file path."""
+        if prefix is None:
+            return "", ()
+        if not prefix.dir:
+            return " AND file_type = ?", (prefix.file_type,)
+        parent, _, name = prefix.dir.rpartition("/")
+        # substr, not LIKE: no wildcard escaping, and no dependence on the database's collation
+        return (" AND file_type = ? AND (dir = ? OR substr(dir, 1, ?) = ? OR (dir = ? AND name = ?))",
+                (prefix.file_type, prefix.dir, len(prefix.dir) + 1, prefix.dir + "/", parent, name))
+
     # -- tags -----------------------------------------------------------------------------------
 
     def set_tag(self, version_id: int, key: str, value: str) -> None:
