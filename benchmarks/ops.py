@@ -182,6 +182,9 @@ def measure(pg, config: Path, versions: int, store: str) -> list[Figure]:
     restored = pg.create_database(f"ops_restored_{versions}_{store}")
     seconds, peak, report = run_command("restore", "--to", restored, "--json", config=config)
     figures.append(Figure(versions, store, "restore", seconds, peak, f"{report['rows']['versions']:,} versions"))
+    seconds, peak, report = run_command("gc", "--dry-run", "--json", config=config)
+    due = sum(category["count"] for category in report["plan"]["categories"].values())
+    figures.append(Figure(versions, store, "gc planning (--dry-run)", seconds, peak, f"{due:,} items due"))
     # HEAD only: the seeded objects hold zeros, not the bytes their md5s describe. The staged versions of the
     # seeder (never a recorded host) are findings, so the exit status is 8.
     seconds, peak, report = run_command("fsck", "--json", config=config, ok=(0, 8))
