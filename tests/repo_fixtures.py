@@ -47,3 +47,15 @@ def repo(repo_config):
     repo.create_repository()
     yield repo
     repo.close()
+
+
+def back_to_schema_1(tx) -> None:
+    """Undo migrations 2 and 3 in a transaction: the database as a schema-1 repository left it."""
+    on = {"versions_touch_dir": "versions", "versions_touch_dirs": "versions",
+          "directories_touch_parent": "directories", "directories_touch_parent_gone": "directories"}
+    for trigger, table in on.items():  # migration 3's
+        tx.execute(f"DROP TRIGGER IF EXISTS {trigger}" + (f" ON {table}" if tx.kind == "postgresql" else ""))
+    tx.execute("ALTER TABLE versions DROP COLUMN mtime_ns")
+    tx.execute("ALTER TABLE directories DROP COLUMN mtime_ns")
+    tx.execute("ALTER TABLE versions DROP COLUMN xxh3")
+    tx.execute("UPDATE schema_version SET version = 1")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from mount_helper import fuse_available, mounted, s3repofs
+from repo_fixtures import back_to_schema_1
 
 from s3repofs import S3Repo
 from s3repofs.config import load_config
@@ -255,16 +256,6 @@ def test_a_backup_of_an_older_schema_restores_and_is_migrated(repo_config_pair, 
     with S3Repo(repo_config_pair) as repo:
         repo.create_repository()
         published = populate(repo)
-
-        def back_to_schema_1(tx):
-            on = {"versions_touch_dir": "versions", "versions_touch_dirs": "versions",
-                  "directories_touch_parent": "directories", "directories_touch_parent_gone": "directories"}
-            for trigger, table in on.items():  # migration 3's
-                tx.execute(f"DROP TRIGGER IF EXISTS {trigger}" + (f" ON {table}" if tx.kind == "postgresql" else ""))
-            tx.execute("ALTER TABLE versions DROP COLUMN mtime_ns")
-            tx.execute("ALTER TABLE directories DROP COLUMN mtime_ns")
-            tx.execute("ALTER TABLE versions DROP COLUMN xxh3")
-            tx.execute("UPDATE schema_version SET version = 1")
 
         repo.db.run(back_to_schema_1)
     with S3Repo(repo_config_pair) as old:  # not made ready: that would migrate it

@@ -10,6 +10,7 @@ import threading
 import pytest
 import xxhash
 from mount_helper import wait_for
+from repo_fixtures import back_to_schema_1
 
 import s3repofs
 from s3repofs import S3Repo
@@ -211,16 +212,6 @@ def test_a_repository_of_schema_1_is_migrated_on_first_use(repo_config):
     with S3Repo(repo_config) as repo:
         repo.create_repository()
         old = repo.add_file(path="t/old.txt").touch("old").publish()
-
-        def back_to_schema_1(tx):
-            on = {"versions_touch_dir": "versions", "versions_touch_dirs": "versions",
-                  "directories_touch_parent": "directories", "directories_touch_parent_gone": "directories"}
-            for trigger, table in on.items():  # migration 3's
-                tx.execute(f"DROP TRIGGER IF EXISTS {trigger}" + (f" ON {table}" if tx.kind == "postgresql" else ""))
-            tx.execute("ALTER TABLE versions DROP COLUMN mtime_ns")
-            tx.execute("ALTER TABLE directories DROP COLUMN mtime_ns")
-            tx.execute("ALTER TABLE versions DROP COLUMN xxh3")
-            tx.execute("UPDATE schema_version SET version = 1")
 
         repo.db.run(back_to_schema_1)
     with S3Repo(repo_config) as repo:
