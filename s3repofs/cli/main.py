@@ -341,6 +341,11 @@ def print_gc_plan(plan, verbose: bool) -> None:
         for item in items if verbose else ():
             what = f"version {item.version_id} {item.path or ''}" if item.version_id is not None else ""
             print(f"    {item.key}  {human(item.size)}  {what}".rstrip())
+    if plan.unrecorded:  # never deleted: each may be a published file's only copy
+        print(f"  {'unrecorded':<12} {len(plan.unrecorded):>8}  {human(sum(i.size for i in plan.unrecorded)):>10}  "
+              f"{gc_ops.UNRECORDED_MEANING}")
+        for item in plan.unrecorded if verbose else ():
+            print(f"    {item.key}  {human(item.size)}  describes version {item.version_id} {item.path}")
     for why, count in plan.kept.items():
         print(f"  left alone: {count} ({why})")
 
