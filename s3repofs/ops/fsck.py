@@ -55,7 +55,7 @@ class Kind(StrEnum):
     CORRUPT = "corrupt"  # (deep) the object's digest is not the recorded one
     MARKED_MISSING = "marked-missing"  # recorded lost by an earlier repair (storage missing)
     ORPHAN = "orphan"  # an object that no version references (gc deletes it after orphan_grace)
-    UNRECORDED = "unrecorded"  # an object describing a version the database lacks (its row was lost): adoptable
+    UNRECORDED = "unrecorded"  # an object describing a version the database lacks (its row was lost)
     HOST_GONE = "host-gone"  # a staged version, never uploaded, whose origin host is gone
 
 
