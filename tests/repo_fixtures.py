@@ -6,9 +6,14 @@ Backends: SQLite or a real PostgreSQL; a local object directory or a real S3-pro
 
 from __future__ import annotations
 
+import uuid
+from types import SimpleNamespace
+
 import pytest
 
 from s3repofs import S3Repo
+from s3repofs.ops import backup as backup_ops
+from s3repofs.ops import restore as restore_ops
 
 BACKENDS = ["sqlite-local", "sqlite-s3", "postgres-local", "postgres-s3"]
 
@@ -59,3 +64,40 @@ def back_to_schema_1(tx) -> None:
     tx.execute("ALTER TABLE directories DROP COLUMN mtime_ns")
     tx.execute("ALTER TABLE versions DROP COLUMN xxh3")
     tx.execute("UPDATE schema_version SET version = 1")
+
+
+@pytest.fixture
+def empty_database(request, tmp_path):
+    """A function: an engine ("sqlite" or "postgres") -> the URL of a new, empty database (dropped afterwards)."""
+    made: list[str] = []
+
+    def make(kind: str) -> str:
+        if kind == "sqlite":
+            return f"sqlite:///{tmp_path / f'restored-{uuid.uuid4().hex}.db'}"
+        server = request.getfixturevalue("postgres_server")
+        name = f"restored_{uuid.uuid4().hex}"
+        made.append(name)
+        return server.create_database(name)
+
+    yield make
+    for name in made:
+        request.getfixturevalue("postgres_server").drop_database(name)
+
+
+@pytest.fixture
+def restored_behind(repo_config_pair, empty_database):
+    """A repository restored from a backup older than its newest writes (SQLite and a local store, PostgreSQL
+    and the S3 server): t/a published (version ``a1``), the backup, then t/new/b published (``b``) and a new
+    version of t/a (``a2``); then the backup restored into a new database, which ``config`` names (with
+    ``orphan_grace`` 0). The objects of b and a2 are in the store; their rows are not in that database."""
+    config = {**repo_config_pair, "orphan_grace": 0}
+    with S3Repo(config) as repo:
+        repo.create_repository()
+        a1 = repo.add_file(path="t/a").touch(b"A, first").publish()
+        backup_ops.backup(repo)
+        b = repo.add_file(path="t/new/b").touch(b"B, published after the backup").publish()
+        a2 = repo.add_file(path="t/a").touch(b"A, second").publish()
+        restored = empty_database("sqlite" if config["database"].startswith("sqlite") else "postgres")
+        restore_ops.restore(repo, None, restored)
+    return SimpleNamespace(config={**config, "database": restored}, a1=a1.version, b=b.version, a2=a2.version,
+                           data={"t/a": b"A, second", "t/new/b": b"B, published after the backup"})

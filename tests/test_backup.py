@@ -30,24 +30,6 @@ from s3repofs.ops import restore as restore_ops
 SCALE_SCRIPT = Path(__file__).with_name("backup_scale.py")
 
 
-@pytest.fixture
-def empty_database(request, tmp_path):
-    """A function: an engine ("sqlite" or "postgres") -> the URL of a new, empty database (dropped afterwards)."""
-    made: list[str] = []
-
-    def make(kind: str) -> str:
-        if kind == "sqlite":
-            return f"sqlite:///{tmp_path / f'restored-{uuid.uuid4().hex}.db'}"
-        server = request.getfixturevalue("postgres_server")
-        name = f"restored_{uuid.uuid4().hex}"
-        made.append(name)
-        return server.create_database(name)
-
-    yield make
-    for name in made:
-        request.getfixturevalue("postgres_server").drop_database(name)
-
-
 def engine(url: str) -> str:
     return "sqlite" if url.startswith("sqlite") else "postgres"
 

@@ -115,8 +115,8 @@ def test_a_version_recorded_without_xxh3_is_checked_with_md5(repo):
 
 def test_orphans_are_reported_but_not_backups_nor_path_objects(repo, tmp_path):
     kept = publish(repo, "t/kept", b"k")
-    described = publish(repo, "t/sub/x", b"x").version  # an orphan that says it is a version of t/sub/x
-    put_raw(repo, "t/0123orphan", b"lost and found", tmp_path, object_description(described, _content(b"lost")))
+    described = publish(repo, "t/sub/x", b"x").version  # an orphan that says it is a version of t/sub/x:
+    put_raw(repo, "t/0123orphan", b"x", tmp_path, object_description(described, _content(b"x")))  # a copy of it
     put_raw(repo, "u/stray", b"?", tmp_path)
     put_raw(repo, repo.config.backup_prefix + "2026/manifest.json", b"{}", tmp_path)
     put_raw(repo, kept.s3_key + PATH_OBJECT_SUFFIX, b"t/kept", tmp_path)  # beside a referenced object
@@ -124,11 +124,22 @@ def test_orphans_are_reported_but_not_backups_nor_path_objects(repo, tmp_path):
     report = fsck.check(repo, quiet=True)
     assert {(f.kind, f.key) for f in report.findings} == {(Kind.ORPHAN, "t/0123orphan"), (Kind.ORPHAN, "u/stray")}
     orphan = next(f for f in report.findings if f.key == "t/0123orphan")
-    assert orphan.path == "t/sub/x" and orphan.version is None and orphan.detail.startswith("14 bytes")
+    assert orphan.path == "t/sub/x" and orphan.version is None
+    assert orphan.detail == f"1 bytes, no version references it, describes itself as version {described.id}"
     # A prefix lists its type's keys; deeper, only orphans that describe themselves under it.
     assert {f.key for f in fsck.check(repo, "t", quiet=True).findings} == {"t/0123orphan"}
     assert {f.key for f in fsck.check(repo, "t/sub", quiet=True).findings} == {"t/0123orphan"}
     assert fsck.check(repo, "t/other", quiet=True).clean
+
+    # Other bytes under the same id: the id was handed out again after the row was lost (not a copy).
+    other = b"lost and found"
+    put_raw(repo, "t/0124other", other, tmp_path, object_description(described, _content(other)))
+    [taken] = [f for f in fsck.check(repo, "t/sub", quiet=True).findings if f.key == "t/0124other"]
+    assert (taken.kind, taken.version, taken.path) == (Kind.UNRECORDED, described.id, "t/sub/x")
+    assert taken.detail.endswith(f"it cannot be adopted: version {described.id} is another object's "
+                                 f"({described.s3_key}): the id was handed out again since the row was lost")
+    [done] = fsck.repair(repo, fsck.check(repo, "t/sub", quiet=True), quiet=True).repairs
+    assert done.outcome == Outcome.NOT_ADOPTED and repo.meta.get(described.id).s3_key == described.s3_key
 
 
 def test_staged_versions_of_a_gone_host_are_reported(repo_config, tmp_path):
@@ -227,6 +238,9 @@ def test_a_copy_that_does_not_match_is_not_used(repo):
     [done] = fsck.repair(repo, fsck.check(repo, quiet=True), quiet=True).repairs
     assert done.outcome == Outcome.MARKED_MISSING
     assert repo.store.head(f.s3_key) is None
+    # Evicted, so no reader on this host is served those bytes.
+    assert done.detail.endswith("; this host's cache copy failed its re-hash and was evicted")
+    assert not repo.cache.object_path(f.s3_key).exists() and not repo.cache.has(f.s3_key)
 
 
 def test_without_a_local_copy_a_version_is_marked_missing_until_another_host_has_one(repo_config, tmp_path):
@@ -317,6 +331,51 @@ def test_the_command_exit_status_json_and_repair(repo_config_pair, tmp_path):
         "object lost; see fsck" in cat.stderr and cat.stderr.count("\n") == 1
     assert run("cat", "t/kept", config=config).stdout == "kept" * 50
     assert "--repair" in run("fsck", "--help", config=config).stdout
+
+
+def test_versions_whose_rows_a_restore_lost_are_unrecorded_then_adopted_and_published_again(restored_behind,
+                                                                                                  tmp_path):
+    lost = restored_behind
+    a1, b, a2 = lost.a1, lost.b, lost.a2
+    config = str(write_config(lost.config, tmp_path / "restored.json"))
+    checked = run("fsck", config=config)
+    assert checked.returncode == 8, checked.stderr
+    for v in (b, a2):
+        assert (f"unrecorded     {v.path}  version {v.id}  {v.s3_key}  object describes version {v.id} of {v.path}; "
+                "the database has no such version") in checked.stdout
+    assert checked.stdout.splitlines()[-1].endswith("1 versions, 5 objects: 2 unrecorded")  # and a backup
+
+    repaired = run("fsck", "--repair", config=config)
+    assert repaired.returncode == 8, repaired.stderr  # what the check found; the next fsck says what is left
+    assert (f"adopted        t/new/b  version {b.id}  adopted as expired: `s3repofs publish t/new/b` publishes it "
+            "again") in repaired.stdout
+    assert (f"adopted        t/a  version {a2.id}  adopted as expired: t/a has published version {a1.id}: "
+            f"`s3repofs publish --version {a2.id} t/a` publishes this one instead") in repaired.stdout
+    assert repaired.stdout.splitlines()[-1].startswith("repair: 0 re-uploaded") and "2 adopted" in repaired.stdout
+    again = run("fsck", "--deep", config=config)
+    assert again.returncode == 0 and "3 versions, 5 objects: no findings" in again.stdout, again.stdout + again.stderr
+
+    with S3Repo(lost.config) as repo:
+        for v in (b, a2):  # the row the object describes, under its original id
+            adopted = repo.meta.get(v.id)
+            assert (adopted.state, adopted.storage, adopted.s3_key, adopted.path) == ("expired", "uploaded", v.s3_key,
+                                                                                      v.path)
+            assert (adopted.size, adopted.md5, adopted.xxh3, adopted.created_at) == (v.size, v.md5, v.xxh3,
+                                                                                      v.created_at)
+            assert (adopted.origin_host, adopted.mode, adopted.uid, adopted.gid) == (v.origin_host, v.mode, v.uid,
+                                                                                      v.gid)
+        assert repo.get_dir(b.path.parent) is not None  # t/new, which only b's path made
+        assert repo.get_file("t/new/b") is None  # nothing published behind the operator's back
+
+    assert run("publish", "t/new/b", config=config).stdout == f"published t/new/b (version {b.id})\n"
+    assert run("publish", "--version", str(a2.id), "t/a", config=config).returncode == 0
+    with S3Repo(lost.config) as repo:
+        repo.cache.clear()  # read from the store, verified against the adopted rows
+        for path, data in lost.data.items():
+            assert repo.get_file(path).read_bytes() == data
+        fresh = repo.add_file(path="t/new/c").touch(b"after the adoption").publish()
+        assert fresh.id > max(b.id, a2.id)
+        assert fsck.check(repo, deep=True, quiet=True).clean
 
 
 # -- through a mount ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import threading
@@ -140,6 +141,46 @@ def test_orphan_objects_go_after_the_grace_and_backups_are_never_touched(repo, t
     assert gc.execute(repo, plan).removed["orphan"] == 1
     assert keys_in_store(repo) == {repo.get_file("t/kept").version.s3_key, backup}
     assert_every_live_object_exists(repo)
+
+
+def test_objects_whose_rows_a_restore_lost_are_kept_and_a_foreign_object_is_deleted(restored_behind, tmp_path,
+                                                                                      caplog):
+    """After a restore of a backup older than the newest writes, the objects of the versions written since
+    have no row: they describe versions the database lacks, so gc keeps them (fsck --repair adopts them)."""
+    lost = restored_behind
+    with S3Repo(lost.config) as repo:
+        assert repo.meta.rows_of_keys([lost.b.s3_key, lost.a2.s3_key]) == {}
+        source = tmp_path / "foreign"
+        source.write_bytes(b"not written by s3repofs")
+        content = file_content(source)
+        repo.store.put("t/foreign", source, content.size, content.md5, {})  # no description: an orphan
+
+        with caplog.at_level(logging.WARNING, logger="s3repofs.ops.gc"):
+            plan = gc.plan(repo, now=time.time() + 1)
+        assert [item.key for item in plan.orphan] == ["t/foreign"]
+        assert sorted((i.key, i.version_id, i.path, i.size) for i in plan.unrecorded) == sorted([
+            (lost.b.s3_key, lost.b.id, "t/new/b", lost.b.size), (lost.a2.s3_key, lost.a2.id, "t/a", lost.a2.size)])
+        assert plan.kept == {"orphan: describes a version the database lacks (see fsck)": 2}
+        assert (f"gc: keeping object {lost.b.s3_key}: object describes version {lost.b.id} of t/new/b; the database "
+                "has no such version: run `s3repofs fsck --repair` to adopt it") in caplog.text
+        result = gc.execute(repo, plan)
+        assert result.removed["orphan"] == 1
+        versions = {key for key in keys_in_store(repo) if not key.startswith(gc.RESERVED_PREFIX)}
+        assert versions == {lost.a1.s3_key, lost.b.s3_key, lost.a2.s3_key}
+
+        # A version written before the repair takes b's id again (the restore set the sequence back):
+        # b's object is still kept, and fsck says why it cannot be adopted.
+        reused = published_file(repo, "t/c", b"written after the restore")
+        assert reused.id == lost.b.id
+        again = gc.plan(repo, now=time.time() + 1)
+        assert sorted(item.key for item in again.unrecorded) == sorted([lost.a2.s3_key, lost.b.s3_key])
+        assert again.orphan == []
+
+    config = str(write_config(lost.config, tmp_path / "restored.json"))
+    as_json = json.loads(s3repofs("gc", "--dry-run", "--json", "--config", config).stdout)
+    assert {item["version_id"] for item in as_json["plan"]["unrecorded"]} == {lost.b.id, lost.a2.id}
+    text = s3repofs("gc", "--dry-run", "-v", "--config", config).stdout
+    assert "unrecorded          2" in text and f"describes version {lost.a2.id} t/a" in text
 
 
 def test_staged_files_no_unpublished_local_version_holds_are_removed(repo):

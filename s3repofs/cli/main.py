@@ -110,12 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = add("fsck", "Check that each version's object is in the store with its recorded size (--deep: digest), "
-                    "and look for objects no version references; --repair re-uploads from this host's copies.")
+                    "and look for objects no version references; --repair re-uploads from this host's copies "
+                    "and adopts objects whose rows are lost (unrecorded).")
     p.add_argument("prefix", nargs="?", default="", metavar="PREFIX", help="a type, a directory or a path")
     p.add_argument("--deep", action="store_true", help="also read every object and check its digest")
     p.add_argument("--repair", action="store_true",
                    help="re-upload missing, wrong-size and corrupt objects from a verified copy on this host; "
-                        "mark the others storage missing")
+                        "mark the others storage missing; adopt unrecorded objects as expired versions")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     from . import backup, mount
@@ -341,6 +342,11 @@ def print_gc_plan(plan, verbose: bool) -> None:
         for item in items if verbose else ():
             what = f"version {item.version_id} {item.path or ''}" if item.version_id is not None else ""
             print(f"    {item.key}  {human(item.size)}  {what}".rstrip())
+    if plan.unrecorded:  # never deleted: each may be a published file's only copy
+        print(f"  {'unrecorded':<12} {len(plan.unrecorded):>8}  {human(sum(i.size for i in plan.unrecorded)):>10}  "
+              f"{gc_ops.UNRECORDED_MEANING}")
+        for item in plan.unrecorded if verbose else ():
+            print(f"    {item.key}  {human(item.size)}  describes version {item.version_id} {item.path}")
     for why, count in plan.kept.items():
         print(f"  left alone: {count} ({why})")
 

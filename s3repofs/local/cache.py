@@ -110,6 +110,10 @@ class LocalCache:
     def usage(self) -> CacheUsage:
         return self.objects.usage()
 
+    def drop(self, key: str) -> bool:
+        """See ``ObjectIndex.drop``: remove one cached object found bad."""
+        return self.objects.drop(key)
+
     def clear(self) -> int:
         """Remove every cached object that is not open; returns how many were removed."""
         return self.objects.clear()

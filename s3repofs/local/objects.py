@@ -91,6 +91,18 @@ class ObjectIndex:
                 self.path(key).unlink(missing_ok=True)
         return len(victims)
 
+    def drop(self, key: str) -> bool:
+        """Remove one cached object, open or not (one found bad: an open descriptor keeps its inode, and the
+        next open downloads again, here and in every process sharing the cache); True if it was on disk."""
+        with self.lock:
+            self.remove(key)
+            try:
+                self.path(key).unlink()
+            except FileNotFoundError:
+                return False
+        log.info("cache: dropped %s", key)
+        return True
+
     def evict(self) -> None:
         """Remove the least recently used objects nobody holds open until the rest fit in ``max_bytes``."""
         victims = []

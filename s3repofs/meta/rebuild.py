@@ -1,6 +1,8 @@
-"""Writes a repository's rows into an empty database from what its objects say about themselves.
+"""Writes versions' rows from what their objects say about themselves: all of them, or one whose row was lost.
 
-``s3repofs rebuild`` (ops/rebuild.py) reads the objects; this module owns the SQL. Every version is
+``s3repofs rebuild`` (ops/rebuild.py) reads the objects and writes every row into an empty database;
+``fsck --repair`` (ops/unrecorded.py) adopts an object whose row a restore lost, into the live one
+(``insert_versions``, ``ensure_directories``, ``advance_ids``). This module owns the SQL. Every version is
 written as expired (its history), then the newest version of each path is published in one
 statement: the same expired -> published transition a re-publish makes, checked once for all of
 them. Directories are the implicit ancestors of the versions' paths, path locks those of the
@@ -82,6 +84,17 @@ def _insert(db: Database, versions: list[RecoveredVersion], expired_at: float,
     return len(inserted)
 
 
+def rows_of_ids(db: Database, ids: Iterable[int]) -> dict[int, dict]:
+    """The ``s3_key``, ``size`` and ``md5`` of each version of ``ids`` the database holds, by id."""
+    ids = sorted(set(ids))
+    if not ids:
+        return {}
+    placeholders = ", ".join("?" * len(ids))
+    rows = db.run(lambda tx: tx.all(f"SELECT id, s3_key, size, md5 FROM versions WHERE id IN ({placeholders})", ids),
+                  write=False)
+    return {row.pop("id"): row for row in rows}
+
+
 def publish_newest(db: Database) -> int:
     """Publish the newest version of each path (by creation, then id); how many were published."""
     check_transition("the newest version of each rebuilt path", State.EXPIRED, State.PUBLISHED)
@@ -110,34 +123,44 @@ def derive_tables(db: Database, now: float) -> int:
 def _insert_directories(db: Database, now: float) -> int:
     """Every ancestor of every version's directory, a page of distinct directories at a time."""
     inserted, after = 0, ("", "")
-    conflict = f"ON CONFLICT (file_type, {db.dialect.indexed('dir')}) DO NOTHING"
     while True:
         page = db.run(lambda tx: tx.all(
             """SELECT DISTINCT file_type, dir FROM versions WHERE file_type > ? OR (file_type = ? AND dir > ?)
                ORDER BY file_type, dir LIMIT 1000""", (after[0], after[0], after[1])), write=False)
         if not page:
             return inserted
-        rows = {(d.file_type, d.dir, d.parent_dir) for row in page
-                for d in DirPath(row["file_type"], row["dir"]).ancestors()}
-
-        def insert(tx: Tx, rows: list = sorted(rows, key=lambda r: (r[0], r[1]))) -> int:
-            count = 0
-            for start in range(0, len(rows), BATCH):
-                chunk = rows[start:start + BATCH]
-                count += tx.execute(f"""INSERT INTO directories (file_type, dir, parent, created_at)
-                                        VALUES {", ".join(["(?, ?, ?, ?)"] * len(chunk))} {conflict}""",
-                                    [value for row in chunk for value in (*row, now)])
-            return count
-
-        inserted += db.run(insert)
+        inserted += ensure_directories(db, [DirPath(row["file_type"], row["dir"]) for row in page], now)
         after = (page[-1]["file_type"], page[-1]["dir"])
 
 
+def ensure_directories(db: Database, directories: Iterable[DirPath], now: float) -> int:
+    """Create each of ``directories`` and its ancestors that does not exist yet (implicit, created at
+    ``now``), in one transaction; how many were created. Rebuild's for every version's directory, and
+    fsck's for a version it adopts."""
+    rows = sorted({(d.file_type, d.dir, d.parent_dir) for directory in directories for d in directory.ancestors()},
+                  key=lambda r: (r[0], r[1]))
+    conflict = f"ON CONFLICT (file_type, {db.dialect.indexed('dir')}) DO NOTHING"
+
+    def insert(tx: Tx) -> int:
+        count = 0
+        for start in range(0, len(rows), BATCH):
+            chunk = rows[start:start + BATCH]
+            count += tx.execute(f"""INSERT INTO directories (file_type, dir, parent, created_at)
+                                    VALUES {", ".join(["(?, ?, ?, ?)"] * len(chunk))} {conflict}""",
+                                [value for row in chunk for value in (*row, now)])
+        return count
+
+    return db.run(insert)
+
+
 def advance_ids(db: Database) -> None:
-    """Let the next new version take an id past every rebuilt one (SQLite's AUTOINCREMENT already does)."""
+    """Let the next new version take an id past every row written here (SQLite's AUTOINCREMENT already
+    does). Never moves the sequence back: ids it handed out may be in objects whose rows are not (yet) here."""
     if db.kind == "postgresql":
         db.run(lambda tx: tx.execute("""SELECT setval(pg_get_serial_sequence('versions', 'id'),
-                                                      (SELECT COALESCE(MAX(id), 0) + 1 FROM versions), false)"""))
+                                                      GREATEST((SELECT COALESCE(MAX(id), 0) + 1 FROM versions),
+                                                               nextval(pg_get_serial_sequence('versions', 'id'))),
+                                                      false)"""))
 
 
 # Storage classes whose objects must be restored before a read (GLACIER_IR is read at once).

@@ -3,10 +3,14 @@
 ``check`` is the plan: it walks the versions under a prefix from the database a page at a time (by
 id), asks the store about each object in parallel (HEAD: does it exist, with the recorded size;
 ``deep``: read it and check its digest), lists the store for objects that no version references, and
-returns the findings (an ``FsckReport``). ``repair`` is the execute: it re-uploads a missing,
-wrong-size or corrupt object from a verified copy on this host (its cache, or a staged file), with
-the description of a normal upload, and marks what it cannot restore ``storage = missing``, so that
-reading it fails with a clear error ("object lost; see fsck") instead of a download that cannot verify.
+returns the findings (an ``FsckReport``); an unreferenced object whose self-description names a
+version the database lacks is ``unrecorded`` (a row lost by a restore of an older backup:
+ops/unrecorded.py), not an orphan. ``repair`` is the execute: it re-uploads a missing, wrong-size or
+corrupt object from a verified copy on this host (its cache, or a staged file), with the description
+of a normal upload, and marks what it cannot restore ``storage = missing``, so that reading it fails
+with a clear error ("object lost; see fsck") instead of a download that cannot verify. A cache copy
+that fails its re-hash is evicted, so no reader on this host is served it. It adopts each
+unrecorded object: the row its description gives is written, as expired (the operator publishes it).
 
 Memory stays flat in the size of the repository: a page of versions and a batch of listed keys at a
 time; only the findings are kept. A finding is confirmed against the version's row as it is after
@@ -32,6 +36,7 @@ from ..meta.metastore import Version
 from ..objects.s3 import PATH_OBJECT_SUFFIX
 from ..objects.store import ObjectInfo
 from ..repo import S3Repo, object_description
+from . import unrecorded as lost
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,7 @@ class Kind(StrEnum):
     CORRUPT = "corrupt"  # (deep) the object's digest is not the recorded one
     MARKED_MISSING = "marked-missing"  # recorded lost by an earlier repair (storage missing)
     ORPHAN = "orphan"  # an object that no version references (gc deletes it after orphan_grace)
+    UNRECORDED = "unrecorded"  # an object describing a version the database lacks (its row was lost)
     HOST_GONE = "host-gone"  # a staged version, never uploaded, whose origin host is gone
 
 
@@ -100,6 +106,8 @@ class Outcome(StrEnum):
     MARKED_MISSING = "marked missing"  # no verified copy here: storage = missing
     STILL_MISSING = "still missing"  # recorded missing already, and no verified copy here either
     SKIPPED = "skipped"  # the version changed since the check (purged, say)
+    ADOPTED = "adopted"  # an unrecorded object's version written from its description, as expired
+    NOT_ADOPTED = "not adopted"  # an unrecorded object whose description cannot become a row (or its id is taken)
 
 
 @dataclass(frozen=True)
@@ -236,22 +244,25 @@ def _still_wrong(repo: S3Repo, finding: Finding) -> bool:
 def _orphans(repo: S3Repo, listed: list[ObjectInfo], scope: DirPath | None) -> list[Finding]:
     """The keys of one listed batch that no version references: not backups, not the ``.path``
     object beside a referenced object (see objects/s3.py), and, under a PREFIX deeper than a type,
-    only those whose self-description names a path under it."""
+    only those whose self-description names a path under it. Each is an orphan, or ``unrecorded`` if
+    its description names a version the database lacks."""
     listed = [info for info in listed if not info.key.startswith(repo.config.backup_prefix)]
     owners = {info.key: info.key.removesuffix(PATH_OBJECT_SUFFIX) for info in listed}
     referenced = repo.meta.rows_of_keys(sorted(set(owners) | set(owners.values())))
+    unreferenced = [info for info in listed if info.key not in referenced and owners[info.key] not in referenced]
+    headed = lost.described(repo, unreferenced)  # they are few: their descriptions tell what they are
+    lost_rows = lost.lost_rows(repo, headed)
     found = []
-    for key, size in ((info.key, info.size) for info in listed):
-        if key in referenced or owners[key] in referenced:
-            continue
-        head = repo.store.head(key)  # orphans are few: their descriptions make the report useful
-        described = head.description if head is not None else {}
-        path = described.get("path")
+    for info in headed:
+        path = info.description.get("path")
         if scope is not None and scope.dir and not (path and _under(path, scope)):
             continue
-        version = f", describes itself as version {described['version']}" if "version" in described else ""
-        found.append(Finding(Kind.ORPHAN, key, f"{size} bytes, no version references it{version}",
-                             path))
+        if (unrecorded := lost_rows.get(info.key)) is not None:
+            found.append(Finding(Kind.UNRECORDED, info.key, unrecorded.detail(), path, unrecorded.version_id))
+            continue
+        version = f", describes itself as version {info.description['version']}" if info.description.get(
+            "version") else ""
+        found.append(Finding(Kind.ORPHAN, info.key, f"{info.size} bytes, no version references it{version}", path))
     return found
 
 
@@ -274,12 +285,13 @@ def _when(timestamp: float) -> str:
 def repair(repo: S3Repo, report: FsckReport, *, quiet: bool = False) -> RepairResult:
     """Re-upload every missing, wrong-size, corrupt or marked-missing object of ``report`` from a
     verified copy on this host; mark the uploaded ones without a copy ``storage = missing``. Each
-    version's row is read again first: one that changed since the check (purged, say) is skipped."""
+    version's row is read again first: one that changed since the check (purged, say) is skipped.
+    Adopt each unrecorded object: write its version's row as expired (ops/unrecorded.py)."""
     result = RepairResult()
-    todo = [f for f in report.findings if f.kind in REPAIRABLE]
+    todo = [f for f in report.findings if f.kind in REPAIRABLE or f.kind == Kind.UNRECORDED]
     with progress("fsck: repair", len(todo), unit="versions", quiet=quiet) as bar:
         for finding in todo:
-            done = _repair_one(repo, finding)
+            done = _adopt_one(repo, finding) if finding.kind == Kind.UNRECORDED else _repair_one(repo, finding)
             log.info("fsck: %s", done.line())  # the CLI prints each one
             result.repairs.append(done)
             bar.advance()
@@ -293,22 +305,31 @@ def _repair_one(repo: S3Repo, finding: Finding) -> Repair:
         return Repair(finding, Outcome.SKIPPED, "its row is gone")
     if version.state not in VISIBLE_STATES or version.storage == Storage.LOCAL:
         return Repair(finding, Outcome.SKIPPED, f"it is {version.state} and {version.storage} now")
-    copy = _verified_copy(repo, version)
+    copy, evicted = _verified_copy(repo, version)
     if copy is None:
         if version.storage == Storage.MISSING:
-            return Repair(finding, Outcome.STILL_MISSING, "no verified copy on this host")
+            return Repair(finding, Outcome.STILL_MISSING, "no verified copy on this host" + evicted)
         repo.meta.mark_missing(version.id)
-        return Repair(finding, Outcome.MARKED_MISSING, "no verified copy on this host; reads fail until one is found")
+        return Repair(finding, Outcome.MARKED_MISSING,
+                      "no verified copy on this host; reads fail until one is found" + evicted)
     source, where, content = copy
     repo.store.put(version.s3_key, source, content.size, content.md5, object_description(version, content))
     if version.storage == Storage.MISSING:
         repo.meta.mark_restored(version.id)
-    return Repair(finding, Outcome.REUPLOADED, f"from this host's {where} ({source})")
+    return Repair(finding, Outcome.REUPLOADED, f"from this host's {where} ({source})" + evicted)
 
 
-def _verified_copy(repo: S3Repo, version: Version) -> tuple[Path, str, Content] | None:
+def _adopt_one(repo: S3Repo, finding: Finding) -> Repair:
+    version, detail = lost.adopt(repo, finding.key)
+    return Repair(finding, Outcome.NOT_ADOPTED if version is None else Outcome.ADOPTED, detail)
+
+
+def _verified_copy(repo: S3Repo, version: Version) -> tuple[tuple[Path, str, Content] | None, str]:
     """A local file holding exactly the version's recorded bytes (hashed now: a cache copy was
-    verified when it was downloaded, but a disk can rot since), where it is, and its content."""
+    verified when it was downloaded, but a disk can rot since), where it is, and its content; and a
+    note for the report if this host's cache copy failed the re-hash: it is evicted, so that no reader
+    here is served those bytes (a staged file that fails is left: staging is its writer's)."""
+    evicted = ""
     for path, where in ((repo.cache.object_path(version.s3_key), "cache"),
                         (repo.cache.staging_path(version.s3_key), "staging area")):
         try:
@@ -319,7 +340,10 @@ def _verified_copy(repo: S3Repo, version: Version) -> tuple[Path, str, Content] 
             log.warning("fsck: cannot read %s: %s", path, exc.strerror or exc)
             continue
         if (content.size, content.md5) == (version.size, version.md5) and version.xxh3 in (None, content.xxh3):
-            return path, where, content
+            return (path, where, content), evicted
         log.warning("fsck: %s (version %d): the copy in this host's %s, %s, does not match the recorded "
-                    "size and digest; not used", version.path, version.id, where, path)
-    return None
+                    "size and digest; not used%s", version.path, version.id, where, path,
+                    "; evicted from the cache" if where == "cache" else "")
+        if where == "cache" and repo.cache.drop(version.s3_key):
+            evicted = "; this host's cache copy failed its re-hash and was evicted"
+    return None, evicted

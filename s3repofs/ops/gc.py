@@ -11,13 +11,18 @@ The plan has five categories, each a list of items (what the CLI prints and ``--
   (state ``purged``, ``purged_at``), the object deleted.
 - ``leftover``: objects whose version is discarded or purged (an upload that lost a race with a
   discard, a gc stopped between a purge and its delete).
-- ``orphan``: objects no version references at all, stored longer ago than ``orphan_grace``.
+- ``orphan``: objects no version references at all, stored longer ago than ``orphan_grace``, that
+  describe no version the database lacks (see below).
 - ``staging``: files in this host's staging area whose version is gone, or no longer unpublished
   and local.
 
 Never deleted: an object that a version in state unpublished, published or expired references
-(execute looks each key up again just before deleting it), and anything under a key starting with
-'_' (``backup_prefix`` is there: no file type can start with '_'). The store is listed page by page
+(execute looks each key up again just before deleting it), anything under a key starting with '_'
+(``backup_prefix`` is there: no file type can start with '_'), and an object whose self-description
+names a version the database lacks (ops/unrecorded.py: each orphan candidate gets a HEAD). Rows are
+written before objects and never deleted, so such an object is a row lost by a restore of an older
+backup, maybe a published file's only copy: the plan lists it as ``unrecorded`` (kept, with a
+WARNING), and ``s3repofs fsck --repair`` adopts it. The store is listed page by page
 and its keys looked up in the database in batches, so memory stays flat however many objects there
 are. ``plan`` refuses (GcRefusedError) when a retained database backup is older than
 ``expired_retention``: restored, it would name as published versions whose objects gc purged.
@@ -39,6 +44,7 @@ from ..errors import BeingWrittenError, GcRefusedError, LifecycleError, NotFound
 from ..meta.metastore import Version
 from ..objects.store import ObjectInfo
 from ..repo import S3Repo
+from . import unrecorded as lost
 from .progress import Progress, progress
 
 log = logging.getLogger(__name__)
@@ -58,9 +64,11 @@ MEANING = {
     "unpublished": "unpublished versions past unpublished_ttl: discarded",
     "expired": "expired versions past expired_retention: purged (rows kept), objects deleted",
     "leftover": "objects of discarded or purged versions: deleted",
-    "orphan": "objects no version references, older than orphan_grace: deleted",
+    "orphan": "objects no version references, older than orphan_grace, not describing a lost row: deleted",
     "staging": "staged files on this host no unpublished version holds: removed",
 }
+# The plan's list of what it keeps: orphan candidates that describe a version the database lacks.
+UNRECORDED_MEANING = "objects describing versions the database lacks: KEPT; `s3repofs fsck --repair` adopts them"
 LOOKUP_BATCH = 500  # keys per database lookup (and per group of deletes)
 
 
@@ -82,6 +90,7 @@ class GcPlan:
     orphan: list[GcItem]
     staging: list[GcItem]
     kept: dict[str, int] = field(default_factory=dict)  # what was left alone on purpose: count per reason
+    unrecorded: list[GcItem] = field(default_factory=list)  # kept: they describe versions the database lacks
 
     def items(self, category: str) -> list[GcItem]:
         return getattr(self, category)
@@ -92,7 +101,8 @@ class GcPlan:
     def as_dict(self) -> dict:
         return {"now": self.now, "expired_before": self.expired_before, "kept": self.kept,
                 "categories": {c: {"count": len(self.items(c)), "bytes": self.size(c),
-                                   "items": [asdict(item) for item in self.items(c)]} for c in CATEGORIES}}
+                                   "items": [asdict(item) for item in self.items(c)]} for c in CATEGORIES},
+                "unrecorded": [asdict(item) for item in self.unrecorded]}
 
 
 @dataclass
@@ -122,9 +132,9 @@ def plan(repo: S3Repo, *, now: float | None = None, oldest_backup_at: float | No
     expired_before = now - config.expired_retention
     unpublished = _stale_unpublished(repo, now, kept)
     expired = [_version_item(v, v.size) for v in repo.meta.expired_before(expired_before)]
-    leftover, orphan = _sweep_store(repo, now, kept, quiet)
+    leftover, orphan, unrecorded = _sweep_store(repo, now, kept, quiet)
     staging = _sweep_staging(repo, now, kept)
-    return GcPlan(now, expired_before, unpublished, expired, leftover, orphan, staging, dict(kept))
+    return GcPlan(now, expired_before, unpublished, expired, leftover, orphan, staging, dict(kept), unrecorded)
 
 
 def check_backup_window(config: Config, now: float, oldest_backup_at: float | None) -> None:
@@ -182,24 +192,44 @@ def _version_item(version: Version, size: int | None) -> GcItem:
     return GcItem(version.s3_key, size, version.id, str(version.path))
 
 
-def _sweep_store(repo: S3Repo, now: float, kept: Counter, quiet: bool) -> tuple[list[GcItem], list[GcItem]]:
-    """The store's objects of discarded or purged versions, and those no version references."""
+def _sweep_store(repo: S3Repo, now: float, kept: Counter,
+                 quiet: bool) -> tuple[list[GcItem], list[GcItem], list[GcItem]]:
+    """The store's objects of discarded or purged versions, those no version references, and those no
+    version references that describe a version the database lacks (to keep)."""
     grace_before = now - repo.config.orphan_grace
-    leftover, orphan = [], []
+    leftover, orphan, unrecorded = [], [], []
     with progress("gc: listing objects", None, unit="objects", quiet=quiet) as shown:
         for batch in _batches(_version_objects(repo), LOOKUP_BATCH):
             rows = repo.meta.rows_of_keys([obj.key for obj in batch])
+            candidates = []
             for obj in batch:
                 row = rows.get(obj.key)
                 if row is None:
                     if obj.modified is not None and obj.modified < grace_before:
-                        orphan.append(GcItem(obj.key, obj.size))
+                        candidates.append(obj)
                     else:  # the grace: its row may yet reach this database (restored, or failed over, a moment ago)
                         kept["orphan: younger than orphan_grace"] += 1
                 elif row["state"] not in LIVE_STATES:
                     leftover.append(GcItem(obj.key, obj.size, row["id"]))
+            _sort_orphans(repo, candidates, orphan, unrecorded, kept)
             shown.advance(len(batch))
-    return leftover, orphan
+    return leftover, orphan, unrecorded
+
+
+def _sort_orphans(repo: S3Repo, candidates: list[ObjectInfo], orphan: list[GcItem], unrecorded: list[GcItem],
+                  kept: Counter) -> None:
+    """Add each orphan candidate to ``orphan`` (to delete), or to ``unrecorded`` (to keep) if its
+    description names a version the database lacks: its row was lost, not its use."""
+    headed = lost.described(repo, candidates)
+    lost_rows = lost.lost_rows(repo, headed)
+    for info in headed:
+        found = lost_rows.get(info.key)
+        if found is None:
+            orphan.append(GcItem(info.key, info.size))
+            continue
+        log.warning("gc: keeping object %s: %s: %s", info.key, found.detail(), found.advice())
+        kept["orphan: describes a version the database lacks (see fsck)"] += 1
+        unrecorded.append(GcItem(info.key, info.size, found.version_id, found.path))
 
 
 def _version_objects(repo: S3Repo) -> Iterator[ObjectInfo]:

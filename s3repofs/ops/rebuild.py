@@ -124,28 +124,21 @@ def _skip(report: RebuildReport, key: str, why: str) -> None:
     report.skipped.append({"key": key, "why": why})
 
 
-def _version_of(info: ObjectInfo, bucket: str, report: RebuildReport) -> rows.RecoveredVersion | None:
+def recovered_version(info: ObjectInfo, bucket: str) -> rows.RecoveredVersion | str:
+    """The version the object ``info`` (with its description: a HEAD's) describes, as its row would be
+    written, or why it describes none. Rebuild's, and fsck --repair's when it adopts an object whose
+    row a restore lost: the one way a description becomes a row."""
     described = info.description
-
-    def skip(why: str) -> None:
-        _skip(report, info.key, why)
-
     missing = [name for name in ("path", "version", "md5", "size", "origin-host") if not described.get(name)]
     if missing:
-        skip("no self-description" if len(missing) == 5 else f"its description lacks {', '.join(missing)}")
-        return None
+        return "no self-description" if len(missing) == 5 else f"its description lacks {', '.join(missing)}"
     try:
         path = RepoPath.parse(described["path"])
         version_id, size = int(described["version"]), int(described["size"])
     except (InvalidPathError, ValueError) as exc:
-        skip(f"its description is invalid: {exc}")
-        return None
+        return f"its description is invalid: {exc}"
     if size != info.size:
-        skip(f"holds {info.size} bytes, its description says {size}: incomplete or overwritten")
-        return None
-    for name in DEFAULTED:
-        if name not in described:
-            report.defaulted[name] += 1
+        return f"holds {info.size} bytes, its description says {size}: incomplete or overwritten"
     uploaded_at = info.modified if info.modified is not None else time.time()
     return rows.RecoveredVersion(
         id=version_id, file_type=path.file_type, dir=path.dir, name=path.name, tier=rows.tier_of(info.storage_class),
@@ -153,3 +146,15 @@ def _version_of(info: ObjectInfo, bucket: str, report: RebuildReport) -> rows.Re
         origin_host=described["origin-host"], mode=int(described.get("mode", 0o644)),
         uid=int(described.get("uid", 0)), gid=int(described.get("gid", 0)),
         created_at=float(described.get("created", uploaded_at)), uploaded_at=uploaded_at)
+
+
+def _version_of(info: ObjectInfo, bucket: str, report: RebuildReport) -> rows.RecoveredVersion | None:
+    """``recovered_version``, with what it defaulted or why it skipped the object counted in ``report``."""
+    version = recovered_version(info, bucket)
+    if isinstance(version, str):
+        _skip(report, info.key, version)
+        return None
+    for name in DEFAULTED:
+        if name not in info.description:
+            report.defaulted[name] += 1
+    return version
