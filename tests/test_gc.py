@@ -188,16 +188,20 @@ def test_staged_files_no_unpublished_local_version_holds_are_removed(repo):
     gone = repo.add_file(path="t/gone").touch(b"discarded elsewhere")
     repo.meta.discard(gone.id)  # as a discard on another host leaves the origin's staged file
     rowless = repo.cache.staging_path("t/" + "0" * 32)
-    rowless.write_bytes(b"a crash between add_file's file and its row")
+    rowless.write_bytes(b"")  # a crash between add_file's (empty) file and its row
+    lost = repo.cache.staging_path("t/" + "1" * 32)
+    lost.write_bytes(b"written, then its row lost by a restore of an older backup")
 
-    plan = gc.plan(repo, now=time.time() + 60)  # the row-less file may still be getting its row
+    plan = gc.plan(repo, now=time.time() + 60)  # the row-less files may still be getting their rows
     assert [item.key for item in plan.staging] == [gone.version.s3_key]
-    assert plan.kept == {"staging: no row yet, may be being created": 1}
+    assert plan.kept == {"staging: no row yet, may be being created": 2}
     plan = gc.plan(repo, now=time.time() + 2 * DAY)
     assert sorted(item.key for item in plan.staging) == sorted([gone.version.s3_key, "t/" + "0" * 32])
+    assert plan.kept == {"staging: bytes with no row (a lost version?): copy it out and add it again": 1}
     assert gc.execute(repo, plan).removed["staging"] == 2
     assert not rowless.exists() and not repo.staged_path(gone.version).exists()
     assert repo.staged_path(live.version).read_bytes() == b"still staged"
+    assert lost.read_bytes().startswith(b"written")  # never deleted: it may be the only copy
 
 
 # -- what is left alone -------------------------------------------------------------------------------

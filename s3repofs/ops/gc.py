@@ -13,8 +13,9 @@ The plan has five categories, each a list of items (what the CLI prints and ``--
   discard, a gc stopped between a purge and its delete).
 - ``orphan``: objects no version references at all, stored longer ago than ``orphan_grace``, that
   describe no version the database lacks (see below).
-- ``staging``: files in this host's staging area whose version is gone, or no longer unpublished
-  and local.
+- ``staging``: files in this host's staging area whose version is no longer unpublished and local,
+  and empty ones with no row (a crash inside add_file). One with bytes and no row is kept: its row was
+  lost (a restore of an older backup), and it may be the only copy of that version.
 
 Never deleted: an object that a version in state unpublished, published or expired references
 (execute looks each key up again just before deleting it), anything under a key starting with '_'
@@ -253,6 +254,13 @@ def _sweep_staging(repo: S3Repo, now: float, kept: Counter) -> list[GcItem]:
                 continue
             if row is None and stat.st_mtime >= rowless_before:
                 kept["staging: no row yet, may be being created"] += 1
+                continue
+            if row is None and stat.st_size > 0:
+                # add_file creates the file empty, before its row: bytes without a row are a version whose
+                # row was lost (a restore of an older backup), whose only copy this may be.
+                kept["staging: bytes with no row (a lost version?): copy it out and add it again"] += 1
+                log.warning("gc: keeping %s: %d staged bytes with no version row (lost by a restore of an older "
+                            "backup?): this may be their only copy", repo.cache.staging_path(key), stat.st_size)
                 continue
             items.append(GcItem(key, stat.st_size, row["id"] if row else None))
     return items
