@@ -20,7 +20,6 @@ from ..config import load_config
 from ..domain.lifecycle import VISIBLE_STATES, State, Storage
 from ..errors import NotFoundError, RepoError, UsageError
 from ..local.atomic import atomic_write
-from ..objects.store import open_store
 from ..ops import backup as backup_ops
 from ..ops import cache as cache_ops
 from ..ops import fsck as fsck_ops
@@ -354,8 +353,7 @@ def print_gc_plan(plan, verbose: bool) -> None:
 @command("rebuild")
 def cmd_rebuild(args: argparse.Namespace) -> int:
     config = load_config(args.config)  # not the repository's database: it is what was lost
-    report = rebuild_ops.rebuild(open_store(config), config.backup_prefix, args.target, dry_run=args.dry_run,
-                                 quiet=args.json)
+    report = rebuild_ops.rebuild(config, args.target, dry_run=args.dry_run, quiet=args.json)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
         return 0

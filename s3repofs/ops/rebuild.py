@@ -18,12 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ..config import Config
 from ..domain.paths import RepoPath
 from ..errors import InvalidPathError, RepoError
 from ..meta import rebuild as rows
 from ..meta.db import Database
 from ..meta.metastore import MetaStore
-from ..objects.store import ObjectInfo, ObjectStore
+from ..objects.store import ObjectInfo, ObjectStore, open_store
+from ..repo import S3Repo
+from .backup import config_of
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -59,10 +62,13 @@ class RebuildReport:
                 "seconds": round(self.seconds, 3)}
 
 
-def rebuild(store: ObjectStore, backup_prefix: str, target_url: str, *, dry_run: bool = False,
+def rebuild(config_or_repo: Config | S3Repo, target_url: str, *, dry_run: bool = False,
             quiet: bool = False, clock=time.time) -> RebuildReport:
-    """Write the rows of every version the objects of ``store`` describe into the empty database at
-    ``target_url`` (nothing, with ``dry_run``); RepoError if that database holds a repository."""
+    """Write the rows of every version the objects of the configuration's store describe into the empty
+    database at ``target_url`` (nothing, with ``dry_run``); RepoError if that database holds a
+    repository. The configuration's own database is never opened: it is what was lost."""
+    config = config_of(config_or_repo)
+    store, backup_prefix = open_store(config), config.backup_prefix
     started = time.monotonic()
     report = RebuildReport(target="", dry_run=dry_run)
     target = Database(target_url)
