@@ -20,8 +20,9 @@ from typing import Iterator
 
 from ..config import Config
 from ..domain.paths import RepoPath
-from ..errors import InvalidPathError, RepoError
+from ..errors import InvalidPathError, NotEmptyError
 from ..meta import rebuild as rows
+from ..meta import snapshot
 from ..meta.db import Database
 from ..meta.metastore import MetaStore
 from ..objects.store import ObjectInfo, ObjectStore, open_store
@@ -65,7 +66,7 @@ class RebuildReport:
 def rebuild(config_or_repo: Config | S3Repo, target_url: str, *, dry_run: bool = False,
             quiet: bool = False, clock=time.time) -> RebuildReport:
     """Write the rows of every version the objects of the configuration's store describe into the empty
-    database at ``target_url`` (nothing, with ``dry_run``); RepoError if that database holds a
+    database at ``target_url`` (nothing, with ``dry_run``); NotEmptyError if that database holds a
     repository. The configuration's own database is never opened: it is what was lost."""
     config = config_of(config_or_repo)
     store, backup_prefix = open_store(config), config.backup_prefix
@@ -76,7 +77,7 @@ def rebuild(config_or_repo: Config | S3Repo, target_url: str, *, dry_run: bool =
         report.target = target.describe()
         meta = MetaStore(target, clock)
         if not dry_run:
-            _check_empty(meta, report.target)
+            _check_empty(target)
             meta.create_schema()
         recovered = _recovered_versions(store, backup_prefix, report, quiet)
         if dry_run:
@@ -96,9 +97,13 @@ def rebuild(config_or_repo: Config | S3Repo, target_url: str, *, dry_run: bool =
     return report
 
 
-def _check_empty(meta: MetaStore, where: str) -> None:
-    if meta.schema_version() != 0:
-        raise RepoError(f"{where} already holds a repository: rebuild writes only into an empty database")
+def _check_empty(target: Database) -> None:
+    """NotEmptyError if ``target`` holds repository content (an initialised, empty one will do)."""
+    held = target.run(snapshot.content_rows, write=False)
+    if any(held.values()):
+        rows = ", ".join(f"{n} {table}" for table, n in held.items() if n)
+        raise NotEmptyError(f"{target.describe()} already holds a repository ({rows}): rebuild writes only into "
+                            "an empty database")
 
 
 def _recovered_versions(store: ObjectStore, backup_prefix: str, report: RebuildReport,
