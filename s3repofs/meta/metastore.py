@@ -409,17 +409,16 @@ class MetaStore:
 
     def unpublished_before(self, cutoff: float) -> list[Version]:
         """Unpublished versions created before ``cutoff``, oldest first (index versions_by_state)."""
-        rows = self.db.run(lambda tx: tx.all(
-            f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE state = '{State.UNPUBLISHED}' AND created_at < ? ORDER BY created_at, id""",
-            (cutoff,)), write=False)
-        return [Version(**r) for r in rows]
+        return self._in_state_before(State.UNPUBLISHED, "created_at", cutoff)
 
     def expired_before(self, cutoff: float) -> list[Version]:
         """Expired versions whose expiry is older than ``cutoff``, oldest expiry first."""
+        return self._in_state_before(State.EXPIRED, "expired_at", cutoff)
+
+    def _in_state_before(self, state: State, time_column: str, cutoff: float) -> list[Version]:
         rows = self.db.run(lambda tx: tx.all(
             f"""SELECT {_VERSION_COLUMNS} FROM versions
-                WHERE state = '{State.EXPIRED}' AND expired_at < ? ORDER BY expired_at, id""",
+                WHERE state = '{state}' AND {time_column} < ? ORDER BY {time_column}, id""",
             (cutoff,)), write=False)
         return [Version(**r) for r in rows]
 
