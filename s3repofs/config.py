@@ -1,9 +1,10 @@
 """Configuration: the JSON file of the original S3Repo, validated once into a frozen dataclass.
 
-Found through ``--config FILE``, ``$S3REPO_CONFIG`` or ``$S3CACHE_CONFIG``; with none of them, the
-embedded default repository (SQLite metadata, local object directory) under the user's data
-directory. Every problem raises ConfigError naming the key and the file; secrets never appear in
-messages or in ``repr``.
+Found through ``--config FILE`` (or ``--config NAME``: ``NAME.json`` in the user's configuration
+directory, else in /etc/s3repofs, as systemd's ``s3repofs@NAME`` and fstab name a repository),
+``$S3REPO_CONFIG`` or ``$S3CACHE_CONFIG``; with none of them, the embedded default repository
+(SQLite metadata, local object directory) under the user's data directory. Every problem raises
+ConfigError naming the key and the file; secrets never appear in messages or in ``repr``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 
 ENV_VARS = ("S3REPO_CONFIG", "S3CACHE_CONFIG")
 EMBEDDED = "<embedded default>"
+SYSTEM_CONFIG_DIR = Path("/etc/s3repofs")
+# A config's name (``--config prod``, ``s3repofs@prod.service``): no path separator, no leading dot.
+_CONFIG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]*")
 
 # key -> (accepted types, default). Anything else in the file is an error: a typo must not be ignored.
 _OPTIONAL: dict[str, tuple[tuple[type, ...], Any]] = {
@@ -112,7 +117,28 @@ def load_config(source: str | os.PathLike | Mapping | None = None) -> Config:
         source = next((os.environ[v] for v in ENV_VARS if os.environ.get(v)), None)
     if source is None:
         return embedded_config()
-    return config_from_file(Path(source))
+    return config_from_file(config_path(source))
+
+
+def user_config_dir() -> Path:
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"
+    return base / "s3repofs"
+
+
+def config_path(source: str | os.PathLike) -> Path:
+    """The file ``source`` names: a path as given, or for a bare NAME that is not a file here,
+    ``NAME.json`` in the user's configuration directory, else in /etc/s3repofs."""
+    path = Path(source)
+    text = os.fspath(source)
+    if path.exists() or not _CONFIG_NAME.fullmatch(text) or text.endswith(".json"):
+        return path
+    candidates = [user_config_dir() / f"{text}.json", SYSTEM_CONFIG_DIR / f"{text}.json"]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        raise ConfigError(f"no config file {text!r} here, and no config named {text!r}: "
+                          f"looked for {' and '.join(map(str, candidates))}")
+    return found
 
 
 def embedded_config(root: Path | None = None) -> Config:

@@ -107,3 +107,23 @@ def test_local_object_dir_replaces_the_bucket(tmp_path):
     config = load_config({"local_root": str(tmp_path), "object_dir": str(tmp_path / "objects")})
     assert config.object_dir == tmp_path / "objects"
     assert config.database_url == f"sqlite://{tmp_path}/repo.db"
+
+
+def test_a_bare_name_finds_the_named_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    named = tmp_path / "xdg" / "s3repofs" / "prod.json"
+    named.parent.mkdir(parents=True)
+    named.write_text(json.dumps({"local_root": str(tmp_path / "root"), "object_dir": str(tmp_path / "objects")}))
+    named.chmod(0o600)
+    assert load_config("prod").source == str(named)
+    local = tmp_path / "prod"  # a file of that name where the command runs wins: it is what was given
+    local.write_text(json.dumps({"local_root": str(tmp_path / "other"), "object_dir": str(tmp_path / "o2")}))
+    assert load_config("prod").source == "prod"
+
+
+def test_an_unknown_name_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    with pytest.raises(ConfigError, match=r"no config named 'nosuch'.*xdg/s3repofs/nosuch.json.*/etc/s3repofs"):
+        load_config("nosuch")

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                "default repository under $XDG_DATA_HOME/s3repofs (~/.local/share/s3repofs).")
     parser.add_argument("--version", action="version", version=f"s3repofs {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="configuration file (JSON)")
+    common.add_argument("--config", metavar="FILE|NAME",
+                        help="configuration file (JSON), or the NAME of ~/.config/s3repofs/NAME.json or "
+                             "/etc/s3repofs/NAME.json")
     common.add_argument("-v", "--verbose", action="store_true", help="log what is done to stderr")
     common.add_argument("--debug", action="store_true", help="log debugging detail, tracebacks included")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
