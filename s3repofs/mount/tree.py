@@ -54,7 +54,7 @@ from .entries import STATES, XATTR_PREFIX, Entry, Location, ns, xattr_values
 from .handles import HIDDEN_PREFIX, Handles, ReadHandle
 from .lookups import Lookups
 from .metadata import MetadataView
-from .writes import MAX_FILE_SIZE, Stage, Writes, WriteSession
+from .writes import MAX_FILE_SIZE, Stage, UploadCounts, Writes, WriteSession
 
 log = logging.getLogger(__name__)
 
@@ -554,6 +554,10 @@ class Tree:
 
     def mark_unmarked_publishes(self) -> None:
         self.writes.mark_unmarked_publishes()
+
+    def upload_counts(self) -> UploadCounts:
+        """Uploads in flight and versions left to the retry (``Writes.upload_counts``)."""
+        return self.writes.upload_counts()
 
     def versions_being_written(self) -> set[int]:
         """Every version an open write handle holds (a path may have several writers)."""

@@ -29,10 +29,10 @@ import errno
 import logging
 import os
 import threading
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..domain.content import AppendDigest, Content, file_content, read_back
 from ..domain.lifecycle import State, Storage
@@ -65,6 +65,12 @@ MOVES = {
     Stage.STORED: {Stage.CHANGED},
     Stage.LEFT_TO_RETRY: {Stage.CHANGED},
 }
+
+
+@dataclass(frozen=True)
+class UploadCounts:
+    in_flight: int  # being uploaded now, by a writer's close() or fsync
+    left_to_retry: int  # failed here, staged, retried by the background thread (and at the next start)
 
 
 class StageError(RuntimeError):
@@ -130,6 +136,12 @@ class Writes:
         self._lock = threading.Lock()
         self._failed_uploads: set[int] = set()  # versions whose upload failed at a flush here
         self._unmarked_publishes: set[int] = set()  # failed publishes whose publish_pending the database missed
+        self._uploading = 0  # flushes storing a version now (a stop waits for them: stats, systemd's ExecStop)
+
+    def upload_counts(self) -> UploadCounts:
+        """Uploads running now in a writer's close() or fsync, and versions left to the retry thread."""
+        with self._lock:
+            return UploadCounts(in_flight=self._uploading, left_to_retry=len(self._failed_uploads))
 
     # -- a session's life ------------------------------------------------------------------------
 
@@ -213,10 +225,11 @@ class Writes:
                 # The repository holds the staged file against writers while it uploads it: ours,
                 # under session.lock, writes no more, and after a failure the bytes are the retry's.
                 self.repo.release_staged(session.fd)
-                if session.state == State.PUBLISHED:
-                    version = self.repo.publish(version, content=content)
-                else:
-                    version = self.repo.upload(version, content=content)
+                with self._counted_upload():
+                    if session.state == State.PUBLISHED:
+                        version = self.repo.publish(version, content=content)
+                    else:
+                        version = self.repo.upload(version, content=content)
             except (RepoError, OSError) as exc:  # S3 or the database, or the local disk (EIO, ENOSPC)
                 version = self._after_failed_flush(session, version, content, exc)
                 if version is None:
@@ -234,6 +247,16 @@ class Writes:
                     self._discard_older_staged(version)
                 except (RepoError, OSError) as exc:  # they stay in unpublished/, where they were
                     log.warning("%s: older staged versions not discarded: %s", session.mount_path, exc)
+
+    @contextmanager
+    def _counted_upload(self) -> Iterator[None]:
+        with self._lock:
+            self._uploading += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._uploading -= 1
 
     def finish(self, session: WriteSession) -> None:
         """At release: store what is still to store, discard what will never be."""
@@ -371,6 +394,8 @@ class Writes:
         at once: the mount's and the kernel's entries of those paths are forgotten."""
 
         def done_with(version: Version) -> None:
+            with self._lock:
+                self._failed_uploads.discard(version.id)
             path = f"/{State.PUBLISHED}/{version.path}"
             self.metadata.forget(path)
             self.metadata.changed_behind_kernel(path)
