@@ -27,5 +27,9 @@ setup(
         # hypothesis: the reference-model test (tests/test_model.py) drives random operation sequences.
         "test": ["pytest>=7,<10", "moto[server]>=5,<6", "hypothesis>=6.100,<7"],
     },
-    entry_points={"console_scripts": ["s3repofs=s3repofs.cli:main"]},
+    entry_points={"console_scripts": [
+        "s3repofs=s3repofs.cli:main",
+        # The helper mount(8) runs for -t fuse.s3repofs and fstab lines (scripts/setup links it into /sbin).
+        "mount.fuse.s3repofs=s3repofs.cli.mounthelper:main",
+    ]},
 )

@@ -17,9 +17,10 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RepoError
+from ..errors import RepoError, UsageError
 from ..mount.daemon import pid_file, report_to, run_daemon
 from ..repo import S3Repo
 
@@ -57,10 +58,29 @@ def check_mountpoint(path: Path) -> None:
         raise MountError(f"mountpoint {path} is not empty")
 
 
+# The -o options a mount takes: libfuse's that make sense for this tree, "flag" or "value" (key=value). Any
+# other is refused here in one line; libfuse would refuse it only in the daemon's log ("failed: 3").
+MOUNT_OPTIONS = {
+    **dict.fromkeys(("ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "sync", "async", "dirsync",
+                     "atime", "noatime", "allow_other", "allow_root", "default_permissions", "auto_unmount",
+                     "kernel_cache", "auto_cache"), "flag"),
+    **dict.fromkeys(("uid", "gid", "umask", "attr_timeout", "entry_timeout", "negative_timeout", "max_read",
+                     "fsname", "subtype"), "value"),
+}
+
+
 def parse_options(text: str) -> dict:
+    """``-o``'s comma-separated options as {key: value, or True for a flag}, each checked against MOUNT_OPTIONS."""
     options: dict = {}
     for item in filter(None, (o.strip() for o in text.split(","))):
         key, sep, value = item.partition("=")
+        kind = MOUNT_OPTIONS.get(key)
+        if kind is None:
+            raise UsageError(f"unknown mount option {key!r} (known: {', '.join(sorted(MOUNT_OPTIONS))})")
+        if kind == "value" and not value:
+            raise UsageError(f"mount option {key!r} needs a value: {key}=...")
+        if kind == "flag" and sep:
+            raise UsageError(f"mount option {key!r} takes no value")
         options[key] = value if sep else True
     return options
 
@@ -77,19 +97,37 @@ def fuse_options(repo: S3Repo, user_options: dict) -> dict:
     return options
 
 
+@dataclass(frozen=True)
+class Mounted:
+    mountpoint: Path
+    pid: int
+    log_path: Path
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
-    mountpoint = Path(args.mountpoint).absolute()  # libfuse3 chdirs to /: every path must be absolute
+    mounted = start_mount(args.config, args.mountpoint, args.options, args.log, foreground=args.foreground)
+    if mounted is not None:
+        print(f"mounted {mounted.mountpoint} (daemon pid {mounted.pid}, log {mounted.log_path})")
+    return 0
+
+
+def start_mount(config, mountpoint: str | Path, options_text: str = "", log_file: str | Path | None = None,
+                foreground: bool = False) -> Mounted | None:
+    """The one way to mount (``s3repofs mount`` and mount.fuse.s3repofs): check, fork the daemon, return once
+    the tree is mounted. In the foreground, serve until unmounted and return None."""
+    mountpoint = Path(mountpoint).absolute()  # libfuse3 chdirs to /: every path must be absolute
+    user_options = parse_options(options_text)
     check_mountpoint(mountpoint)
     if shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
         raise MountError("fusermount3 not found: install the fuse3 package")
-    repo = S3Repo(args.config)
+    repo = S3Repo(config)
     repo.ensure_ready()
-    options = fuse_options(repo, parse_options(args.options))
-    log_path = Path(args.log).absolute() if args.log else repo.config.local_root / "mount.log"
+    options = fuse_options(repo, user_options)
+    log_path = Path(log_file).absolute() if log_file else repo.config.local_root / "mount.log"
     repo.close()
-    if args.foreground:
-        run_daemon(args.config, mountpoint, options, ready_fd=None)
-        return 0
+    if foreground:
+        run_daemon(config, mountpoint, options, ready_fd=None)
+        return None
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -98,7 +136,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         _detach(log_path)
         status = 0
         try:
-            run_daemon(args.config, mountpoint, options, ready_fd=write_fd)
+            run_daemon(config, mountpoint, options, ready_fd=write_fd)
         except BaseException as exc:  # reported to the parent through the pipe, and logged
             log.error("mount failed: %s", exc, exc_info=not isinstance(exc, RepoError))
             report_to(write_fd, f"error: {exc}")
@@ -112,8 +150,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.02)
     raise_read_ahead(mountpoint)
-    print(f"mounted {mountpoint} (daemon pid {pid}, log {log_path})")
-    return 0
+    return Mounted(mountpoint, pid, log_path)
 
 
 def raise_read_ahead(mountpoint: Path, kb: int = 1024) -> None:
