@@ -17,7 +17,7 @@ from repo_fixtures import make_config
 import s3repofs as package
 from s3repofs import config as config_module
 from s3repofs.cli import mounthelper
-from s3repofs.cli.mount import parse_options
+from s3repofs.cli.mount import MOUNT_OPTIONS, parse_options
 from s3repofs.cli.mounthelper import resolve_source, translate_options, with_fsname
 from s3repofs.errors import ConfigError, UsageError
 
@@ -142,11 +142,13 @@ def exited(pid: int) -> bool:
 
 @contextmanager
 def mounted_by(command: list[str], mountpoint: Path, log: Path):
-    """Run mount(8) (with -v: the helper names its daemon); after the test, wait for the daemon to exit
-    and check its log. The test unmounts with umount(8) itself; a failed test's mount is cleaned up here."""
+    """Run mount(8); after the test, wait for the daemon to exit and check its log. The test unmounts with
+    umount(8) itself; a failed test's mount is cleaned up here."""
     result = run(*command)
     assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
-    pid = int(re.search(r"daemon pid (\d+)", result.stdout).group(1))
+    pid = int(re.search(rf"\[(\d+)\]: mounted {mountpoint}:", log.read_text()).group(1))
+    if "-v" in command:
+        assert f"mounted {mountpoint} (daemon pid {pid}, log {log}" in result.stdout
     try:
         yield pid
     finally:
@@ -187,14 +189,13 @@ def test_mount_t_fuse_s3repofs_then_umount(repo_config_pair, setup_repo, tmp_pat
     log = tmp_path / "daemon.log"
     options = f"rw,nosuid,nodev,noatime,_netdev,nofail,x-systemd.requires=network-online.target,comment=t,log={log}"
     command = ["mount", "-v", "-t", "fuse.s3repofs", str(config), str(mountpoint), "-o", options]
-    with mounted_by(command, mountpoint, log) as pid:
+    with mounted_by(command, mountpoint, log):
         source, _, fstype, mount_options = in_mount_table(mountpoint)[:4]
         assert (source, fstype) == (str(config), "fuse.s3repofs")
         assert "rw" in mount_options.split(",") and "allow_other" not in mount_options  # allow_other is opt-in
         (mountpoint / "published" / "docs").mkdir()
         (mountpoint / "published" / "docs" / "a.txt").write_bytes(b"through mount(8)")
         assert (mountpoint / "published" / "docs" / "a.txt").read_bytes() == b"through mount(8)"
-        assert f"[{pid}]" in log.read_text()
         umount(mountpoint)
     assert s3repofs("cat", "docs/a.txt", "--config", str(config)).stdout == "through mount(8)"
 
@@ -229,3 +230,20 @@ def test_mount8_reports_a_bad_option_or_config_in_one_line(request, setup_repo, 
     no_config = run("mount", "-t", "fuse.s3repofs", "no-such-config", str(mountpoint))
     assert no_config.returncode == 32 and "no config named 'no-such-config'" in no_config.stderr
     assert in_mount_table(mountpoint) is None
+
+
+@real_mount
+def test_mount_fuse3_calls_the_helper_the_same_way(request, setup_repo, tmp_path):
+    config, mountpoint = setup_repo(make_config(request, tmp_path, "sqlite-local"))
+    log = tmp_path / "daemon.log"
+    command = ["mount", "-t", "fuse", f"mount.fuse.s3repofs#{config}", str(mountpoint), "-o", f"_netdev,log={log}"]
+    with mounted_by(command, mountpoint, log):
+        assert in_mount_table(mountpoint)[:3] == [str(config), str(mountpoint), "fuse.s3repofs"]
+        umount(mountpoint)
+
+
+def test_s3repofs_mount_refuses_an_unknown_option_in_one_line(tmp_path):
+    (tmp_path / "mnt").mkdir()
+    result = s3repofs("mount", str(tmp_path / "mnt"), "-o", "allow_other,bogus", check=False)
+    assert result.returncode == 2 and result.stderr == f"s3repofs: unknown mount option 'bogus' (known: " \
+        f"{', '.join(sorted(MOUNT_OPTIONS))})\n"
