@@ -17,12 +17,16 @@ from __future__ import annotations
 import errno as _errno
 import os
 import re
+import threading
+from bisect import bisect_left
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 from .errors import RepoError
 
@@ -37,8 +41,62 @@ prometheus_client.ProcessCollector(registry=REGISTRY)  # process_*: the daemon's
 # Seconds: a warm FUSE request takes tens of microseconds, a cold open or an upload seconds.
 LATENCY_BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 
-FUSE_SECONDS = Histogram("s3repofs_fuse_operation_seconds", "FUSE operations served, and how long each took",
-                         ["op"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+
+class _LatencyChild:
+    """One label value's buckets (the last one past every bound: +Inf) and sum."""
+
+    __slots__ = ("counts", "total", "_lock")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        slot = bisect_left(LATENCY_BUCKETS, seconds)  # the first bound >= seconds: Prometheus's "le"
+        with self._lock:
+            self.counts[slot] += 1
+            self.total += seconds
+
+    def snapshot(self) -> tuple[list[int], float]:
+        with self._lock:
+            return list(self.counts), self.total
+
+
+class Latencies:
+    """A histogram of seconds by one label, exposed as prometheus_client's Histogram is (same samples), but
+    observed for a third to a quarter of its cost (one bisect and one lock, where Histogram takes a lock
+    per bucket and for the sum, ~2.5 us a call here): every FUSE request pays it."""
+
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self._children: dict[str, _LatencyChild] = {}
+        self._lock = threading.Lock()
+        REGISTRY.register(self)
+
+    def labels(self, value: str) -> _LatencyChild:
+        """The child of one label value (shown from now on, at 0 until observed): bind it once, observe often."""
+        with self._lock:
+            return self._children.setdefault(value, _LatencyChild())
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            children = list(self._children.items())
+        for value, child in children:
+            counts, total = child.snapshot()
+            cumulative, buckets = 0, []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric([value], buckets, total)
+        yield family
+
+
+FUSE_SECONDS = Latencies("s3repofs_fuse_operation_seconds", "FUSE operations served, and how long each took", "op")
 FUSE_ERRORS = Counter("s3repofs_fuse_errors", "FUSE operations answered with an error, by errno",
                       ["op", "errno"], registry=REGISTRY)
 
@@ -74,13 +132,12 @@ DIGEST_RETRIES = RETRIES.labels(kind="download_digest")  # a whole object downlo
 TRANSACTION_RETRIES = RETRIES.labels(kind="db_transaction")  # a database transaction run again
 STAGED_UPLOAD_RETRIES = RETRIES.labels(kind="staged_upload")  # a staged version's upload tried again
 
-DB_SECONDS = Histogram("s3repofs_db_transaction_seconds", "Database transactions (Database.run, retries "
-                       "included), by access", ["access"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
-DB_READ_SECONDS = DB_SECONDS.labels(access="read")
-DB_WRITE_SECONDS = DB_SECONDS.labels(access="write")
-S3_SECONDS = Histogram("s3repofs_s3_request_seconds", "S3 store operations, from the request to the end of its "
-                       "answer (a download's: its last byte), by operation", ["operation"],
-                       buckets=LATENCY_BUCKETS, registry=REGISTRY)
+DB_SECONDS = Latencies("s3repofs_db_transaction_seconds", "Database transactions (Database.run, retries "
+                       "included), by access", "access")
+DB_READ_SECONDS = DB_SECONDS.labels("read")
+DB_WRITE_SECONDS = DB_SECONDS.labels("write")
+S3_SECONDS = Latencies("s3repofs_s3_request_seconds", "S3 store operations, from the request to the end of its "
+                       "answer (a download's: its last byte), by operation", "operation")
 
 
 class StatsUnavailableError(RepoError):

@@ -44,7 +44,7 @@ def translated(method):
     WARNING for a server or a full disk, ERROR for a failing disk; a traceback only for the unexpected.
     Each call is counted and timed (``s3repofs_fuse_operation_seconds``), each error by its errno."""
     op = _OP_NAMES.get(method.__name__, method.__name__)
-    observe = metrics.FUSE_SECONDS.labels(op=op).observe  # bound once here: a request pays one observation
+    observe = metrics.FUSE_SECONDS.labels(op).observe  # bound once here: a request pays one observation
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):

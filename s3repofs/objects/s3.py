@@ -336,7 +336,7 @@ class S3Store(ObjectStore):
         except OSError as exc:
             raise StoreUnavailableError(f"{action} of {key} at {where}: {exc.strerror or exc}") from None
         finally:
-            metrics.S3_SECONDS.labels(operation=action).observe(time.perf_counter() - started)
+            metrics.S3_SECONDS.labels(action).observe(time.perf_counter() - started)
 
 
 def _client_error_type() -> type:
