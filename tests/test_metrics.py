@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from repo_fixtures import make_config
 
 from s3repofs import S3Repo, metrics
+from s3repofs.errors import StoreUnavailableError
 from s3repofs.meta.db import Database
 from s3repofs.mount.daemon import pid_file
 from s3repofs.objects import retry
@@ -100,6 +101,25 @@ def test_s3_retries_are_counted_by_kind(s3_server, tmp_path, monkeypatch, fault,
     s3_server.delete_bucket(bucket)
     after = {k: sample("s3repofs_retries_total", kind=k) for k in before}
     assert {k: after[k] - before[k] for k in before} == {k: 3 if k == kind else 0 for k in before}
+
+
+def test_a_failed_upload_is_counted_with_its_request_retries(s3_server, s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(retry, "BACKOFF_BASE", 0.005)
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        config = {"local_root": str(tmp_path / "root"), "database": f"sqlite:///{tmp_path / 'repo.db'}",
+                  "default_s3_bucket": s3_bucket, "s3_endpoint_url": proxy.endpoint_url, "s3_region": s3_server.region,
+                  "s3_access_key": s3_server.access_key, "s3_secret_key": s3_server.secret_key}
+        with S3Repo(config) as repo:
+            repo.create_repository()
+            rf = repo.add_file("t/a").touch(b"never stored")
+            proxy.configure(rate=1.0, kinds=["503"], methods=["PUT"])  # every PUT refused: S3 is down
+            failures, uploads = sample("s3repofs_upload_failures_total"), sample("s3repofs_uploads_total")
+            retried = sample("s3repofs_retries_total", kind="s3_request")
+            with pytest.raises(StoreUnavailableError):
+                rf.upload()
+    assert sample("s3repofs_upload_failures_total") == failures + 1
+    assert sample("s3repofs_uploads_total") == uploads
+    assert sample("s3repofs_retries_total", kind="s3_request") == retried + retry.ATTEMPTS - 1
 
 
 def test_a_database_conflict_is_retried_and_counted(pg_url):
