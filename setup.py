@@ -22,6 +22,9 @@ setup(
         # tqdm: the progress bar of gc, backup, restore, fsck and rebuild on a terminal (ops/progress.py);
         # the field's standard, with rate and time left, rather than a bar drawn by hand.
         "tqdm>=4.66,<5",
+        # prometheus_client: the mount's metrics (s3repofs/metrics.py) in the format Prometheus and node_exporter
+        # read, with its registry, histograms, HTTP endpoint and textfile writer rather than our own.
+        "prometheus_client>=0.20,<1",
     ],
     extras_require={
         # hypothesis: the reference-model test (tests/test_model.py) drives random operation sequences.

@@ -27,6 +27,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from . import metrics
 from .config import EMBEDDED, Config, load_config
 from .domain.content import Content, download_digest, file_content
 from .domain.lifecycle import VISIBLE_STATES, State, Storage, Tier
@@ -326,14 +327,20 @@ class S3Repo:
             raise LifecycleError(f"{version.path}: version {version.id} is {version.state}/{version.storage}; "
                                  "nothing to upload")
         staged = self.cache.staging_path(version.s3_key)  # held by the caller (claim_staged)
-        given = content is not None and content.size == staged.stat().st_size
-        if not given:
-            content = file_content(staged)
-        proven = self.store.put(version.s3_key, staged, content.size, content.md5,
-                                object_description(version, content))
-        if given and not proven and file_content(staged) != content:  # its description is wrong: upload again
-            raise VerificationError(f"{version.path}: the digests of version {version.id} computed while it was "
-                                    "written do not match its bytes; it stays staged")
+        try:
+            given = content is not None and content.size == staged.stat().st_size
+            if not given:
+                content = file_content(staged)
+            proven = self.store.put(version.s3_key, staged, content.size, content.md5,
+                                    object_description(version, content))
+            if given and not proven and file_content(staged) != content:  # its description is wrong: upload again
+                raise VerificationError(f"{version.path}: the digests of version {version.id} computed while it "
+                                        "was written do not match its bytes; it stays staged")
+        except BaseException:
+            metrics.UPLOAD_FAILURES.inc()
+            raise
+        metrics.UPLOADS.inc()
+        metrics.UPLOADED_BYTES.inc(content.size)
         return content
 
     def cache_uploaded(self, version: Version) -> None:
@@ -378,6 +385,7 @@ class S3Repo:
             try:
                 if version.storage == Storage.LOCAL and not self.cache.staging_path(version.s3_key).exists():
                     continue
+                metrics.STAGED_UPLOAD_RETRIES.inc()
                 version = self.upload(version, wait=0)
                 if version.publish_pending:
                     self._publish_unless_superseded(version)

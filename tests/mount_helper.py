@@ -35,14 +35,16 @@ def s3repofs(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @contextmanager
-def mounted(config: dict, workdir: Path, name: str = "mnt") -> Iterator[Path]:
-    """Mount a repository (created if needed) at workdir/name; unmount and check the log afterwards."""
+def mounted(config: dict, workdir: Path, name: str = "mnt", options: str = "") -> Iterator[Path]:
+    """Mount a repository (created if needed) at workdir/name (with ``-o options``, if given); unmount and check
+    the log afterwards."""
     config_path = write_config(config, workdir / f"{name}.json")
     mountpoint = workdir / name
     mountpoint.mkdir(exist_ok=True)
     log = workdir / f"{name}.log"
     s3repofs("init", "--config", str(config_path))
-    s3repofs("mount", str(mountpoint), "--config", str(config_path), "--log", str(log))
+    s3repofs("mount", str(mountpoint), "--config", str(config_path), "--log", str(log),
+             *(("-o", options) if options else ()))
     try:
         yield mountpoint
     finally:

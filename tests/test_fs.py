@@ -23,6 +23,9 @@ class _Opened:
     def keeps_pages(self, fh):
         return False
 
+    def bypasses_pages(self, fh):
+        return False
+
 
 @pytest.mark.parametrize("flags, skips_flush", [(os.O_RDONLY, True), (os.O_WRONLY, False), (os.O_RDWR, False)])
 def test_only_a_read_only_open_lets_the_kernel_skip_the_flush_at_close(flags, skips_flush):
@@ -33,6 +36,19 @@ def test_only_a_read_only_open_lets_the_kernel_skip_the_flush_at_close(flags, sk
     info = fs.mfusepy.fuse_file_info(flags=flags)
     assert bindings.open(b"/published/t/f", ctypes.pointer(info)) == 0
     assert info.fh == 7 and bool(info.noflush) == skips_flush
+
+
+class _Generated(_Opened):
+    def bypasses_pages(self, fh):  # a control file (.stats)
+        return True
+
+
+def test_a_control_file_is_opened_for_direct_io():
+    bindings = fs.FUSE.__new__(fs.FUSE)
+    bindings.raw_fi, bindings.operations, bindings.encoding, bindings.errors = False, _Generated(), "utf-8", "strict"
+    info = fs.mfusepy.fuse_file_info(flags=os.O_RDONLY)
+    assert bindings.open(b"/.stats", ctypes.pointer(info)) == 0
+    assert (info.direct_io, info.keep_cache) == (1, 0)
 
 
 ARENAS = (daemon.M_ARENA_MAX, 2)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..errors import RepoError, UsageError
 from ..mount.daemon import pid_file, report_to, run_daemon
+from ..mount.exporter import parse_target
 from ..repo import S3Repo
 
 log = logging.getLogger("s3repofs.mount")
@@ -38,7 +39,8 @@ def add_commands(add, commands: dict) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, logging to stderr")
     p.add_argument("-o", dest="options", default="", metavar="OPTIONS",
-                   help="comma-separated FUSE options, e.g. allow_other (opt-in), ro")
+                   help="comma-separated FUSE options, e.g. allow_other (opt-in), ro; metrics=HOST:PORT or "
+                        "metrics=/abs/path.prom serves the mount's metrics (off by default)")
     p.add_argument("--log", metavar="FILE", help="daemon log file (default: <local_root>/mount.log)")
     commands["mount"] = cmd_mount
 
@@ -66,6 +68,7 @@ MOUNT_OPTIONS = {
                      "kernel_cache", "auto_cache"), "flag"),
     **dict.fromkeys(("uid", "gid", "umask", "attr_timeout", "entry_timeout", "negative_timeout", "max_read",
                      "fsname", "subtype"), "value"),
+    "metrics": "value",  # ours: HOST:PORT or /path.prom (mount/exporter.py), taken out before libfuse sees them
 }
 
 
@@ -120,13 +123,14 @@ def start_mount(config, mountpoint: str | Path, options_text: str = "", log_file
     check_mountpoint(mountpoint)
     if shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
         raise MountError("fusermount3 not found: install the fuse3 package")
+    metrics_target = parse_target(user_options.pop("metrics", None))  # -o metrics=...: ours, not libfuse's
     repo = S3Repo(config)
     repo.ensure_ready()
     options = fuse_options(repo, user_options)
     log_path = Path(log_file).absolute() if log_file else repo.config.local_root / "mount.log"
     repo.close()
     if foreground:
-        run_daemon(config, mountpoint, options, ready_fd=None)
+        run_daemon(config, mountpoint, options, ready_fd=None, metrics_target=metrics_target)
         return None
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -136,7 +140,7 @@ def start_mount(config, mountpoint: str | Path, options_text: str = "", log_file
         _detach(log_path)
         status = 0
         try:
-            run_daemon(config, mountpoint, options, ready_fd=write_fd)
+            run_daemon(config, mountpoint, options, ready_fd=write_fd, metrics_target=metrics_target)
         except BaseException as exc:  # reported to the parent through the pipe, and logged
             log.error("mount failed: %s", exc, exc_info=not isinstance(exc, RepoError))
             report_to(write_fd, f"error: {exc}")

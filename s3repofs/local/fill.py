@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .. import metrics
 from .checkpoint import Checkpoints
 from .objects import ObjectIndex, open_noatime
 from .transfer import Download
@@ -63,6 +64,7 @@ class Fills:
         self.objects.pin(key)
         try:
             fill, _started = self._fill_unless_present(key, size, start)
+            _count_lookup(fill)
             if fill is not None:
                 with self.objects.lock:  # still in flight: its fd is open until it lands, which takes the lock
                     if self._fills.get(key) is fill:
@@ -78,6 +80,7 @@ class Fills:
         self.objects.pin(key)
         try:
             fill, _started = self._fill_unless_present(key, size, start)
+            _count_lookup(fill)
             if fill is not None:
                 self._wait_landed(fill)
         finally:
@@ -182,3 +185,8 @@ class Fills:
         fill.landed.wait()
         if fill.error is not None:
             raise fill.error
+
+
+def _count_lookup(fill: _Fill | None) -> None:
+    """A reader's open: a hit if the object was whole in the cache, a miss if it waits for a download."""
+    (metrics.CACHE_HITS if fill is None else metrics.CACHE_MISSES).inc()

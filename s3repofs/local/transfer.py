@@ -21,6 +21,7 @@ import time
 from concurrent.futures import Executor, Future, wait
 from typing import Callable, Iterator
 
+from .. import metrics
 from ..domain.content import HASHES, feed
 from ..errors import RepoError, TransientStoreError, VerificationError
 from ..objects import retry
@@ -100,6 +101,7 @@ class Download:
 
     @staticmethod
     def _log_download_again(state) -> None:
+        metrics.DIGEST_RETRIES.inc()
         log.warning("%s; downloading it again (attempt %d of %d)", state.outcome.exception(),
                     state.attempt_number + 1, DIGEST_ATTEMPTS)
 
@@ -160,6 +162,7 @@ class Download:
         with self._cond:
             if failure is self._error:  # another part's, met at this part's next chunk: the pause raises it at once
                 return
+        metrics.PART_RETRIES.inc()
         log.warning("%s; asking again for the rest (attempt %d of %d)", failure, state.attempt_number + 1, ATTEMPTS)
 
     def _receive(self, index: int, digest) -> None:
@@ -172,6 +175,7 @@ class Download:
             if offset + len(chunk) > end:
                 raise VerificationError(f"{self.what}: the store sent more than the recorded {self.size} bytes")
             pwrite_all(self.fd, chunk, offset)
+            metrics.DOWNLOADED_BYTES.inc(len(chunk))
             if digest is not None:
                 digest.update(chunk)
             offset += len(chunk)

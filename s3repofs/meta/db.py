@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+from .. import metrics
 from ..config import mask_url, url_password
 from ..errors import DatabaseUnavailableError, NoSpaceError, OutcomeUnknownError
 
@@ -333,7 +334,15 @@ class Database:
         (it is committed as it returns): the whole transaction is one round trip.
 
         A transaction whose commit may have gone through without its answer runs again with
-        ``tx.rerun`` set (see the module's docstring); if it cannot, the error says the outcome is unknown."""
+        ``tx.rerun`` set (see the module's docstring); if it cannot, the error says the outcome is unknown.
+        Its time, retries included, is observed in ``s3repofs_db_transaction_seconds``."""
+        started = time.perf_counter()
+        try:
+            return self._run(fn, write, one_trip)
+        finally:
+            (metrics.DB_WRITE_SECONDS if write else metrics.DB_READ_SECONDS).observe(time.perf_counter() - started)
+
+    def _run(self, fn: Callable[[Tx], T], write: bool, one_trip: bool) -> T:
         rerun = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             tx = None
@@ -350,6 +359,7 @@ class Database:
                 if attempt == MAX_ATTEMPTS or not (disconnect or self.dialect.is_transient(exc)):
                     raise self._final(exc, rerun) from None
                 log.debug("retrying transaction after %s (attempt %d)", exc, attempt)
+                metrics.TRANSACTION_RETRIES.inc()
                 time.sleep(min(0.5, 0.005 * 2**attempt) * random.random())
         raise AssertionError("unreachable")
 

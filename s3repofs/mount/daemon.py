@@ -14,9 +14,11 @@ import os
 import threading
 from pathlib import Path
 
+from .. import metrics
 from ..domain.paths import MAX_PATH_BYTES
 from ..errors import RepoError
 from ..repo import S3Repo
+from .exporter import Exporter
 
 log = logging.getLogger("s3repofs.mount")
 
@@ -58,7 +60,8 @@ def tune_malloc() -> None:
 
 
 
-def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) -> None:
+def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None, metrics_target=None) -> None:
+    """``metrics_target``: where to serve the metrics besides ``.stats`` (``exporter.parse_target``), or None."""
     from .fuse import serve  # loads libfuse: only in the process that mounts
     from .tree import Tree
 
@@ -69,6 +72,10 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) ->
     # Every path in the mount stays usable as an absolute path: at most PATH_MAX with the mount point's.
     tree = Tree(repo, metadata_ttl=repo.config.metadata_ttl / 2,
                 max_path_bytes=MAX_PATH_BYTES - len(os.fsencode(mountpoint)))
+    metrics.watch(repo.cache.usage, tree.upload_counts)
+    exporter = Exporter(metrics_target) if metrics_target else None
+    if exporter:
+        exporter.start()
     pid_path = pid_file(repo, mountpoint)
     pid_path.write_text(f"{os.getpid()}\n")
     stop = threading.Event()
@@ -89,6 +96,8 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None) ->
         serve(tree, str(mountpoint), foreground_options=options, on_ready=ready, on_exit=finished)
     finally:
         pid_path.unlink(missing_ok=True)
+        if exporter:
+            exporter.stop()
         repo.close()
 
 

@@ -11,7 +11,9 @@ import ctypes
 import errno
 import functools
 import logging
+from time import perf_counter
 
+from .. import metrics
 from ..errors import NotFoundError, NotYetWrittenError, RepoError, StaleEntryError
 from .libfuse import (  # mfusepy through libfuse.py, which chooses libfuse3 before loading it
     FUSE,
@@ -32,36 +34,48 @@ _QUIET = (errno.ENOENT, errno.ENODATA)
 # disk: the errno says it all, no ERROR; any other one (EIO from a failing disk) is an ERROR.
 _OS_ERROR_LEVELS = {errno.EFBIG: logging.INFO, errno.EINVAL: logging.INFO,
                     errno.ENOSPC: logging.WARNING, errno.EDQUOT: logging.WARNING}
+# The ``op`` label of the callbacks whose names say how mfusepy reaches them rather than what they do.
+_OP_NAMES = {"read_buf": "read", "write_buf": "write", "readdir_plus": "readdirplus"}
 
 
 def translated(method):
     """Run a FUSE operation, turning repository errors into FuseOSError(errno) with one log line, as loud
     as the error deserves: DEBUG for expected misses, INFO for a caller's error or a lifecycle refusal,
-    WARNING for a server or a full disk, ERROR for a failing disk; a traceback only for the unexpected."""
+    WARNING for a server or a full disk, ERROR for a failing disk; a traceback only for the unexpected.
+    Each call is counted and timed (``s3repofs_fuse_operation_seconds``), each error by its errno."""
+    op = _OP_NAMES.get(method.__name__, method.__name__)
+    observe = metrics.FUSE_SECONDS.labels(op).observe  # bound once here: a request pays one observation
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        started = perf_counter()
         try:
             return method(self, *args, **kwargs)
         except RepoError as exc:
+            _count_error(op, exc.errno)
             level = logging.DEBUG if exc.errno in _QUIET or exc.expected else exc.log_level
-            log.log(level, "%s: %s (%s)", method.__name__, exc, _errno_name(exc.errno))
+            log.log(level, "%s: %s (%s)", method.__name__, exc, metrics.errno_name(exc.errno))
             raise mfusepy.FuseOSError(exc.errno) from None
-        except mfusepy.FuseOSError:
+        except mfusepy.FuseOSError as exc:
+            _count_error(op, exc.errno)
             raise
         except OSError as exc:  # local disk trouble (a full staging disk, say): the caller sees the real errno
+            _count_error(op, exc.errno or errno.EIO)
             log.log(_OS_ERROR_LEVELS.get(exc.errno, logging.ERROR), "%s %s: %s (%s)", method.__name__,
-                    args[0] if args else "", exc.strerror or exc, _errno_name(exc.errno))
+                    args[0] if args else "", exc.strerror or exc, metrics.errno_name(exc.errno))
             raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
         except Exception:
+            _count_error(op, errno.EIO)
             log.exception("%s%r failed unexpectedly", method.__name__, args[:2])
             raise mfusepy.FuseOSError(errno.EIO) from None
+        finally:
+            observe(perf_counter() - started)
 
     return wrapper
 
 
-def _errno_name(number: int | None) -> str:
-    return errno.errorcode.get(number, str(number)) if number else "EIO"
+def _count_error(op: str, number: int) -> None:
+    metrics.FUSE_ERRORS.labels(op=op, errno=metrics.errno_name(number)).inc()
 
 
 def stale_if_missing(method):
@@ -206,6 +220,9 @@ class Operations(mfusepy.Operations):
 
     def keeps_pages(self, fh: int) -> bool:
         return self.tree.keeps_pages(fh)
+
+    def bypasses_pages(self, fh: int) -> bool:
+        return self.tree.bypasses_pages(fh)
 
     @translated
     def getxattr(self, path, name, position=0):

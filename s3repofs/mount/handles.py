@@ -40,7 +40,15 @@ class ReadHandle:
         return self.entry.version
 
 
-Handle = ReadHandle | WriteSession
+@dataclass
+class GeneratedHandle:
+    """An open control file (``control.py``): its content, generated at open, in an anonymous file."""
+
+    mount_path: str
+    fd: int
+
+
+Handle = ReadHandle | WriteSession | GeneratedHandle
 
 
 class Handles:
@@ -99,6 +107,8 @@ class Handles:
                     self._writers[handle.mount_path] = others[-1]
         if isinstance(handle, ReadHandle):
             handle.reader.close()
+        elif isinstance(handle, GeneratedHandle):
+            os.close(handle.fd)
         elif isinstance(handle, WriteSession):
             handle.digest.stop()
             fd, handle.fd = handle.fd, -1  # a concurrent stat of this writer now finds it closed

@@ -116,6 +116,8 @@ class FUSE(mfusepy.FUSE):
         result = super().open(path, fip)
         info = fip.contents
         info.keep_cache = self.operations.keeps_pages(info.fh)  # else the kernel drops the file's pages
+        if not info.keep_cache:  # (a reader of pages kept is never a control file: a warm open skips the call)
+            info.direct_io = self.operations.bypasses_pages(info.fh)  # a control file: every read reaches us
         if info.flags & os.O_ACCMODE == os.O_RDONLY and hasattr(info, "noflush"):  # libfuse 3.11+
             info.noflush = 1  # a reader's close() has nothing to flush: the kernel skips that round trip
         return result

@@ -27,6 +27,7 @@ import os
 import time
 from typing import Callable
 
+from .. import metrics
 from ..domain.content import AppendDigest
 from ..domain.lifecycle import State
 from ..domain.paths import MAX_PATH_BYTES, DirPath, RepoPath
@@ -50,8 +51,9 @@ from ..errors import (
 from ..local.prefetch import Prefetcher
 from ..meta.metastore import Version
 from ..repo import S3Repo
+from .control import STATS_PATH, StatsFile
 from .entries import STATES, XATTR_PREFIX, Entry, Location, ns, xattr_values
-from .handles import HIDDEN_PREFIX, Handles, ReadHandle
+from .handles import HIDDEN_PREFIX, GeneratedHandle, Handles, ReadHandle
 from .lookups import Lookups
 from .metadata import MetadataView
 from .writes import MAX_FILE_SIZE, Stage, UploadCounts, Writes, WriteSession
@@ -87,6 +89,7 @@ class Tree:
         self.lookups = Lookups(repo, self.metadata, self.handles)
         config = repo.config
         self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size, self.metadata.list_ahead)
+        self.stats_file = StatsFile()
 
     @property
     def invalidate_entry(self) -> Callable[[str], None] | None:
@@ -112,6 +115,8 @@ class Tree:
     def getattr(self, path: str | None, fh: int | None = None) -> dict:
         """The attributes of ``path``, or of an open handle's file (fstat): its own bytes, even once its
         name is gone (``path`` is None then)."""
+        if path == STATS_PATH:
+            return self.stats_file.entry().stat()
         return self.lookups.getattr(path, fh)
 
     def readdir(self, path: str) -> list[tuple[str, Entry]]:
@@ -121,6 +126,8 @@ class Tree:
     # -- reading --------------------------------------------------------------------------------
 
     def open(self, path: str, flags: int, uid: int = 0, gid: int = 0) -> int:
+        if path == STATS_PATH:
+            return self.handles.add(GeneratedHandle(path, self.stats_file.open(flags)))
         if flags & os.O_ACCMODE == os.O_RDONLY:
             return self._open_read(path)
         return self._open_write(path, flags, uid, gid)
@@ -160,7 +167,9 @@ class Tree:
         handle = self.handles.require(fh)
         if isinstance(handle, ReadHandle):
             try:
-                return handle.reader.ready(size, offset)
+                fd = handle.reader.ready(size, offset)
+                metrics.CACHE_READ_BYTES.inc(max(0, min(size, handle.entry.size - offset)))
+                return fd
             except RepoError:  # a failed download may have served bytes it could not verify: the kernel
                 self.handles.drop_pages(handle.mount_path)  # must not keep them for the next open
                 raise
@@ -171,6 +180,11 @@ class Tree:
         reader of the version whose bytes they are; writers and other versions start afresh."""
         handle = self.handles.get(fh)
         return isinstance(handle, ReadHandle) and handle.keep_pages
+
+    def bypasses_pages(self, fh: int) -> bool:
+        """Must the kernel send every read of this handle to the daemon (FOPEN_DIRECT_IO)? A control file's:
+        its content, generated at open, has no size the kernel could have known before."""
+        return isinstance(self.handles.get(fh), GeneratedHandle)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -455,6 +469,8 @@ class Tree:
     # -- extended attributes --------------------------------------------------------------------
 
     def listxattr(self, path: str) -> list[str]:
+        if path == STATS_PATH:
+            return []
         entry = self.lookup(path)
         if entry.is_dir:
             return []
@@ -464,7 +480,7 @@ class Tree:
     def getxattr(self, path: str, name: str) -> bytes:
         if not name.startswith("user."):  # security.*, system.*: never a query
             raise NamespaceNotSupportedError(f"{path}: {name}: only user.* attributes are supported")
-        if not name.startswith(XATTR_PREFIX):
+        if not name.startswith(XATTR_PREFIX) or path == STATS_PATH:
             raise NoAttributeError(f"{path}: no attribute {name}")
         entry = self.lookup(path)
         key = name[len(XATTR_PREFIX):]

@@ -32,6 +32,8 @@ from typing import Callable
 import tenacity
 import urllib3
 
+from .. import metrics
+
 ATTEMPTS = 4  # per request, and per part of a download: the first try and three more
 DIGEST_ATTEMPTS = 3  # whole downloads of an object whose digest did not match
 TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
@@ -58,11 +60,30 @@ def botocore_retries() -> dict[str, int | str]:
     return {"total_max_attempts": ATTEMPTS, "mode": "standard"}
 
 
+def count_client_retries(client) -> None:
+    """Count the retries botocore's ``client`` makes (its attempts beyond the first, at each request's end,
+    answered or not) as ``s3_request`` retries."""
+
+    def count(context: dict, **_: object) -> None:
+        attempts = context.get("retries", {}).get("attempt", 1)
+        if attempts > 1:
+            metrics.REQUEST_RETRIES.inc(attempts - 1)
+
+    client.meta.events.register("after-call.s3", count)
+    client.meta.events.register("after-call-error.s3", count)
+
+
 class _Urllib3Retry(urllib3.Retry):
-    """urllib3's retries with this policy's backoff (urllib3's own waits nothing before the first retry)."""
+    """urllib3's retries with this policy's backoff (urllib3's own waits nothing before the first retry),
+    each one counted as an ``s3_request`` retry."""
 
     def get_backoff_time(self) -> float:
         return backoff(len(self.history))  # the signed requests follow no redirects: every entry is a failure
+
+    def increment(self, *args, **kwargs) -> urllib3.Retry:
+        retried = super().increment(*args, **kwargs)  # raises MaxRetryError instead once none is left
+        metrics.REQUEST_RETRIES.inc()
+        return retried
 
 
 def urllib3_retries() -> urllib3.Retry:

@@ -9,12 +9,14 @@ import hashlib
 import logging
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import quote, unquote
 
+from .. import metrics
 from ..domain.content import CHUNK
 from ..errors import (
     ArchivedError,
@@ -115,6 +117,7 @@ class S3Store(ObjectStore):
             self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
         except botocore.exceptions.BotoCoreError as exc:  # half of a key pair in the environment, say
             raise StoreUnavailableError(f"{self.describe_location()}: {exc}") from None
+        retry.count_client_retries(self.client)
         # Object reads and single PUTs (the hot paths) skip botocore's client pipeline: see s3http.
         self._direct = None
         if SignedRequests.usable(endpoint_url):
@@ -280,11 +283,13 @@ class S3Store(ObjectStore):
 
     @contextmanager
     def _errors(self, key: str, action: str) -> Iterator[None]:
-        """The one table from boto3's failures to repository errors."""
+        """The one table from boto3's failures to repository errors; and the one place every operation is
+        timed (``s3repofs_s3_request_seconds``, by ``action``)."""
         import botocore.exceptions as bex
         import urllib3
 
         where = self.describe_location()
+        started = time.perf_counter()
         try:
             yield
         except RepoError:
@@ -330,6 +335,8 @@ class S3Store(ObjectStore):
             raise TransientStoreError(f"the {action} of {key} from {where} broke off: {detail}") from None
         except OSError as exc:
             raise StoreUnavailableError(f"{action} of {key} at {where}: {exc.strerror or exc}") from None
+        finally:
+            metrics.S3_SECONDS.labels(action).observe(time.perf_counter() - started)
 
 
 def _client_error_type() -> type:
