@@ -1,3 +1,5 @@
+from glob import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -28,4 +30,6 @@ setup(
         "test": ["pytest>=7,<10", "moto[server]>=5,<6", "hypothesis>=6.100,<7"],
     },
     entry_points={"console_scripts": ["s3repofs=s3repofs.cli:main"]},
+    # The systemd units, one copy: `s3repofs systemd install` reads them from the checkout, else from here.
+    data_files=[("share/s3repofs/systemd", sorted(glob("systemd/*")))],
 )

@@ -120,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "mark the others storage missing; adopt unrecorded objects as expired versions")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    from . import backup, mount
+    from . import backup, mount, systemd
 
     mount.add_commands(add, COMMANDS)
     backup.add_commands(add, COMMANDS)
+    systemd.add_commands(add, COMMANDS)
     return parser
 
 

@@ -22,10 +22,15 @@ from pathlib import Path
 from ..errors import RepoError
 from ..mount.daemon import pid_file, report_to, run_daemon
 from ..repo import S3Repo
+from . import journal
 
 log = logging.getLogger("s3repofs.mount")
 
 READY_TIMEOUT = 60.0
+JOURNAL = "-"  # --log -: stderr, in the journal's form
+# umount waits this long for uploads in flight (s3repofs@.service's TimeoutStopSec covers it), polling:
+UPLOAD_WAIT = 600.0
+UPLOAD_POLL = 0.5
 
 
 class MountError(RepoError):
@@ -38,11 +43,14 @@ def add_commands(add, commands: dict) -> None:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, logging to stderr")
     p.add_argument("-o", dest="options", default="", metavar="OPTIONS",
                    help="comma-separated FUSE options, e.g. allow_other (opt-in), ro")
-    p.add_argument("--log", metavar="FILE", help="daemon log file (default: <local_root>/mount.log)")
+    p.add_argument("--log", metavar="FILE", help="daemon log file (default: <local_root>/mount.log; with -f: "
+                   "stderr); '-': stderr in the journal's form (the default under systemd)")
     commands["mount"] = cmd_mount
 
-    p = add("umount", "Unmount MOUNTPOINT and wait for its daemon to finish.")
+    p = add("umount", "Unmount MOUNTPOINT and wait for its daemon to finish; while only uploads in flight keep "
+                      "it busy, wait for them (saying how many remain).")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--if-mounted", action="store_true", help="succeed quietly when MOUNTPOINT is not mounted")
     commands["umount"] = cmd_umount
 
 
@@ -85,8 +93,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     repo = S3Repo(args.config)
     repo.ensure_ready()
     options = fuse_options(repo, parse_options(args.options))
-    log_path = Path(args.log).absolute() if args.log else repo.config.local_root / "mount.log"
+    to_journal = args.log == JOURNAL or (args.foreground and not args.log and journal.stderr_is_journal())
+    log_path = Path(args.log).absolute() if args.log and not to_journal else repo.config.local_root / "mount.log"
     repo.close()
+    if to_journal:
+        journal.log_to_journal()
     if args.foreground:
         run_daemon(args.config, mountpoint, options, ready_fd=None)
         return 0
@@ -95,7 +106,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if pid == 0:  # the daemon
         os.close(read_fd)
         os.setsid()
-        _detach(log_path)
+        _detach(None if to_journal else log_path)
         status = 0
         try:
             run_daemon(args.config, mountpoint, options, ready_fd=write_fd)
@@ -107,12 +118,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     os.close(write_fd)
     message = _wait_ready(read_fd, pid)
     if message != "ready":
-        raise MountError(f"mount of {mountpoint} failed: {message} (log: {log_path})")
+        where = "the journal" if to_journal else log_path
+        raise MountError(f"mount of {mountpoint} failed: {message} (log: {where})")
     deadline = time.monotonic() + READY_TIMEOUT
     while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.02)
     raise_read_ahead(mountpoint)
-    print(f"mounted {mountpoint} (daemon pid {pid}, log {log_path})")
+    print(f"mounted {mountpoint} (daemon pid {pid}, log {'stderr' if to_journal else log_path})")
     return 0
 
 
@@ -128,17 +140,54 @@ def raise_read_ahead(mountpoint: Path, kb: int = 1024) -> None:
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint).absolute()
     if not _in_mount_table(mountpoint):
+        if args.if_mounted:
+            return 0
         raise MountError(f"{mountpoint} is not mounted")
     pid = _daemon_pid(args, mountpoint)
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    result = subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip() or 'fusermount failed'}")
+    _unmount_when_uploaded(mountpoint)
     if pid is not None:
         deadline = time.monotonic() + READY_TIMEOUT
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     print(f"unmounted {mountpoint}")
+    return 0
+
+
+def _unmount_when_uploaded(mountpoint: Path, wait: float = UPLOAD_WAIT) -> None:
+    """Unmount; while the mount is busy and uploads are in flight (a writer's close() keeps its file open
+    until its upload is done), wait for them, saying how many remain, and try again."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    deadline = time.monotonic() + wait
+    said = None
+    while True:
+        result = subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        reason = result.stderr.strip() or "fusermount failed"
+        in_flight = uploads_in_flight(mountpoint) if "busy" in reason else 0
+        if not in_flight or time.monotonic() > deadline:
+            raise MountError(f"cannot unmount {mountpoint}: {reason}"
+                             + (f" ({in_flight} upload(s) still in flight)" if in_flight else ""))
+        if in_flight != said:
+            print(f"{mountpoint}: waiting for {in_flight} upload(s) in flight", flush=True)
+            said = in_flight
+        time.sleep(UPLOAD_POLL)
+
+
+def uploads_in_flight(mountpoint: Path) -> int:
+    """How many uploads the mount's daemon has in flight, from the gauge in its control file ``.stats``
+    (Prometheus' text format); 0 when the file is absent or unreadable (the mount then looks idle)."""
+    try:
+        text = (mountpoint / ".stats").read_text()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "s3repofs_uploads_in_flight":
+            try:
+                return int(float(value.split()[0]))
+            except (ValueError, IndexError):
+                return 0
     return 0
 
 
@@ -176,15 +225,20 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _detach(log_path: Path) -> None:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def _detach(log_path: Path | None) -> None:
+    """Leave the terminal: stdin from /dev/null, stdout and stderr to ``log_path`` (None: stderr as inherited,
+    logging in the journal's form already)."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    os.close(devnull)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if log_path is None:
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    os.close(devnull)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -192,7 +246,6 @@ def _detach(log_path: Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _wait_ready(fd: int, pid: int) -> str:
