@@ -12,6 +12,8 @@ import ctypes
 import hashlib
 import logging
 import os
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 from typing import Callable
@@ -114,12 +116,24 @@ def announce_when_answering(mountpoint: Path, stop: threading.Event, ready_fd: i
 
     libfuse calls init before it answers the kernel's INIT, so the mount is not usable yet when init runs:
     wait until the mountpoint is a mount and a stat of its root (a GETATTR served by the tree) succeeds."""
-    while not os.path.ismount(mountpoint):  # lstat()s the root through the mount; False until it answers
-        if stop.wait(0.02):
+    while not answers(mountpoint):
+        if stop.wait(0.05):
             return
     if ready_fd is not None:
         report_to(ready_fd, "ready")
     notifier.ready(status_now())
+
+
+def answers(mountpoint: Path) -> bool:
+    """Whether ``mountpoint`` is a mount whose root answers a stat, asked by another process. Not by a thread
+    of the daemon: once a worker has read its request, the kernel waits for the answer uninterruptibly, so a
+    daemon killed meanwhile never ends (that thread holds /dev/fuse open, and with it the request) until
+    the connection is aborted by hand."""
+    tool = shutil.which("mountpoint")  # util-linux: stat()s the path and its parent
+    if tool is None:
+        return os.path.ismount(mountpoint)
+    return subprocess.run([tool, "-q", str(mountpoint)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
 
 
 def serving_status(mountpoint: Path, counts) -> str:
