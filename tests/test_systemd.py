@@ -217,6 +217,14 @@ def service_command(tmp_path: Path, config: dict, mountpoint: Path) -> tuple[lis
     return argv, {**os.environ, "XDG_CONFIG_HOME": str(config_home)}
 
 
+def with_unit_privileges(argv: list[str], unit: Path) -> list[str]:
+    """``argv`` run with the unit's CapabilityBoundingSet= and NoNewPrivileges=, through setpriv(1)."""
+    settings = dict(line.split("=", 1) for line in unit.read_text().splitlines() if "=" in line and line[0] != "#")
+    caps = ",".join(f"+{cap.removeprefix('CAP_').lower()}" for cap in settings["CapabilityBoundingSet"].split())
+    no_new_privs = ["--no-new-privs"] if settings["NoNewPrivileges"] == "yes" else []
+    return ["setpriv", f"--bounding-set=-all,{caps}", "--inh-caps=-all", *no_new_privs, *argv]
+
+
 def start_service(argv: list[str], env: dict, notify: NotifySocket, stderr_path: Path) -> subprocess.Popen:
     with open(stderr_path, "w") as stderr:
         st = os.fstat(stderr.fileno())
@@ -259,6 +267,8 @@ def test_the_service_says_ready_once_the_mount_answers_then_status_then_stopping
     mountpoint.mkdir()
     argv, env = service_command(tmp_path, config, mountpoint)
     assert argv[:5] == [EXECUTABLE, "mount", "--foreground", "--config", "svc"]
+    # The unit's capabilities and no_new_privs (the hardening that needs no systemd) leave the mount working.
+    argv = with_unit_privileges(argv, tmp_path / "units/s3repofs@.service")
     notify = NotifySocket()
     process = start_service(argv, env, notify, tmp_path / "stderr")
     try:
