@@ -68,7 +68,7 @@ def test_install_names_this_installation_and_the_config(tmp_path):
     dest = tmp_path / "units"
     result = install_units(dest, "--config", "media")
     service = (dest / "s3repofs@.service").read_text()
-    assert f"ExecStart={EXECUTABLE} mount --foreground --config %i ${{MOUNTPOINT}}" in service
+    assert f"ExecStart={EXECUTABLE} mount --foreground --config %i -o ${{MOUNT_OPTIONS}} ${{MOUNTPOINT}}" in service
     assert "/usr/local/bin/s3repofs" not in "".join(p.read_text() for p in dest.iterdir())
     assert "What=media\n" in (dest / "mnt-s3repo.mount").read_text()
     assert "systemctl enable --now s3repofs@media.service" in result.stdout
@@ -205,15 +205,19 @@ class NotifySocket:
 
 def service_command(tmp_path: Path, config: dict, mountpoint: Path) -> tuple[list[str], dict]:
     """s3repofs@NAME.service's ExecStart, from the installed unit, and the environment systemd would give it
-    (the config found by NAME, MOUNTPOINT set)."""
+    (the config found by NAME, MOUNTPOINT and MOUNT_OPTIONS set as the unit sets them)."""
     install_units(tmp_path / "units")
-    line = next(x for x in (tmp_path / "units/s3repofs@.service").read_text().splitlines()
-                if x.startswith("ExecStart="))
+    lines = (tmp_path / "units/s3repofs@.service").read_text().splitlines()
+    exec_start = next(line for line in lines if line.startswith("ExecStart="))
+    # Environment=KEY=VALUE lines, then MOUNTPOINT as /etc/s3repofs/NAME.env would set it.
+    variables = dict(line.removeprefix("Environment=").split("=", 1) for line in lines
+                     if line.startswith("Environment="))
+    variables["MOUNTPOINT"] = str(mountpoint)
     config_home = tmp_path / "config-home"
     (config_home / "s3repofs").mkdir(parents=True)
     write_config(config, config_home / "s3repofs/svc.json")
-    argv = [arg.replace("%i", "svc").replace("${MOUNTPOINT}", str(mountpoint))
-            for arg in shlex.split(line.removeprefix("ExecStart="))]
+    argv = [re.sub(r"\$\{(\w+)\}", lambda m: variables[m[1]], arg.replace("%i", "svc"))
+            for arg in shlex.split(exec_start.removeprefix("ExecStart="))]
     return argv, {**os.environ, "XDG_CONFIG_HOME": str(config_home)}
 
 
@@ -266,7 +270,7 @@ def test_the_service_says_ready_once_the_mount_answers_then_status_then_stopping
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     argv, env = service_command(tmp_path, config, mountpoint)
-    assert argv[:5] == [EXECUTABLE, "mount", "--foreground", "--config", "svc"]
+    assert argv == [EXECUTABLE, "mount", "--foreground", "--config", "svc", "-o", "allow_other", str(mountpoint)]
     # The unit's capabilities and no_new_privs (the hardening that needs no systemd) leave the mount working.
     argv = with_unit_privileges(argv, tmp_path / "units/s3repofs@.service")
     notify = NotifySocket()
