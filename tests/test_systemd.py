@@ -389,6 +389,26 @@ def test_umount_waits_while_only_uploads_in_flight_keep_the_mount_busy(slow_s3, 
 
 
 @needs_fuse
+def test_a_background_mount_with_log_dash_logs_to_its_stderr_in_the_journal_form(tmp_path):
+    """What the mount helper's log=- asks for: the daemon keeps the stderr it was given (a mount unit's: the
+    journal)."""
+    config = write_config(make_config(None, tmp_path, "sqlite-local"), tmp_path / "c.json")
+    s3repofs("init", "--config", str(config))
+    (tmp_path / "mnt").mkdir()
+    try:
+        with open(tmp_path / "stderr", "w") as stderr:  # stdout: a pipe, read to its end
+            result = subprocess.run([sys.executable, "-m", "s3repofs", "mount", "--config", str(config), "--log",
+                                     "-", str(tmp_path / "mnt")], stderr=stderr, stdout=subprocess.PIPE, text=True,
+                                    timeout=60)
+        assert result.returncode == 0 and "log stderr" in result.stdout
+    finally:
+        s3repofs("umount", "--if-mounted", "--config", str(config), str(tmp_path / "mnt"))
+    log = (tmp_path / "stderr").read_text()
+    assert f"<6>s3repofs.mount: mounted {tmp_path / 'mnt'}" in log and "<6>s3repofs.mount: unmounted" in log
+    assert not (tmp_path / "root/mount.log").exists()
+
+
+@needs_fuse
 def test_umount_if_mounted_succeeds_quietly_on_a_mountpoint_that_is_not_one(tmp_path):
     result = s3repofs("umount", "--if-mounted", str(tmp_path))
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

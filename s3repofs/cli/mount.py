@@ -226,13 +226,15 @@ def _alive(pid: int) -> bool:
 
 
 def _detach(log_path: Path | None) -> None:
-    """Leave the terminal: stdin from /dev/null, stdout and stderr to ``log_path`` (None: stderr as inherited,
-    logging in the journal's form already)."""
+    """Leave the terminal: stdin from /dev/null, stdout and stderr to ``log_path`` (None: to stderr as
+    inherited, logging in the journal's form already; not the inherited stdout, which a caller reading the
+    command's output until its end, as $(...) does, would otherwise wait on for the daemon's life)."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if log_path is None:
+        os.dup2(2, 1)
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
