@@ -203,18 +203,20 @@ class NotifySocket:
         self.sock.close()
 
 
-def service_command(tmp_path: Path, config: dict, mountpoint: Path) -> tuple[list[str], dict]:
-    """s3repofs@NAME.service's ExecStart, from the installed unit, and the environment systemd would give it
-    (the config found by NAME, MOUNTPOINT and MOUNT_OPTIONS set as the unit sets them)."""
-    install_units(tmp_path / "units")
-    lines = (tmp_path / "units/s3repofs@.service").read_text().splitlines()
+def service_command(tmp_path: Path, config: dict, mountpoint: Path | None = None,
+                    unit: str = "s3repofs@.service") -> tuple[list[str], dict]:
+    """The unit's ExecStart for the instance ``svc``, from the installed unit, and the environment systemd would
+    give it (the config found by NAME, MOUNTPOINT and MOUNT_OPTIONS set as the unit sets them)."""
+    if not (tmp_path / "units").exists():
+        install_units(tmp_path / "units")
+    lines = (tmp_path / "units" / unit).read_text().splitlines()
     exec_start = next(line for line in lines if line.startswith("ExecStart="))
     # Environment=KEY=VALUE lines, then MOUNTPOINT as /etc/s3repofs/NAME.env would set it.
     variables = dict(line.removeprefix("Environment=").split("=", 1) for line in lines
                      if line.startswith("Environment="))
     variables["MOUNTPOINT"] = str(mountpoint)
     config_home = tmp_path / "config-home"
-    (config_home / "s3repofs").mkdir(parents=True)
+    (config_home / "s3repofs").mkdir(parents=True, exist_ok=True)
     write_config(config, config_home / "s3repofs/svc.json")
     argv = [re.sub(r"\$\{(\w+)\}", lambda m: variables[m[1]], arg.replace("%i", "svc"))
             for arg in shlex.split(exec_start.removeprefix("ExecStart="))]
@@ -296,6 +298,20 @@ def test_the_service_says_ready_once_the_mount_answers_then_status_then_stopping
     assert "<6>s3repofs.mount: SIGTERM received: stopping: 0 upload(s) in flight" in log
     assert "Traceback" not in log
     assert all(line.startswith("<") for line in log.splitlines() if line.startswith("s3repofs"))
+
+
+def test_the_gc_and_backup_services_run_their_command_with_their_privileges(request, tmp_path):
+    config = make_config(request, tmp_path, "sqlite-local")
+    init_config = write_config(config, tmp_path / "init.json")
+    s3repofs("init", "--config", str(init_config))
+    for unit in ("s3repofs-backup@.service", "s3repofs-gc@.service"):
+        argv, env = service_command(tmp_path, config, unit=unit)
+        assert argv[1:] == [unit.split("@")[0].removeprefix("s3repofs-"), "--config", "svc"]
+        result = subprocess.run(with_unit_privileges(argv, tmp_path / "units" / unit), env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, f"{unit}: {result.stderr}"
+    backups = json.loads(s3repofs("backup", "list", "--json", "--config", str(init_config)).stdout)
+    assert len(backups["backups"]) == 1
 
 
 @pytest.fixture
