@@ -1,3 +1,5 @@
+from glob import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -35,4 +37,6 @@ setup(
         # The helper mount(8) runs for -t fuse.s3repofs and fstab lines (scripts/setup links it into /sbin).
         "mount.fuse.s3repofs=s3repofs.cli.mounthelper:main",
     ]},
+    # The systemd units, one copy: `s3repofs systemd install` reads them from the checkout, else from here.
+    data_files=[("share/s3repofs/systemd", sorted(glob("systemd/*")))],
 )

@@ -15,7 +15,7 @@ Per request, with probability ``rate`` (a seeded RNG), one of ``kinds`` happens:
 - ``truncate``: the real answer's headers (Content-Length kept) and part of its body, then the
   connection is closed (an answer without a body is dropped instead).
 - ``corrupt``: the real answer with one byte of its body flipped (nothing to flip in an empty body).
-- ``latency``: the real answer after up to ``max_latency`` seconds.
+- ``latency``: the real answer after ``min_latency`` (0 by default) to ``max_latency`` seconds.
 
 ``methods`` limits the faults to some HTTP methods (all by default); ``at_most_once`` spoils the
 requests of each object (method and path) at most once, so that a retry passes: a test of one kind
@@ -46,12 +46,13 @@ _ERROR = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Me
 class FaultProxy:
     def __init__(self, upstream: str, *, rate: float = 0.0, kinds: Iterable[str] = KINDS,
                  methods: Iterable[str] | None = ALL_METHODS, at_most_once: bool = False, seed: int = 0,
-                 max_latency: float = 0.2) -> None:
+                 max_latency: float = 0.2, min_latency: float = 0.0) -> None:
         target = urlsplit(upstream)
         self.upstream = (target.hostname or "127.0.0.1", target.port or 80)
         self.injected: Counter[str] = Counter()  # kind -> how many requests it spoiled
         self.requests = 0
         self.max_latency = max_latency
+        self.min_latency = min_latency
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._spoiled: set[tuple[str, str]] = set()  # (method, path) spoiled already (at_most_once)
@@ -137,7 +138,7 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if fault == "503":
                 return self._answer_error(503, "SlowDown")
             if fault == "latency":
-                time.sleep(where * proxy.max_latency)
+                time.sleep(proxy.min_latency + where * max(0.0, proxy.max_latency - proxy.min_latency))
             status, headers, answer = self._forward(body)
             if fault == "500":
                 return self._answer_error(500, "InternalError")

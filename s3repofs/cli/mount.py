@@ -21,13 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RepoError, UsageError
+from ..metrics import read_mount_stats
 from ..mount.daemon import pid_file, report_to, run_daemon
 from ..mount.exporter import parse_target
 from ..repo import S3Repo
+from . import journal
 
 log = logging.getLogger("s3repofs.mount")
 
 READY_TIMEOUT = 60.0
+JOURNAL = "-"  # --log -: stderr, in the journal's form
+# umount waits this long for uploads in flight (s3repofs@.service's TimeoutStopSec covers it), polling:
+UPLOAD_WAIT = 600.0
+UPLOAD_POLL = 0.5
 
 
 class MountError(RepoError):
@@ -41,11 +47,14 @@ def add_commands(add, commands: dict) -> None:
     p.add_argument("-o", dest="options", default="", metavar="OPTIONS",
                    help="comma-separated FUSE options, e.g. allow_other (opt-in), ro; metrics=HOST:PORT or "
                         "metrics=/abs/path.prom serves the mount's metrics (off by default)")
-    p.add_argument("--log", metavar="FILE", help="daemon log file (default: <local_root>/mount.log)")
+    p.add_argument("--log", metavar="FILE", help="daemon log file (default: <local_root>/mount.log; with -f: "
+                   "stderr); '-': stderr in the journal's form (the default under systemd)")
     commands["mount"] = cmd_mount
 
-    p = add("umount", "Unmount MOUNTPOINT and wait for its daemon to finish.")
+    p = add("umount", "Unmount MOUNTPOINT and wait for its daemon to finish; while only uploads in flight keep "
+                      "it busy, wait for them (saying how many remain).")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--if-mounted", action="store_true", help="succeed quietly when MOUNTPOINT is not mounted")
     commands["umount"] = cmd_umount
 
 
@@ -104,13 +113,13 @@ def fuse_options(repo: S3Repo, user_options: dict) -> dict:
 class Mounted:
     mountpoint: Path
     pid: int
-    log_path: Path
+    log_path: Path | None  # None: the daemon logs to stderr (--log -, the journal)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     mounted = start_mount(args.config, args.mountpoint, args.options, args.log, foreground=args.foreground)
     if mounted is not None:
-        print(f"mounted {mounted.mountpoint} (daemon pid {mounted.pid}, log {mounted.log_path})")
+        print(f"mounted {mounted.mountpoint} (daemon pid {mounted.pid}, log {mounted.log_path or 'stderr'})")
     return 0
 
 
@@ -127,8 +136,12 @@ def start_mount(config, mountpoint: str | Path, options_text: str = "", log_file
     repo = S3Repo(config)
     repo.ensure_ready()
     options = fuse_options(repo, user_options)
-    log_path = Path(log_file).absolute() if log_file else repo.config.local_root / "mount.log"
+    to_journal = log_file == JOURNAL or (foreground and not log_file and journal.stderr_is_journal())
+    log_path = None if to_journal else (Path(log_file).absolute() if log_file
+                                        else repo.config.local_root / "mount.log")
     repo.close()
+    if to_journal:
+        journal.log_to_journal()
     if foreground:
         run_daemon(config, mountpoint, options, ready_fd=None, metrics_target=metrics_target)
         return None
@@ -149,7 +162,8 @@ def start_mount(config, mountpoint: str | Path, options_text: str = "", log_file
     os.close(write_fd)
     message = _wait_ready(read_fd, pid)
     if message != "ready":
-        raise MountError(f"mount of {mountpoint} failed: {message} (log: {log_path})")
+        where = "the journal" if to_journal else log_path
+        raise MountError(f"mount of {mountpoint} failed: {message} (log: {where})")
     deadline = time.monotonic() + READY_TIMEOUT
     while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -169,18 +183,47 @@ def raise_read_ahead(mountpoint: Path, kb: int = 1024) -> None:
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint).absolute()
     if not _in_mount_table(mountpoint):
+        if args.if_mounted:
+            return 0
         raise MountError(f"{mountpoint} is not mounted")
     pid = _daemon_pid(args, mountpoint)
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    result = subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip() or 'fusermount failed'}")
+    _unmount_when_uploaded(mountpoint)
     if pid is not None:
         deadline = time.monotonic() + READY_TIMEOUT
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     print(f"unmounted {mountpoint}")
     return 0
+
+
+def _unmount_when_uploaded(mountpoint: Path, wait: float = UPLOAD_WAIT) -> None:
+    """Unmount; while the mount is busy and uploads are in flight (a writer's close() keeps its file open
+    until its upload is done), wait for them, saying how many remain, and try again."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    deadline = time.monotonic() + wait
+    said = None
+    while True:
+        result = subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        reason = result.stderr.strip() or "fusermount failed"
+        in_flight = uploads_in_flight(mountpoint) if "busy" in reason else 0
+        if not in_flight or time.monotonic() > deadline:
+            raise MountError(f"cannot unmount {mountpoint}: {reason}"
+                             + (f" ({in_flight} upload(s) still in flight)" if in_flight else ""))
+        if in_flight != said:
+            print(f"{mountpoint}: waiting for {in_flight} upload(s) in flight", flush=True)
+            said = in_flight
+        time.sleep(UPLOAD_POLL)
+
+
+def uploads_in_flight(mountpoint: Path) -> int:
+    """How many uploads the mount's daemon has in flight (the gauge in its control file ``.stats``); 0 when
+    its metrics cannot be read (the mount then looks idle)."""
+    try:
+        return int(read_mount_stats(mountpoint).get("s3repofs_uploads_in_flight", 0))
+    except (RepoError, ValueError):  # not readable, or not Prometheus text
+        return 0
 
 
 def _in_mount_table(mountpoint: Path) -> bool:
@@ -217,15 +260,22 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _detach(log_path: Path) -> None:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def _detach(log_path: Path | None) -> None:
+    """Leave the terminal: stdin from /dev/null, stdout and stderr to ``log_path`` (None: to stderr as
+    inherited, logging in the journal's form already; not the inherited stdout, which a caller reading the
+    command's output until its end, as $(...) does, would otherwise wait on for the daemon's life)."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    os.close(devnull)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if log_path is None:
+        os.dup2(2, 1)
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    os.close(devnull)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -233,7 +283,6 @@ def _detach(log_path: Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _wait_ready(fd: int, pid: int) -> str:

@@ -121,7 +121,7 @@ def run(argv: list[str] | None = None) -> int:
     mounted = start_mount(config, args.mountpoint, with_fsname(options.mount_options, args.source), log_file)
     if args.verbose:
         dropped = f"; ignored {','.join(options.dropped)}" if options.dropped else ""
-        print(f"mounted {mounted.mountpoint} (daemon pid {mounted.pid}, log {mounted.log_path}{dropped})")
+        print(f"mounted {mounted.mountpoint} (daemon pid {mounted.pid}, log {mounted.log_path or 'stderr'}{dropped})")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 It tunes malloc for long-lived transfers, builds the tree over the repository, serves FUSE until
 unmounted, retries staged uploads that failed and records this host's heartbeat in the background,
-and flushes every writer at unmount.
+and flushes every writer at unmount. Under systemd it reports readiness and what it is doing
+(notify.py), and a SIGTERM waits for the uploads in flight before the session ends (stopping.py).
 """
 
 from __future__ import annotations
@@ -11,14 +12,19 @@ import ctypes
 import hashlib
 import logging
 import os
+import shutil
+import subprocess
 import threading
 from pathlib import Path
+from typing import Callable
 
 from .. import metrics
 from ..domain.paths import MAX_PATH_BYTES
 from ..errors import RepoError
 from ..repo import S3Repo
 from .exporter import Exporter
+from .notify import Notifier
+from .stopping import GracefulStop
 
 log = logging.getLogger("s3repofs.mount")
 
@@ -66,7 +72,7 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None, me
     from .tree import Tree
 
     tune_malloc()
-
+    notifier = Notifier()  # systemd's Type=notify, when $NOTIFY_SOCKET is set
     repo = S3Repo(config)
     repo.ensure_ready()
     # Every path in the mount stays usable as an absolute path: at most PATH_MAX with the mount point's.
@@ -79,15 +85,26 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None, me
     pid_path = pid_file(repo, mountpoint)
     pid_path.write_text(f"{os.getpid()}\n")
     stop = threading.Event()
+    stopper = GracefulStop(lambda: tree.upload_counts().in_flight, notifier)
+    stopper.hold_signals()  # before serve() starts libfuse's threads: they inherit the blocked signals
 
-    def ready() -> None:
+    def status_now() -> str:
+        return serving_status(mountpoint, tree.upload_counts())
+
+    def report() -> None:
+        notifier.status(status_now())
+
+    def ready(end_session) -> None:
         log.info("mounted %s: %s", mountpoint, repo.describe())
-        if ready_fd is not None:
-            report_to(ready_fd, "ready")
-        threading.Thread(target=run_background, args=(repo, tree, stop), name="upload-retry", daemon=True).start()
+        stopper.session_started(end_session)
+        threading.Thread(target=announce_when_answering, args=(mountpoint, stop, ready_fd, notifier, status_now),
+                         name="announce-ready", daemon=True).start()
+        threading.Thread(target=run_background, args=(repo, tree, stop, RETRY_INTERVAL, report),
+                         name="upload-retry", daemon=True).start()
 
     def finished() -> None:
         stop.set()
+        notifier.stopping(f"stopping: {tree.upload_counts().in_flight} uploads in flight")
         tree.flush_all(lambda fh, exc: log.error("unmount: handle %s not uploaded: %s", fh, exc))
         _retry_once(repo, tree)
         log.info("unmounted %s", mountpoint)
@@ -95,17 +112,52 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None, me
     try:
         serve(tree, str(mountpoint), foreground_options=options, on_ready=ready, on_exit=finished)
     finally:
+        stopper.release()
         pid_path.unlink(missing_ok=True)
         if exporter:
             exporter.stop()
         repo.close()
 
 
-def run_background(repo: S3Repo, tree, stop: threading.Event, interval: float = RETRY_INTERVAL) -> None:
-    """Every ``interval`` s until ``stop`` is set: record the heartbeat, retry staged uploads."""
+def announce_when_answering(mountpoint: Path, stop: threading.Event, ready_fd: int | None, notifier: Notifier,
+                            status_now: Callable[[], str]) -> None:
+    """Say "ready" (to the parent's pipe, and READY=1 to systemd) once the tree answers through the kernel.
+
+    libfuse calls init before it answers the kernel's INIT, so the mount is not usable yet when init runs:
+    wait until the mountpoint is a mount and a stat of its root (a GETATTR served by the tree) succeeds."""
+    while not answers(mountpoint):
+        if stop.wait(0.05):
+            return
+    if ready_fd is not None:
+        report_to(ready_fd, "ready")
+    notifier.ready(status_now())
+
+
+def answers(mountpoint: Path) -> bool:
+    """Whether ``mountpoint`` is a mount whose root answers a stat, asked by another process. Not by a thread
+    of the daemon: once a worker has read its request, the kernel waits for the answer uninterruptibly, so a
+    daemon killed meanwhile never ends (that thread holds /dev/fuse open, and with it the request) until
+    the connection is aborted by hand."""
+    tool = shutil.which("mountpoint")  # util-linux: stat()s the path and its parent
+    if tool is None:
+        return os.path.ismount(mountpoint)
+    return subprocess.run([tool, "-q", str(mountpoint)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+
+
+def serving_status(mountpoint: Path, counts) -> str:
+    """The STATUS= line ``systemctl status`` shows while the mount serves."""
+    return f"serving {mountpoint}: {counts.in_flight} uploads in flight, {counts.left_to_retry} left to retry"
+
+
+def run_background(repo: S3Repo, tree, stop: threading.Event, interval: float = RETRY_INTERVAL,
+                   report=None) -> None:
+    """Every ``interval`` s until ``stop`` is set: record the heartbeat, retry staged uploads, ``report()``."""
     while True:
         _heartbeat(repo)
         _retry_once(repo, tree)
+        if report is not None:
+            report()
         if stop.wait(interval):
             return
 

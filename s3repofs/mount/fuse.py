@@ -11,6 +11,8 @@ import ctypes
 import errno
 import functools
 import logging
+import os
+import uuid
 from time import perf_counter
 
 from .. import metrics
@@ -102,6 +104,8 @@ class Operations(mfusepy.Operations):
     def __init__(self, tree: Tree, mountpoint: str = "", on_ready=None, on_exit=None) -> None:
         self.tree = tree
         self.invalidator = EntryInvalidator(mountpoint)
+        self.mountpoint = mountpoint
+        self._fuse = None
         self._on_ready = on_ready
         self._on_exit = on_exit
 
@@ -110,10 +114,22 @@ class Operations(mfusepy.Operations):
             # READDIRPLUS for every batch of a listing, not only the first (the kernel's "auto" mode
             # would follow the first batch with plain READDIRs and then a LOOKUP per name).
             conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
-        self.invalidator.start(_libfuse.fuse_get_context().contents.fuse)
+        self._fuse = _libfuse.fuse_get_context().contents.fuse
+        self.invalidator.start(self._fuse)
         self.tree.invalidate_entry = self.invalidator.submit
         if self._on_ready:
-            self._on_ready()
+            self._on_ready(self.end_session)
+
+    def end_session(self) -> None:
+        """Make serve() return (after destroy), as libfuse's SIGTERM handler would, from any thread.
+
+        fuse_exit() only marks the session: an idle loop notices at its next request. A lookup of a name no
+        one else asks for (so no cache can answer it) is that request."""
+        _libfuse.fuse_exit(ctypes.c_void_p(self._fuse))
+        try:
+            os.stat(os.path.join(self.mountpoint, f".s3repofs-stop-{uuid.uuid4().hex}"))
+        except OSError:
+            pass
 
     def destroy(self, path: str) -> None:
         self.tree.invalidate_entry = None
@@ -268,5 +284,6 @@ class Operations(mfusepy.Operations):
 
 
 def serve(tree: Tree, mountpoint: str, *, foreground_options: dict, on_ready=None, on_exit=None) -> None:
-    """Run the FUSE loop until unmounted (blocks)."""
+    """Run the FUSE loop until unmounted or ended (blocks). ``on_ready(end_session)`` runs at the session's
+    start (before the kernel's INIT is answered) with the function that ends it."""
     FUSE(Operations(tree, mountpoint, on_ready, on_exit), mountpoint, foreground=True, **foreground_options)
