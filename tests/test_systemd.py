@@ -34,7 +34,9 @@ from s3repofs.cli.main import main
 from s3repofs.ops import units
 
 UNIT_DIR = Path(__file__).resolve().parents[1] / "systemd"
-EXECUTABLE = str(Path(sys.executable).parent / "s3repofs")  # what `systemd install` picks for this Python
+# What `systemd install` picks here: /usr/local/bin/s3repofs when scripts/setup linked it to this installation
+# (as in CI), else the s3repofs beside this Python.
+EXECUTABLE = units.installed_executable()
 needs_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3")
 
 
@@ -64,17 +66,22 @@ def test_every_unit_passes_systemd_analyze_verify(tmp_path):
         assert (result.returncode, result.stdout + result.stderr) == (0, ""), name
 
 
-def test_install_names_this_installation_and_the_config(tmp_path):
+def test_install_names_the_installation_and_the_config(tmp_path):
     dest = tmp_path / "units"
-    result = install_units(dest, "--config", "media")
+    executable = tmp_path / "venv" / "bin" / "s3repofs"  # another installation's command: the units name it
+    executable.parent.mkdir(parents=True)
+    executable.write_text("#!/bin/sh\n")
+    executable.chmod(0o755)
+    install = ("--config", "media", "--executable", str(executable))
+    result = install_units(dest, *install)
     service = (dest / "s3repofs@.service").read_text()
-    assert f"ExecStart={EXECUTABLE} mount --foreground --config %i -o ${{MOUNT_OPTIONS}} ${{MOUNTPOINT}}" in service
+    assert f"ExecStart={executable} mount --foreground --config %i -o ${{MOUNT_OPTIONS}} ${{MOUNTPOINT}}" in service
     assert "/usr/local/bin/s3repofs" not in "".join(p.read_text() for p in dest.iterdir())
     assert "What=media\n" in (dest / "mnt-s3repo.mount").read_text()
     assert "systemctl enable --now s3repofs@media.service" in result.stdout
     assert "systemctl enable --now s3repofs-backup@media.timer s3repofs-gc@media.timer" in result.stdout
     assert all(oct(p.stat().st_mode & 0o777) == "0o644" for p in dest.iterdir())
-    again = install_units(dest, "--config", "media")  # the same units: nothing to change
+    again = install_units(dest, *install)  # the same units: nothing to change
     assert re.findall(r"^  (\w+) +\S+\.(?:service|timer|mount|automount)$", again.stdout, re.MULTILINE) == ["keep"] * 7
 
 
