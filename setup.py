@@ -30,7 +30,9 @@ setup(
     ],
     extras_require={
         # hypothesis: the reference-model test (tests/test_model.py) drives random operation sequences.
-        "test": ["pytest>=7,<10", "moto[server]>=5,<6", "hypothesis>=6.100,<7"],
+        # pytest-xdist: ./scripts/test runs the suite in several processes; its tests mostly wait (on
+        # servers, mounts, subprocesses), not on the CPU, so it takes a fraction of the time on 2 cores.
+        "test": ["pytest>=7,<10", "moto[server]>=5,<6", "hypothesis>=6.100,<7", "pytest-xdist>=3.5,<4"],
     },
     entry_points={"console_scripts": [
         "s3repofs=s3repofs.cli:main",

@@ -277,15 +277,17 @@ class S3Repo:
 
     # -- version operations (RepoFile delegates here) ---------------------------------------------
 
-    def upload(self, version: Version, *, content: Content | None = None, wait: float | None = None) -> Version:
+    def upload(self, version: Version, *, content: Content | None = None, wait: float | None = None,
+               sent: Callable[[int], None] | None = None) -> Version:
         """Upload and verify a staged version, then record its size and md5 and mark it uploaded.
         ``content``: what the staged bytes are, if the caller hashed them as it wrote them. Waits up
-        to ``wait`` s (CLAIM_WAIT) for a writer still at the version (BeingWrittenError after that)."""
+        to ``wait`` s (CLAIM_WAIT) for a writer still at the version (BeingWrittenError after that).
+        ``sent``: told each count of bytes sent (a progress report's; see ObjectStore.put)."""
         if version.storage == Storage.UPLOADED:
             return version
         with self.cache.claim_staged(version.s3_key, CLAIM_WAIT if wait is None else wait) as held:
             if held:
-                version = self.meta.mark_uploaded(version.id, self._store_staged(version, content))
+                version = self.meta.mark_uploaded(version.id, self._store_staged(version, content, sent))
                 self.cache_uploaded(version)
                 return version
         return self._uploaded_elsewhere(version)
@@ -318,7 +320,8 @@ class S3Repo:
                                  f"({version.origin_host} staged them)")
         return recorded
 
-    def _store_staged(self, version: Version, content: Content | None = None) -> Content:
+    def _store_staged(self, version: Version, content: Content | None = None,
+                      sent: Callable[[int], None] | None = None) -> Content:
         """Put a staged version's bytes in the store, verified; what they are (size and digests).
         A ``content`` given (hashed while the bytes were written) spares hashing the file when its
         size matches the staged file's and the store proves the md5 of what it stored; where the
@@ -332,7 +335,7 @@ class S3Repo:
             if not given:
                 content = file_content(staged)
             proven = self.store.put(version.s3_key, staged, content.size, content.md5,
-                                    object_description(version, content))
+                                    object_description(version, content), sent)
             if given and not proven and file_content(staged) != content:  # its description is wrong: upload again
                 raise VerificationError(f"{version.path}: the digests of version {version.id} computed while it "
                                         "was written do not match its bytes; it stays staged")
@@ -409,12 +412,14 @@ class S3Repo:
             return
         _log_published(published, expired)
 
-    def local_file(self, version: Version) -> Path:
-        """A local file holding the version's verified bytes: staged, or fetched into the cache."""
+    def local_file(self, version: Version, received: Callable[[int], None] | None = None) -> Path:
+        """A local file holding the version's verified bytes: staged, or fetched into the cache.
+        ``received``: told each count of bytes that arrives, if this call starts the download (a
+        progress report's)."""
         if version.storage == Storage.LOCAL:
             return self._staged_file(version)
         self._check_downloadable(version)
-        return self.cache.fetch(version.s3_key, version.size, self._downloader(version))
+        return self.cache.fetch(version.s3_key, version.size, self._downloader(version, received))
 
     def open_version(self, version: Version, *, cached_only: bool = False) -> "VersionReader":
         """A reader of the version's bytes that does not wait for the whole download: each read waits
@@ -453,13 +458,13 @@ class S3Repo:
         if version.size is None or version.md5 is None:
             raise LifecycleError(f"{version.path}: version {version.id} has no recorded size and md5")
 
-    def _downloader(self, version: Version) -> StartDownload:
+    def _downloader(self, version: Version, received: Callable[[int], None] | None = None) -> StartDownload:
         key, size, digest = version.s3_key, version.size, download_digest(version.md5, version.xxh3)
         part_size = self.config.download_part_size
 
         def start(fd: int) -> Download:
             return Download(fd, size, digest, f"download of {key}", lambda s, e: self.store.stream(key, s, e, size),
-                            part_size, self._parts)
+                            part_size, self._parts, received)
 
         return start
 

@@ -39,13 +39,13 @@ class FaultyStore(ObjectStore):
         self.inner, self.faults = store, faults
         self.bucket = getattr(store, "bucket", "")
 
-    def put(self, key, source, size, md5, description) -> bool:
+    def put(self, key, source, size, md5, description, sent=None) -> bool:
         if self.faults.strike():
             if self.faults.pick("before", "answer lost") == "before":
                 raise StoreUnavailableError(f"upload of {key}: injected fault")
-            self.inner.put(key, source, size, md5, description)
+            self.inner.put(key, source, size, md5, description, sent)
             raise StoreUnavailableError(f"upload of {key}: injected fault, the answer lost")
-        return self.inner.put(key, source, size, md5, description)
+        return self.inner.put(key, source, size, md5, description, sent)
 
     def stream(self, key, start, end, size) -> Iterator[bytes]:
         if not self.faults.strike():

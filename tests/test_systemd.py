@@ -279,7 +279,8 @@ def test_the_service_says_ready_once_the_mount_answers_then_status_then_stopping
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     argv, env = service_command(tmp_path, config, mountpoint)
-    assert argv == [EXECUTABLE, "mount", "--foreground", "--config", "svc", "-o", "default_permissions", str(mountpoint)]
+    assert argv == [EXECUTABLE, "mount", "--foreground", "--config", "svc", "-o", "default_permissions",
+                    str(mountpoint)]
     # The unit's capabilities and no_new_privs (the hardening that needs no systemd) leave the mount working.
     argv = with_unit_privileges(argv, tmp_path / "units/s3repofs@.service")
     notify = NotifySocket()

@@ -54,7 +54,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from .main import human, open_repo
 
     with open_repo(args) as repo:
-        result = backup_ops.backup(repo, quiet=args.json)
+        result = backup_ops.backup(repo, quiet=args.json or args.quiet)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
@@ -69,12 +69,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     plan = restore_ops.plan_restore(config, args.backup, args.to, force=args.force,
-                                    newest_intact=args.newest_intact, quiet=args.json)
+                                    newest_intact=args.newest_intact, quiet=args.json or args.quiet)
     if not args.json or args.dry_run:
         _print_plan(plan, args.json)
     if args.dry_run:
         return 0
-    result = restore_ops.execute(config, plan, quiet=args.json)
+    result = restore_ops.execute(config, plan, quiet=args.json or args.quiet)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0

@@ -19,9 +19,9 @@ from .. import __version__
 from ..config import load_config
 from ..domain.lifecycle import VISIBLE_STATES, State, Storage
 from ..errors import NotFoundError, RepoError, UsageError
-from ..local.atomic import atomic_write
 from ..ops import backup as backup_ops
 from ..ops import cache as cache_ops
+from ..ops import copy as copy_ops
 from ..ops import fsck as fsck_ops
 from ..ops import gc as gc_ops
 from ..ops import rebuild as rebuild_ops
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "/etc/s3repofs/NAME.json")
     common.add_argument("-v", "--verbose", action="store_true", help="log what is done to stderr")
     common.add_argument("--debug", action="store_true", help="log debugging detail, tracebacks included")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar (on a terminal) nor progress lines (with -v)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
@@ -196,15 +198,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         raise NotFoundError(f"{source}: no such local file")
     repo_path = args.repo_path + source.name if args.repo_path.endswith("/") else args.repo_path
     with open_repo(args) as repo:
-        rf = repo.add_file(path=repo_path, mode=source.stat().st_mode & 0o777)
-        try:
-            with open(source, "rb") as src, rf.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1024 * 1024)
-        except OSError as exc:
-            raise RepoError(f"cannot read {source}: {exc.strerror or exc}") from None
-        rf.upload()
-        if args.publish:
-            rf.publish()
+        rf = copy_ops.add(repo, source, repo_path, publish=args.publish, quiet=args.quiet)
         print(f"{rf.state} {rf.path} (version {rf.id}, {rf.file_size} bytes, md5 {rf.md5})")
     return 0
 
@@ -271,13 +265,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     if dest.is_dir():
         dest = dest / args.path.rstrip("/").rpartition("/")[2]
     with open_repo(args) as repo:
-        rf = repo.require_file(args.path)
-        try:
-            with rf.open("rb") as src:
-                # Not fsynced, as cp does not: the repository keeps the version, and syncing is the user's call.
-                atomic_write(dest, lambda dst: shutil.copyfileobj(src, dst, 1024 * 1024), durable=False)
-        except OSError as exc:
-            raise RepoError(f"cannot write {dest}: {exc.strerror or exc}") from None
+        rf = copy_ops.get(repo, args.path, dest, quiet=args.quiet)
         print(f"{rf.path} (version {rf.id}, {rf.file_size} bytes) -> {dest}")
     return 0
 
@@ -312,7 +300,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"removed {cache_ops.clear(repo)} cached objects from {repo.cache.objects_dir}")
         elif args.action == "prefetch":
             plan = cache_ops.plan_prefetch(repo, args.paths)
-            cache_ops.prefetch(repo, plan)
+            cache_ops.prefetch(repo, plan, quiet=args.quiet)
             print(f"{len(plan.files)} published files ({human(plan.size)}) are in the cache")
         usage = repo.cache.usage()
         print(f"cache: {usage.objects} objects, {human(usage.used_bytes)} of {human(usage.max_bytes)} "
@@ -324,10 +312,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
         # gc refuses while a retained backup could name a purged version as published.
-        plan = gc_ops.plan(repo, oldest_backup_at=backup_ops.oldest_backup_time(repo), quiet=args.json)
+        plan = gc_ops.plan(repo, oldest_backup_at=backup_ops.oldest_backup_time(repo),
+                           quiet=args.json or args.quiet)
         if not args.json:
             print_gc_plan(plan, args.verbose)
-        result = None if args.dry_run else gc_ops.execute(repo, plan, quiet=args.json)
+        result = None if args.dry_run else gc_ops.execute(repo, plan, quiet=args.json or args.quiet)
     if args.json:
         print(json.dumps({"plan": plan.as_dict(), "result": result and result.as_dict()}, indent=2))
     elif result is not None:
@@ -357,7 +346,7 @@ def print_gc_plan(plan, verbose: bool) -> None:
 @command("rebuild")
 def cmd_rebuild(args: argparse.Namespace) -> int:
     config = load_config(args.config)  # not the repository's database: it is what was lost
-    report = rebuild_ops.rebuild(config, args.target, dry_run=args.dry_run, quiet=args.json)
+    report = rebuild_ops.rebuild(config, args.target, dry_run=args.dry_run, quiet=args.json or args.quiet)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
         return 0
@@ -375,12 +364,12 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 @command("fsck")
 def cmd_fsck(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
-        report = fsck_ops.check(repo, args.prefix, deep=args.deep, quiet=args.json)
+        report = fsck_ops.check(repo, args.prefix, deep=args.deep, quiet=args.json or args.quiet)
         if not args.json:  # the plan before the repair
             for finding in report.findings:
                 print(finding.line())
             print(report.summary())
-        repaired = fsck_ops.repair(repo, report, quiet=args.json) if args.repair else None
+        repaired = fsck_ops.repair(repo, report, quiet=args.json or args.quiet) if args.repair else None
     if args.json:
         print(json.dumps({**report.as_dict(), "repair": repaired.as_dict() if repaired else None}, indent=2))
     elif repaired is not None:

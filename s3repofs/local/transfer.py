@@ -45,7 +45,7 @@ class _DownloadAgain(VerificationError):
 
 class Download:
     def __init__(self, fd: int, size: int, digest: tuple[str, str], what: str, fetch: Fetch, part_size: int,
-                 parts: Executor) -> None:
+                 parts: Executor, received: Callable[[int], None] | None = None) -> None:
         self.fd = fd  # the destination, already ``size`` bytes long (sparse)
         self.size = size
         self.digest_name, self.expected = digest  # e.g. ("xxh3", hex): see content.download_digest
@@ -59,6 +59,7 @@ class Download:
         self._error: BaseException | None = None
         self._verified = False
         self._served = False  # a reader was told unverified bytes were present
+        self._received = received  # a progress report's (the CLI's); None on the mount's reads
 
     # -- the downloading side -------------------------------------------------------------------
 
@@ -93,6 +94,8 @@ class Download:
             error += f" ({attempt} attempts)"
         with self._cond:
             if attempt < DIGEST_ATTEMPTS and not self._served:
+                if self._received is not None:  # the bytes arrive again
+                    self._received(-sum(self._filled))
                 self._filled = [0] * len(self._starts)
                 raise _DownloadAgain(error)
         if attempt < DIGEST_ATTEMPTS:
@@ -182,6 +185,8 @@ class Download:
             with self._cond:
                 self._filled[index] = offset - start
                 self._cond.notify_all()
+            if self._received is not None:
+                self._received(len(chunk))
 
     def _cut_short(self, index: int, attempts: int, failed: TransientStoreError | None) -> RepoError:
         """What a part that did not arrive whole got: TransientStoreError if its request failed (the

@@ -10,7 +10,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from ..domain.content import CHUNK
 from ..errors import (
@@ -25,7 +25,8 @@ from ..local.atomic import atomic_write
 from .store import ObjectInfo, ObjectStore, read_description
 
 
-def copy_verified(source: BinaryIO, dest: BinaryIO, what: str, size: int, md5: str) -> None:
+def copy_verified(source: BinaryIO, dest: BinaryIO, what: str, size: int, md5: str,
+                  sent: Callable[[int], None] | None = None) -> None:
     """Copy a stream, then check that exactly ``size`` bytes with ``md5`` went through."""
     digest = hashlib.md5()
     copied = 0
@@ -33,6 +34,8 @@ def copy_verified(source: BinaryIO, dest: BinaryIO, what: str, size: int, md5: s
         digest.update(chunk)
         dest.write(chunk)
         copied += len(chunk)
+        if sent is not None:
+            sent(len(chunk))
     check_content(what, copied, digest.hexdigest(), size, md5)
 
 
@@ -63,10 +66,11 @@ class LocalStore(ObjectStore):
     def _meta(self, key: str) -> Path:
         return self.root / "meta" / (key + ".json")
 
-    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> bool:
+    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str],
+            sent: Callable[[int], None] | None = None) -> bool:
         with self._errors(key):
             with open(source, "rb") as src:
-                _atomic_write(self._data(key), lambda f: copy_verified(src, f, f"upload of {key}", size, md5))
+                _atomic_write(self._data(key), lambda f: copy_verified(src, f, f"upload of {key}", size, md5, sent))
             _atomic_write(self._meta(key), lambda f: f.write(json.dumps(description).encode()))
             stored = self._data(key).stat().st_size
         if stored != size:

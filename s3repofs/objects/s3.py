@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 from urllib.parse import quote, unquote
 
 from .. import metrics
@@ -47,13 +47,18 @@ def _metadata_size(metadata: dict[str, str]) -> int:
 
 class FileSlice:
     """A read-only window of an open file, streamed as one request body: memory stays at a chunk per
-    request, whatever the part size (S3 checks each body against its Content-MD5)."""
+    request, whatever the part size (S3 checks each body against its Content-MD5). The HTTP client
+    reads it as it sends, so ``sent`` (None: nothing to call) hears of each count of bytes read, and of
+    a rewind for a retry as a negative count, as boto3's transfer Callback does. Reads while ``sending``
+    is False (botocore hashing the body to sign it: see ``_not_sending``) are not counted."""
 
-    def __init__(self, file: BinaryIO, start: int, length: int) -> None:
+    def __init__(self, file: BinaryIO, start: int, length: int, sent: Callable[[int], None] | None = None) -> None:
         self._fd = file.fileno()
         self._start = start
         self._length = length
         self._pos = 0
+        self._sent = sent
+        self.sending = True
 
     def __len__(self) -> int:
         return self._length
@@ -62,24 +67,40 @@ class FileSlice:
         left = self._length - self._pos
         size = left if size is None or size < 0 else min(size, left)
         data = os.pread(self._fd, size, self._start + self._pos)
-        self._pos += len(data)
+        self._moved(len(data))
         return data
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
-        self._pos = max(0, min(base + offset, self._length))
+        self._moved(max(0, min(base + offset, self._length)) - self._pos)
         return self._pos
+
+    def _moved(self, n: int) -> None:
+        self._pos += n
+        if self._sent is not None and n and self.sending:
+            self._sent(n)
 
     def tell(self) -> int:
         return self._pos
 
     def md5(self) -> bytes:
+        """The md5 of the window (read without moving it: nothing is sent)."""
         digest = hashlib.md5()
-        self.seek(0)
-        while chunk := self.read(CHUNK):
-            digest.update(chunk)
-        self.seek(0)
+        for offset in range(0, self._length, CHUNK):
+            digest.update(os.pread(self._fd, min(CHUNK, self._length - offset), self._start + offset))
         return digest.digest()
+
+
+def _not_sending(request, **kwargs) -> None:
+    """Before botocore signs a request (over plain HTTP it reads the whole body to hash it, then rewinds):
+    the body's reads are not bytes sent. (s3transfer's signal_not_transferring, for boto3's Callback.)"""
+    if isinstance(request.body, FileSlice):
+        request.body.sending = False
+
+
+def _sending(request, **kwargs) -> None:
+    if isinstance(request.body, FileSlice):
+        request.body.sending = True
 
 
 
@@ -118,6 +139,8 @@ class S3Store(ObjectStore):
         except botocore.exceptions.BotoCoreError as exc:  # half of a key pair in the environment, say
             raise StoreUnavailableError(f"{self.describe_location()}: {exc}") from None
         retry.count_client_retries(self.client)
+        self.client.meta.events.register_first("request-created.s3", _not_sending)
+        self.client.meta.events.register_last("request-created.s3", _sending)
         # Object reads and single PUTs (the hot paths) skip botocore's client pipeline: see s3http.
         self._direct = None
         if SignedRequests.usable(endpoint_url):
@@ -130,15 +153,16 @@ class S3Store(ObjectStore):
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
         return f"S3 bucket {self.bucket}{where}"
 
-    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> bool:
+    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str],
+            sent: Callable[[int], None] | None = None) -> bool:
         with self._errors(key, "upload"):
             metadata = self._metadata(key, description)
             if size >= self.multipart_threshold:
-                self._put_multipart(key, source, metadata)
+                self._put_multipart(key, source, metadata, sent)
             else:
                 content_md5 = base64.b64encode(bytes.fromhex(md5)).decode()
                 with open(source, "rb") as f:
-                    body = FileSlice(f, 0, size)
+                    body = FileSlice(f, 0, size, sent)
                     response = self._direct_put(key, body, size, content_md5, metadata)
                     if response is None:
                         response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
@@ -194,7 +218,8 @@ class S3Store(ObjectStore):
         self._direct = None
         return True
 
-    def _put_multipart(self, key: str, source: Path, metadata: dict[str, str]) -> None:
+    def _put_multipart(self, key: str, source: Path, metadata: dict[str, str],
+                       sent: Callable[[int], None] | None) -> None:
         upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata)["UploadId"]
         size = source.stat().st_size
         offsets = range(0, size, self.multipart_chunksize)
@@ -202,7 +227,7 @@ class S3Store(ObjectStore):
         def upload_part(number_offset: tuple[int, int]) -> dict:
             number, offset = number_offset
             with open(source, "rb") as f:
-                part = FileSlice(f, offset, min(self.multipart_chunksize, size - offset))
+                part = FileSlice(f, offset, min(self.multipart_chunksize, size - offset), sent)
                 digest = part.md5()
                 response = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                    PartNumber=number, Body=part,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import quote, unquote
 
 from ..domain.content import Content
@@ -51,10 +51,12 @@ class ObjectStore(ABC):
     bucket: str
 
     @abstractmethod
-    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str]) -> bool:
+    def put(self, key: str, source: Path, size: int, md5: str, description: dict[str, str],
+            sent: Callable[[int], None] | None = None) -> bool:
         """Store ``source`` under ``key``; raises VerificationError if the stored object is not ``size``
         bytes, or if it is proven not to have ``md5``. True if the store proved the md5, False if it
-        could check only the size (a multipart upload, an ETag that is not an md5)."""
+        could check only the size (a multipart upload, an ETag that is not an md5). ``sent`` (a progress
+        report's) is called with each count of bytes read to be sent, negative when a retry rewinds."""
 
     @abstractmethod
     def stream(self, key: str, start: int, end: int, size: int) -> Iterator[bytes]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from ..domain.lifecycle import State
 from ..errors import NotFoundError
 from ..repo import RepoFile, S3Repo
+from .progress import Progress, Share, progress
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,21 @@ def plan_prefetch(repo: S3Repo, paths: list[str]) -> PrefetchPlan:
     return PrefetchPlan(files)
 
 
-def prefetch(repo: S3Repo, plan: PrefetchPlan) -> None:
+def prefetch(repo: S3Repo, plan: PrefetchPlan, *, quiet: bool = True) -> None:
     """Download every file of ``plan`` into the cache (verified), ``transfer_concurrency`` at a time;
-    a file already cached costs nothing."""
-    with ThreadPoolExecutor(repo.config.transfer_concurrency) as pool:
-        list(pool.map(lambda f: repo.local_file(f.version), plan.files))
+    a file already cached costs nothing. Reports the bytes, and the files done beside them."""
+    with (progress("cache prefetch", plan.size, unit="B", quiet=quiet) as report,
+          ThreadPoolExecutor(repo.config.transfer_concurrency) as pool):
+        fetching = [pool.submit(_fetch, repo, f, report) for f in plan.files]
+        for done, fetched in enumerate(as_completed(fetching), start=1):
+            fetched.result()
+            report.note(f"{done} of {len(fetching)} files")
+
+
+def _fetch(repo: S3Repo, rf: RepoFile, report: Progress) -> None:
+    received = Share(report, rf.file_size or 0)
+    repo.local_file(rf.version, received)
+    received.done()
 
 
 def clear(repo: S3Repo) -> int:
