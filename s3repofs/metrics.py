@@ -9,7 +9,9 @@ registry three ways, all the same text (``exposition``): an HTTP endpoint or a t
 ``read_mount_stats`` reads back for ``s3repofs stats`` and ``s3repofs umount``.
 
 Metrics are always collected, so the FUSE path pays for them on every request: each operation binds
-its labelled child once, when it is decorated, and a request costs one observation.
+its labelled child once, when it is decorated, and a request costs one observation. What a warm request
+touches (its latency, a cache hit, the bytes it reads) is counted per thread, without a lock (``_PerThread``),
+and summed only when the registry is read.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import re
 import threading
 from bisect import bisect_left
 from pathlib import Path
+from threading import get_ident
 from typing import Callable, Iterator
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
@@ -42,31 +45,57 @@ prometheus_client.ProcessCollector(registry=REGISTRY)  # process_*: the daemon's
 LATENCY_BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 
 
-class _LatencyChild:
-    """One label value's buckets (the last one past every bound: +Inf) and sum."""
+class _PerThread:
+    """Numbers that many threads add to without a lock: each thread adds to a row of its own, found by its
+    thread id, and a reader sums the rows. A row has one writer, the one live thread with its id (a thread
+    started later with the id of one that ended takes its row over, counts and all).
 
-    __slots__ = ("counts", "total", "_lock")
+    Why not a lock: on warm reads of 4 KiB files (an open and a release each, ~180 us of daemon CPU), a
+    lock per observation and prometheus_client's Counter (a lock per increment) cost the daemon ~0.7 % more
+    CPU per file than these (benchmarks/metrics_cost.py): in the daemon, where each request finds the CPU's
+    caches cold, every instruction added costs several times what it costs in a loop."""
+
+    __slots__ = ("_rows", "_width", "_lock")
+
+    def __init__(self, width: int) -> None:
+        self._rows: dict[int, list] = {}
+        self._width = width
+        self._lock = threading.Lock()  # taken to add a row, and to copy the list of rows for a reader
+
+    def _new_row(self) -> list:
+        """The calling thread's row, made on its first use (``self._rows.get(get_ident())`` finds it after)."""
+        with self._lock:
+            return self._rows.setdefault(get_ident(), [0] * self._width)
+
+    def _totals(self) -> list:
+        with self._lock:
+            rows = list(self._rows.values())
+        return [sum(column) for column in zip(*rows)] if rows else [0] * self._width
+
+
+class _LatencyChild(_PerThread):
+    """One label value's histogram: per thread, a count per bucket (the last one past every bound: +Inf),
+    then the sum."""
+
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.total = 0.0
-        self._lock = threading.Lock()
+        super().__init__(len(LATENCY_BUCKETS) + 2)
 
     def observe(self, seconds: float) -> None:
-        slot = bisect_left(LATENCY_BUCKETS, seconds)  # the first bound >= seconds: Prometheus's "le"
-        with self._lock:
-            self.counts[slot] += 1
-            self.total += seconds
+        row = self._rows.get(get_ident()) or self._new_row()
+        row[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bound >= seconds: Prometheus's "le"
+        row[-1] += seconds
 
     def snapshot(self) -> tuple[list[int], float]:
-        with self._lock:
-            return list(self.counts), self.total
+        totals = self._totals()
+        return totals[:-1], totals[-1]
 
 
 class Latencies:
-    """A histogram of seconds by one label, exposed as prometheus_client's Histogram is (same samples), but
-    observed for a third to a quarter of its cost (one bisect and one lock, where Histogram takes a lock
-    per bucket and for the sum, ~2.5 us a call here): every FUSE request pays it."""
+    """A histogram of seconds by one label, exposed as prometheus_client's Histogram is (the same samples),
+    but observed for a fraction of its cost: one bisect and no lock (``_PerThread``), where Histogram takes
+    a lock per bucket and for the sum (~2.5 us a call here). Every FUSE request observes one."""
 
     def __init__(self, name: str, documentation: str, label: str) -> None:
         self.name, self.documentation, self.label = name, documentation, label
@@ -96,20 +125,40 @@ class Latencies:
         yield family
 
 
+class HotCounter(_PerThread):
+    """A counter without labels, exposed as prometheus_client's Counter is (the same samples), for what a
+    warm request counts (a cache hit, the bytes it reads): added to per thread, without a lock."""
+
+    __slots__ = ("name", "documentation")
+
+    def __init__(self, name: str, documentation: str) -> None:
+        super().__init__(1)
+        self.name, self.documentation = name, documentation
+        REGISTRY.register(self)
+
+    def inc(self, amount: float = 1) -> None:
+        row = self._rows.get(get_ident()) or self._new_row()
+        row[0] += amount
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, value=float(self._totals()[0]))
+
+
 FUSE_SECONDS = Latencies("s3repofs_fuse_operation_seconds", "FUSE operations served, and how long each took", "op")
 FUSE_ERRORS = Counter("s3repofs_fuse_errors", "FUSE operations answered with an error, by errno",
                       ["op", "errno"], registry=REGISTRY)
 
-CACHE_READ_BYTES = Counter("s3repofs_cache_read_bytes", "Bytes the mount served to readers from this host's "
-                           "cache (or a version staged here)", registry=REGISTRY)
-DOWNLOADED_BYTES = Counter("s3repofs_downloaded_bytes", "Bytes downloaded from the object store into the cache",
-                           registry=REGISTRY)
+CACHE_READ_BYTES = HotCounter("s3repofs_cache_read_bytes", "Bytes the mount served to readers from this host's "
+                              "cache (or a version staged here)")
+DOWNLOADED_BYTES = HotCounter("s3repofs_downloaded_bytes", "Bytes downloaded from the object store into the cache")
 UPLOADED_BYTES = Counter("s3repofs_uploaded_bytes", "Bytes of versions uploaded to the object store",
                          registry=REGISTRY)
-CACHE_HITS = Counter("s3repofs_cache_hits", "Opens of an uploaded version found whole in the cache",
-                     registry=REGISTRY)
-CACHE_MISSES = Counter("s3repofs_cache_misses", "Opens of an uploaded version that had to wait for a download "
-                       "(started, or joined)", registry=REGISTRY)
+CACHE_HITS = HotCounter("s3repofs_cache_hits", "Opens of an uploaded version found whole in the cache")
+CACHE_MISSES = HotCounter("s3repofs_cache_misses", "Opens of an uploaded version that had to wait for a download "
+                          "(started, or joined)")
 CACHE_BYTES = Gauge("s3repofs_cache_bytes", "Bytes in the cache: cached objects and downloads in flight",
                     registry=REGISTRY)
 CACHE_OBJECTS = Gauge("s3repofs_cache_objects", "Objects in the cache", registry=REGISTRY)

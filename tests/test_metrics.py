@@ -151,6 +151,28 @@ def test_latencies_are_read_back_from_the_histogram_buckets():
     assert 0.01 < found.p99_seconds <= 0.03
 
 
+
+def test_counts_from_many_threads_add_up_also_after_the_threads_end():
+    """Hot counters and latencies are counted per thread without a lock; a reader sums every thread's."""
+    hits = sample("s3repofs_cache_hits_total")
+    child = metrics.FUSE_SECONDS.labels("test-threads")
+
+    def count():
+        for _ in range(1000):
+            metrics.CACHE_HITS.inc()
+            child.observe(0.0002)
+
+    threads = [threading.Thread(target=count) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    count()  # and this thread's own
+    assert sample("s3repofs_cache_hits_total") == hits + 9000
+    assert sample("s3repofs_fuse_operation_seconds_count", op="test-threads") == 9000
+    assert sample("s3repofs_fuse_operation_seconds_bucket", op="test-threads", le="0.0003") == 9000
+    assert sample("s3repofs_fuse_operation_seconds_sum", op="test-threads") == pytest.approx(1.8)
+
 # -- a real mount: .stats, s3repofs stats, the endpoint ---------------------------------------------------
 
 
