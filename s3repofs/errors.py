@@ -54,6 +54,13 @@ class InvalidPathError(CallerError):
     exit_status = 2
 
 
+class InvalidTagError(CallerError):
+    """A tag key or value, or a date period, is not acceptable (the message says what is)."""
+
+    errno = _errno.EINVAL
+    exit_status = 2
+
+
 class NameTooLongError(InvalidPathError):
     errno = _errno.ENAMETOOLONG
 

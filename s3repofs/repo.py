@@ -25,13 +25,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from . import metrics
 from .config import EMBEDDED, Config, load_config
 from .domain.content import Content, download_digest, file_content
 from .domain.lifecycle import VISIBLE_STATES, State, Storage, Tier
 from .domain.paths import DirPath, RepoPath, validate_type
+from .domain.tags import period_range, validate_key, validate_value
 from .errors import (
     ArchivedError,
     BeingWrittenError,
@@ -46,7 +47,7 @@ from .errors import (
 from .local.cache import LocalCache, StartDownload
 from .local.transfer import Download
 from .meta.db import Database
-from .meta.metastore import MetaStore, Version
+from .meta.metastore import FindQuery, MetaStore, Version
 from .meta.schema import SCHEMA_VERSION
 from .objects.s3 import S3Store
 from .objects.store import ObjectStore, describe, open_store
@@ -142,8 +143,9 @@ class S3Repo:
     # -- files ----------------------------------------------------------------------------------
 
     def add_file(self, path: str | None = None, file_type: str | None = None, *, mode: int = 0o644,
-                 uid: int | None = None, gid: int | None = None) -> "RepoFile":
-        """A new, empty, unpublished version at ``path`` (or a generated name under ``file_type``)."""
+                 uid: int | None = None, gid: int | None = None, copy_tags: bool = False) -> "RepoFile":
+        """A new, empty, unpublished version at ``path`` (or a generated name under ``file_type``).
+        ``copy_tags``: with the tags of the path's published version, if it has one."""
         self.ensure_ready()
         if path is None:
             if file_type is None:
@@ -167,6 +169,8 @@ class S3Repo:
             staged.unlink(missing_ok=True)
             raise
         log.info("added %s (version %d, key %s)", repo_path, version.id, key)
+        if copy_tags and (published := self.meta.find(repo_path)) is not None:
+            self.meta.copy_tags(published.id, version.id)
         return RepoFile(self, version)
 
     def get_file(self, path: str, state: str = State.PUBLISHED) -> "RepoFile | None":
@@ -200,6 +204,38 @@ class S3Repo:
             versions += [v for v in self.meta.history(exact) if v.state in states]
             versions.sort(key=lambda v: (v.file_type, v.dir, v.name, v.id))
         return [RepoFile(self, v) for v in versions]
+
+    def find(self, file_type: str | None = None, prefix: str = "", *,
+             tags_all: Mapping[str, str | None] | None = None, tags_any: Mapping[str, str | None] | None = None,
+             tags_none: Mapping[str, str | None] | None = None, state: str | None = State.PUBLISHED,
+             published_after: float | None = None, published_before: float | None = None,
+             origin_host: str | None = None, date: tuple[str, str] | None = None,
+             page_size: int = 1000) -> Iterator["RepoFile"]:
+        """The versions that match every condition, oldest (lowest id) first, read a page at a time.
+
+        Tags are ``{key: value}``, a value of None matching any value: ``tags_all`` each, ``tags_any``
+        at least one, ``tags_none`` none of them. ``state``: one state, or None for any visible state.
+        ``date``: a date tag of ``created_at``, e.g. ``("month", "2026-11")`` (see domain/tags.py).
+        Times are ``[after, before)``."""
+        self.ensure_ready()  # here, and the arguments checked, on the call: not at the first next()
+        if state is not None and state not in VISIBLE_STATES:
+            raise RepoError(f"unknown state {state!r} (one of {', '.join(VISIBLE_STATES)})")
+        if file_type:
+            validate_type(file_type)
+        created_after, created_before = period_range(*date) if date else (None, None)
+        query = FindQuery(
+            file_type=file_type or None,
+            prefix=DirPath.parse(prefix.strip("/")) if prefix.strip("/") else None,
+            states=(state,) if state else (), tags_all=_checked(tags_all), tags_any=_checked(tags_any),
+            tags_none=_checked(tags_none), origin_host=origin_host, published_after=published_after,
+            published_before=published_before, created_after=created_after, created_before=created_before)
+        return self._pages(query, page_size)
+
+    def _pages(self, query: FindQuery, page_size: int) -> Iterator["RepoFile"]:
+        after = 0
+        while page := self.meta.find_page(query, after, page_size):
+            yield from (RepoFile(self, v) for v in page)
+            after = page[-1].id
 
     # -- for a mounted tree: records and staged files, one call each ------------------------------
     # The mount caches what these answer; it reaches the metadata and the cache only through them.
@@ -259,8 +295,13 @@ class S3Repo:
     def tags(self, version_id: int) -> dict[str, str]:
         return self.meta.tags(version_id)
 
-    def set_tag(self, version_id: int, key: str, value: str) -> None:
-        self.meta.set_tag(version_id, key, value)
+    def set_tag(self, version_id: int, key: str, value: str | None = None) -> None:
+        """Tag a version (``value`` None: a tag with no value, stored as ""); InvalidTagError for a bad key or value."""
+        self.meta.set_tag(version_id, validate_key(key), validate_value(key, value))
+
+    def remove_tag(self, version_id: int, key: str) -> bool:
+        """Remove a version's tag; True if it had it."""
+        return self.meta.remove_tag(version_id, validate_key(key))
 
     def staged_path(self, version: Version) -> Path:
         """Where this host stages the version's bytes (the file exists only while they are staged here)."""
@@ -513,6 +554,10 @@ def _log_published(published: Version, expired: Version | None) -> None:
     if expired is not None:
         log.info("expired %s (version %d, superseded by %d)", expired.path, expired.id, published.id)
     log.info("published %s (version %d)", published.path, published.id)
+
+
+def _checked(tags: Mapping[str, str | None] | None) -> dict[str, str | None]:
+    return {validate_key(k): (None if v is None else validate_value(k, v)) for k, v in (tags or {}).items()}
 
 
 def _create_empty(path: Path) -> None:

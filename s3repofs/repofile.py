@@ -8,6 +8,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO
 
 from .domain.lifecycle import State, Storage
 from .domain.paths import RepoPath
+from .domain.tags import date_tags
 from .errors import NotFoundError, ReadOnlyError
 from .meta.metastore import Version
 
@@ -94,8 +95,19 @@ class RepoFile:
     def tags(self) -> dict[str, str]:
         return self.repo.meta.tags(self.id)
 
-    def set_tag(self, key: str, value: str) -> None:
-        self.repo.meta.set_tag(self.id, key, value)
+    def tag(self, key: str, value: str | None = None) -> "RepoFile":
+        """Tag this version (``value`` None: a tag with no value, read back as ""); replaces the key's value."""
+        self.repo.set_tag(self.id, key, value)
+        return self
+
+    def untag(self, key: str) -> "RepoFile":
+        self.repo.remove_tag(self.id, key)
+        return self
+
+    @property
+    def date_tags(self) -> dict[str, str]:
+        """The hour, day, week, month and year of ``created_at`` (UTC), as ``repo.find(date=...)`` takes them."""
+        return date_tags(self.created_at)
 
     def as_dict(self) -> dict:
         v = self.version

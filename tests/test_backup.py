@@ -43,8 +43,8 @@ def populate(repo: S3Repo) -> dict[str, bytes]:
         published[path] = f"first {i}".encode()
     newer = repo.add_file(path="story_data/2026/0/deep/file-0.json").touch("newer").publish()  # expires the first
     published["story_data/2026/0/deep/file-0.json"] = b"newer"
-    newer.set_tag("source", "crawler")
-    newer.set_tag("lang", "ünïcode ✓")
+    newer.tag("source", "crawler")
+    newer.tag("lang", "ünïcode ✓")
     repo.add_file(path="other/staged.bin").touch(b"\x00staged").upload()  # unpublished
     withdrawn = repo.add_file(path="other/gone.txt").touch("gone").publish()
     withdrawn.expire()

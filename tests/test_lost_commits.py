@@ -127,7 +127,7 @@ def set_attrs(repo, lose):
 def set_tag(repo, lose):
     rf = staged(repo)
     lose("COMMIT")
-    rf.set_tag("k", "v")
+    rf.tag("k", "v")
     assert rf.tags == {"k": "v"}
 
 

@@ -231,7 +231,7 @@ def test_reading_fetches_into_the_cache_once(repo):
 
 def test_tags_are_stored_per_version(repo):
     rf = repo.add_file(path="t/a.txt").touch("abc")
-    rf.set_tag("source", "crawler")
+    rf.tag("source", "crawler")
     assert rf.tags == {"source": "crawler"}
 
 

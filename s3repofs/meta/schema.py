@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..errors import RepoError
 from .db import Dialect, Tx
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400e9 AS INTEGER)"  # ns since the epoch, as time.time_ns()
 _SQLITE_TOUCHED = f"mtime_ns = max({_SQLITE_NOW}, coalesce(mtime_ns, 0) + 1)"
 
@@ -165,6 +165,12 @@ MIGRATIONS: dict[int, list[str] | dict[str, list[str]]] = {
         "DROP INDEX IF EXISTS path_locks_by_path",
         "CREATE UNIQUE INDEX path_locks_by_path ON path_locks (file_type, md5(dir), name)",
     ]},
+    # find (MetaStore.find_sql): versions by tag, and by publication time, without a scan of versions
+    # (date tags are ranges of created_at: versions_by_state). A value is at most 2,048 bytes (domain/tags.py).
+    5: [
+        "CREATE INDEX IF NOT EXISTS tags_by_key ON tags (key, value, version_id)",
+        "CREATE INDEX IF NOT EXISTS versions_by_published ON versions (published_at)",
+    ],
 }
 
 
