@@ -4,6 +4,8 @@ plans of find on both engines at a size where a scan would show."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import time
 
 import pytest
 
@@ -192,3 +194,56 @@ def test_find_scans_neither_versions_nor_tags(big_repo, query, expected):
     text = big_repo.db.run(lambda tx: plan(tx, *big_repo.meta.find_sql(query, 0, 1000)), write=False)
     assert not scans(text), text
     assert len(big_repo.meta.find_page(query, 0, VERSIONS)) == expected
+
+
+# -- the commands ----------------------------------------------------------------------------------
+
+import test_cli  # noqa: E402
+from test_cli import assert_clean_failure, run  # noqa: E402
+
+config_file = test_cli.config_file  # the fixture: a created repository's configuration file
+
+
+def test_tag_untag_and_find_commands(config_file, tmp_path):
+    source = tmp_path / "x"
+    source.write_bytes(b"x")
+    for path in ("t/a", "t/b", "t/sub/c"):
+        assert run("add", str(source), path, "--publish", config=config_file).returncode == 0
+    assert run("tag", "t/a", "lang=en", "hot", config=config_file).stdout == b"t/a (version 1): hot lang=en\n"
+    tagged = json.loads(run("tag", "t/b", "lang=fr", "--json", config=config_file).stdout)
+    assert tagged == {"path": "t/b", "version": 2, "tags": {"lang": "fr"}}
+    assert run("tag", "t/sub/c", "lang=en=gb", config=config_file).returncode == 0  # a value may hold =
+
+    def found(*args: str) -> list[str]:
+        result = run("find", *args, "--json", config=config_file)
+        assert result.returncode == 0, result.stderr
+        return [record["path"] for record in json.loads(result.stdout)]
+
+    assert found("--tag", "lang") == ["t/a", "t/b", "t/sub/c"]
+    assert found("--tag", "lang=en") == ["t/a"]
+    assert found("t/sub", "--tag", "lang") == ["t/sub/c"]
+    assert found("--any-tag", "hot", "--any-tag", "lang=fr") == ["t/a", "t/b"]
+    assert found("--no-tag", "hot", "--state", "all") == ["t/b", "t/sub/c"]
+    this_month = date_tags(time.time())["month"]
+    assert found("--month", this_month) == ["t/a", "t/b", "t/sub/c"] and found("--month", "2001-01") == []
+    assert found("--published-after", "2001-01-01", "--tag", "hot") == ["t/a"]
+    assert b"t/a" in run("find", "--tag", "hot", config=config_file).stdout
+    assert run("untag", "t/a", "hot", config=config_file).stdout == b"t/a (version 1): lang=en\n"
+    assert found("--tag", "hot") == []
+
+
+@pytest.mark.parametrize("args, words", [
+    (("tag", "t/a", "bad key=v"), ["tag key 'bad key'"]),
+    (("tag", "t/a", "k=v"), ["t/a: no published version"]),
+    (("find", "--tag", "=v"), ["tag key ''"]),
+    (("find", "--day", "2026-02-30"), ["not a day like 1970-01-01"]),
+    (("find", "--published-after", "yesterday"), ["not an ISO 8601 time"]),
+])
+def test_bad_tag_arguments_fail_with_one_line(config_file, args, words):
+    assert_clean_failure(run(*args, config=config_file), 2 if "no published" not in words[0] else 3, *words)
+
+
+def test_the_tag_commands_have_help():
+    for command in ("find", "tag", "untag"):
+        result = run(command, "--help")
+        assert result.returncode == 0 and b"usage: s3repofs " + command.encode() in result.stdout

@@ -122,12 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "mark the others storage missing; adopt unrecorded objects as expired versions")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    from . import backup, mount, stats, systemd
+    from . import backup, mount, stats, systemd, tags
 
     mount.add_commands(add, COMMANDS)
     backup.add_commands(add, COMMANDS)
     stats.add_commands(add, COMMANDS)
     systemd.add_commands(add, COMMANDS)
+    tags.add_commands(add, COMMANDS)
     return parser
 
 
