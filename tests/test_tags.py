@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import subprocess
 import time
 
 import pytest
@@ -247,3 +249,37 @@ def test_the_tag_commands_have_help():
     for command in ("find", "tag", "untag"):
         result = run(command, "--help")
         assert result.returncode == 0 and b"usage: s3repofs " + command.encode() in result.stdout
+
+
+# -- the mount: user.s3repo.tag.KEY, with setfattr and getfattr ---------------------------------------
+
+from mount_helper import fuse_available, mounted  # noqa: E402
+
+
+def fattr(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3 (./scripts/setup)")
+def test_tags_are_xattrs_on_the_mount(repo_config_pair, tmp_path):
+    with mounted(repo_config_pair, tmp_path) as mnt:
+        (mnt / "published" / "t").mkdir()
+        target = mnt / "published" / "t" / "f"
+        target.write_bytes(b"f")
+        assert fattr("setfattr", "-n", "user.s3repo.tag.lang", "-v", "en", str(target)).returncode == 0
+        assert fattr("setfattr", "-n", "user.s3repo.tag.hot", str(target)).returncode == 0  # no value
+        dump = fattr("getfattr", "-d", "-m", "user.s3repo.tag.", str(target)).stdout
+        assert 'user.s3repo.tag.lang="en"' in dump and "user.s3repo.tag.hot" in dump
+        assert fattr("getfattr", "--only-values", "-n", "user.s3repo.tag.lang", str(target)).stdout == "en"
+        assert os.getxattr(target, "user.s3repo.state") == b"published"  # setting a tag publishes nothing else
+        bad = fattr("setfattr", "-n", "user.s3repo.tag.bad key", "-v", "x", str(target))
+        assert bad.returncode != 0 and "Invalid argument" in bad.stderr
+        assert fattr("setfattr", "-x", "user.s3repo.tag.lang", str(target)).returncode == 0
+        gone = fattr("setfattr", "-x", "user.s3repo.tag.lang", str(target))
+        assert gone.returncode != 0 and "No such attribute" in gone.stderr
+        assert fattr("setfattr", "-x", "user.s3repo.state", str(target)).returncode != 0  # only tags are removable
+        names = os.listxattr(target)
+        assert "user.s3repo.tag.hot" in names and "user.s3repo.tag.lang" not in names
+    with S3Repo(repo_config_pair) as repo:
+        assert repo.get_file("t/f").tags == {"hot": ""}
+        assert paths(repo.find(tags_all={"hot": None})) == ["t/f"]

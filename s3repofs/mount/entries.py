@@ -18,6 +18,7 @@ from ..meta.metastore import Directory, Version
 # The mount's top-level directories, one per visible state, in the order the root lists them.
 STATES = (State.PUBLISHED, State.UNPUBLISHED, State.EXPIRED)
 XATTR_PREFIX = "user.s3repo."
+TAG_PREFIX = "tag."  # user.s3repo.tag.KEY: a tag of the version, settable and removable
 READ_ONLY = 0o7555  # the permission bits expired/ keeps: its versions can be read, never changed
 ALL_BITS = 0o7777
 

@@ -52,7 +52,7 @@ from ..local.prefetch import Prefetcher
 from ..meta.metastore import Version
 from ..repo import S3Repo
 from .control import STATS_PATH, StatsFile
-from .entries import STATES, XATTR_PREFIX, Entry, Location, ns, xattr_values
+from .entries import STATES, TAG_PREFIX, XATTR_PREFIX, Entry, Location, ns, xattr_values
 from .handles import HIDDEN_PREFIX, GeneratedHandle, Handles, ReadHandle
 from .lookups import Lookups
 from .metadata import MetadataView
@@ -475,7 +475,8 @@ class Tree:
         if entry.is_dir:
             return []
         names = [key for key, value in xattr_values(entry.version).items() if value is not None]
-        return [XATTR_PREFIX + key for key in (*names, "tags")]
+        tags = [TAG_PREFIX + key for key in self.repo.tags(entry.version.id)]  # a query: as getfattr -d needs
+        return [XATTR_PREFIX + key for key in (*names, "tags", *tags)]
 
     def getxattr(self, path: str, name: str) -> bytes:
         if not name.startswith("user."):  # security.*, system.*: never a query
@@ -486,8 +487,10 @@ class Tree:
         key = name[len(XATTR_PREFIX):]
         if entry.is_dir:
             value = None
-        elif key == "tags":  # the only attribute that costs a query
+        elif key == "tags":  # the tags cost a query; the other attributes are the row's
             value = json.dumps(self.repo.tags(entry.version.id), sort_keys=True)
+        elif key.startswith(TAG_PREFIX):
+            value = self.repo.tags(entry.version.id).get(key[len(TAG_PREFIX):])
         else:
             value = xattr_values(entry.version).get(key)
         if value is None:
@@ -511,8 +514,8 @@ class Tree:
                 self.repo.expire(entry.version)
             elif key == "state":
                 raise InvalidPathError(f"{path}: {name} takes 'published' or 'expired', not {text!r}")
-            elif key.startswith("tag.") and len(key) > 4:
-                self.repo.set_tag(entry.version.id, key[4:], text)
+            elif key.startswith(TAG_PREFIX) and len(key) > len(TAG_PREFIX):
+                self.repo.set_tag(entry.version.id, key[len(TAG_PREFIX):], text)
             else:
                 raise NotSupportedError(f"{path}: {name} cannot be set")
         finally:
@@ -521,10 +524,16 @@ class Tree:
                 self.metadata.changed_behind_kernel(path)
 
     def removexattr(self, path: str, name: str) -> None:
-        """``setfattr -x``: no attribute can be removed (a version's state changes by setting it)."""
+        """``setfattr -x``: a tag (``user.s3repo.tag.KEY``) is removed; no other attribute can be (a
+        version's state changes by setting it)."""
         if not name.startswith("user."):
             raise NamespaceNotSupportedError(f"{path}: {name}: only user.* attributes are supported")
-        raise NotSupportedError(f"{path}: {name} cannot be removed")
+        key = name[len(XATTR_PREFIX):] if name.startswith(XATTR_PREFIX + TAG_PREFIX) else ""
+        if not key[len(TAG_PREFIX):]:
+            raise NotSupportedError(f"{path}: {name} cannot be removed")
+        entry = self.lookup(path)
+        if entry.is_dir or not self.repo.remove_tag(entry.version.id, key[len(TAG_PREFIX):]):
+            raise NoAttributeError(f"{path}: no attribute {name}")
 
     # -- what a repository cannot hold ------------------------------------------------------------
 
