@@ -10,6 +10,10 @@ expired, ~25 % published, ~1 % staged), and every uploaded version gets a small 
 carrying its self-description, in a local object directory (``--store local``, default: a million
 objects on moto take an hour to write) or on moto (``--store moto``). fsck reads sizes (HEAD), not
 contents, so objects hold zeros.
+
+``find`` by tag is timed on the same versions, tagged in SQL: every version has ``batch`` (its id mod
+1,000), one in ten ``common``, one in 10,000 ``rare``; ``--only-find`` skips the objects and the other
+commands (find reads no object).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--store", choices=("local", "moto"), default="local", help="where the objects live")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--only-find", action="store_true", help="time find only (no objects are written)")
     return parser.parse_args()
 
 
@@ -91,7 +96,7 @@ def run_command(*args: str, config: Path, ok=(0,)) -> tuple[float, float, dict |
     return seconds, peak_mb, output
 
 
-def seed_repository(pg, s3, work: Path, versions: int, store: str) -> tuple[Path, str]:
+def seed_repository(pg, s3, work: Path, versions: int, store: str, objects: bool = True) -> tuple[Path, str]:
     """A repository of ``versions`` versions and their objects; its config file and database URL."""
     url = pg.create_database(f"ops_{versions}_{store}")
     config = {"local_root": str(work / "root"), "database": url, "host_name": "bench-ops"}
@@ -106,10 +111,68 @@ def seed_repository(pg, s3, work: Path, versions: int, store: str) -> tuple[Path
     config_path = harness.write_config(work / "s3repo.json", config)
     harness.s3repofs("init", "--config", str(config_path))
     took, _ = harness.timed(lambda: seed.insert_versions(url, bucket, _small(seed.filler(0, versions, TYPE))))
-    log(f"[{versions:,}] {versions:,} rows in {took:.0f} s; writing objects")
-    took, written = harness.timed(lambda: _write_objects(url, config, store, s3))
-    log(f"[{versions:,}] {written:,} objects in {took:.0f} s")
+    log(f"[{versions:,}] {versions:,} rows in {took:.0f} s")
+    took, _ = harness.timed(lambda: _tag_versions(url))
+    log(f"[{versions:,}] tags in {took:.0f} s")
+    if objects:
+        took, written = harness.timed(lambda: _write_objects(url, config, store, s3))
+        log(f"[{versions:,}] {written:,} objects in {took:.0f} s")
     return config_path, url
+
+
+def _tag_versions(url: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            insert = "INSERT INTO tags (version_id, key, value) SELECT id"
+            cur.execute(f"{insert}, 'batch', (id % 1000)::text FROM versions")
+            cur.execute(f"{insert}, 'common', '' FROM versions WHERE id % 10 = 0")
+            cur.execute(f"{insert}, 'rare', '' FROM versions WHERE id % 10000 = 0")
+            cur.execute("ANALYZE tags")
+    finally:
+        conn.close()
+
+
+# find's arguments, and what each shows: a rare tag, a tag of 1 version in 1,000, two tags, any of two, a tag
+# but not another, a tag and a day (date tags are a range of created_at; the seeded versions share one day).
+FIND_QUERIES = [  # (the published versions are those with ids divisible by 4)
+    ("--tag", "rare"), ("--tag", "batch=8"), ("--tag", "common", "--tag", "batch=500"),
+    ("--any-tag", "rare", "--any-tag", "batch=8"), ("--tag", "batch=8", "--no-tag", "common"),
+    ("--tag", "rare", "--day", time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))),
+]
+
+
+def measure_find(config: Path, versions: int, store: str) -> list[Figure]:
+    """Each query as a command (a process: its start is most of it) and its query alone (in this process)."""
+    figures = []
+    for args in FIND_QUERIES:
+        seconds, peak, found = run_command("find", *args, "--json", config=config)
+        query = _query_seconds(config, args)
+        figures.append(Figure(versions, store, "find " + " ".join(args), seconds, peak,
+                              f"{len(found):,} published versions; the query alone {query * 1000:.0f} ms"))
+    return figures
+
+
+def _query_seconds(config: Path, args: tuple[str, ...]) -> float:
+    """The best of three runs of find's query in this process (the repository opened once)."""
+    from s3repofs import S3Repo
+    from s3repofs.cli.main import build_parser
+    from s3repofs.cli.tags import _tags
+    from s3repofs.domain.tags import DATE_PERIODS
+
+    parsed = build_parser().parse_args(["find", *args])
+    date = next(((p, getattr(parsed, p)) for p in DATE_PERIODS if getattr(parsed, p)), None)
+    with S3Repo(str(config)) as repo:
+        best = float("inf")
+        for _ in range(3):
+            took, _found = harness.timed(lambda: list(repo.find(
+                tags_all=_tags(parsed.tag), tags_any=_tags(parsed.any_tag), tags_none=_tags(parsed.no_tag),
+                date=date)))
+            best = min(best, took)
+    return best
 
 
 def _small(versions):
@@ -204,8 +267,10 @@ def main() -> int:
             for versions in sizes:
                 work = base / f"n{versions}"
                 work.mkdir()
-                config, _url = seed_repository(pg, s3, work, versions, args.store)
-                figures += measure(pg, config, versions, args.store)
+                config, _url = seed_repository(pg, s3, work, versions, args.store, objects=not args.only_find)
+                if not args.only_find:
+                    figures += measure(pg, config, versions, args.store)
+                figures += measure_find(config, versions, args.store)
                 for figure in figures[-10:]:
                     log(figure.row())
     finally:
