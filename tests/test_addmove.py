@@ -210,8 +210,8 @@ CRASH_CHILD = textwrap.dedent("""
     os._exit(0)
 """)
 
-CRASH_POINTS = ["after:insert_version", "before:rename_in", "after:rename_in", "after:copy_in", "after:put",
-                "after:mark_uploaded", "before:unlink_source"]
+CRASH_POINTS = ["before:insert_version", "after:insert_version", "before:rename_in", "after:rename_in",
+                "after:copy_in", "after:put", "after:mark_uploaded", "before:unlink_source"]
 
 
 @pytest.mark.parametrize("where", ["same-fs", "cross-fs"])
@@ -235,3 +235,26 @@ def test_a_crash_at_any_step_of_a_move_loses_nothing(repo_config_pair, tmp_path,
         kept = [repo.get_version(v.id) for v in versions]
         in_repo = [rf for rf in kept if rf.storage == Storage.UPLOADED and rf.read_bytes() == data]
         assert at_source or in_repo, (point, versions)
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+def test_add_move_prints_json_and_removes_the_source(config_file, tmp_path, shm_dir):  # noqa: F811
+    for directory in (tmp_path, shm_dir):
+        data = os.urandom(10_000)
+        source = make_source(directory, data)
+        added = run("add", "--move", "--json", "--publish", str(source), "raw/", config=config_file)
+        assert added.returncode == 0, added.stderr
+        info = json.loads(added.stdout)
+        assert (info["path"], info["state"], info["size"], info["mode"]) == (f"raw/{source.name}", "published",
+                                                                            10_000, 0o640)
+        assert not source.exists()
+        assert run("cat", info["path"], config=config_file).stdout == data
+
+
+def test_add_refuses_bad_sources_in_one_line(config_file, tmp_path, read_only_dir):  # noqa: F811
+    assert_clean_failure(run("add", str(tmp_path), "raw/x", config=config_file), 1, "is a directory")
+    assert_clean_failure(run("add", str(tmp_path / "nope"), "raw/x", config=config_file), 3, "no such local file")
+    assert_clean_failure(run("add", "--move", str(read_only_dir), "raw/x", config=config_file), 1,
+                         "cannot move it", "nothing was done")
+    assert json.loads(run("ls", "--state", "all", "--json", config=config_file).stdout) == []
