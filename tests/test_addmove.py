@@ -17,7 +17,7 @@ from test_cli import assert_clean_failure, config_file, run  # noqa: F401 (confi
 
 from s3repofs import S3Repo
 from s3repofs.domain.lifecycle import State, Storage
-from s3repofs.errors import IsDirectoryError, NotFoundError, TransientStoreError, UsageError
+from s3repofs.errors import NotFoundError, TransientStoreError, UsageError
 from s3repofs.local.intake import CannotMoveError
 from s3repofs.ops import copy as copy_ops
 
@@ -105,7 +105,7 @@ def test_sources_that_are_not_regular_files_are_refused_before_anything(repo, tm
     os.mkfifo(fifo)
     link = tmp_path / "link"
     link.symlink_to(make_source(tmp_path, b"x"))
-    with pytest.raises(IsDirectoryError, match="is a directory"):
+    with pytest.raises(UsageError, match="is a directory"):
         repo.add_file("raw/d", source=tmp_path, move=move)
     with pytest.raises(UsageError, match="not a regular file"):
         repo.add_file("raw/f", source=fifo, move=move)
@@ -253,7 +253,7 @@ def test_add_move_prints_json_and_removes_the_source(config_file, tmp_path, shm_
 
 
 def test_add_refuses_bad_sources_in_one_line(config_file, tmp_path, read_only_dir):  # noqa: F811
-    assert_clean_failure(run("add", str(tmp_path), "raw/x", config=config_file), 1, "is a directory")
+    assert_clean_failure(run("add", str(tmp_path), "raw/x", config=config_file), 2, "is a directory")
     assert_clean_failure(run("add", str(tmp_path / "nope"), "raw/x", config=config_file), 3, "no such local file")
     assert_clean_failure(run("add", "--move", str(read_only_dir), "raw/x", config=config_file), 1,
                          "cannot move it", "nothing was done")

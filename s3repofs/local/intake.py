@@ -24,7 +24,7 @@ from typing import Callable
 import xxhash
 
 from ..domain.content import CHUNK, Content
-from ..errors import AlreadyExistsError, CallerError, IsDirectoryError, NotFoundError, UsageError
+from ..errors import AlreadyExistsError, CallerError, NotFoundError, UsageError
 from .atomic import fsync_directory
 
 
@@ -44,7 +44,7 @@ def check_source(source: Path, move: bool) -> os.stat_result:
     except OSError as exc:
         raise NotFoundError(f"{source}: {exc.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise IsDirectoryError(f"{source}: is a directory; add its files one by one")
+        raise UsageError(f"{source}: is a directory; add its files one by one")
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{source}: not a regular file")
     if move and os.path.islink(source):  # a rename would move the link, not the file
