@@ -39,9 +39,9 @@ def add(repo: S3Repo, source: Path, repo_path: str, *, publish: bool = False, mo
         if not move:
             raise
         undone = _undo_move(repo, rf, intake)
-        if not isinstance(exc, RepoError):
-            raise
-        raise type(exc)(f"{exc}; {undone}") from None
+        if isinstance(exc, RepoError):  # the same error (its exit status), saying what became of the file
+            exc.args = (f"{exc}; {undone}",)
+        raise
     if move:
         intake.unlink_source()
     if publish:
