@@ -44,7 +44,9 @@ from .errors import (
     UnavailableError,
     VerificationError,
 )
+from .local.atomic import fsync_directory
 from .local.cache import LocalCache, StartDownload
+from .local.intake import Intake, check_source, copy_in, rename_in
 from .local.transfer import Download
 from .meta.db import Database
 from .meta.metastore import FindQuery, MetaStore, Version
@@ -142,10 +144,66 @@ class S3Repo:
 
     # -- files ----------------------------------------------------------------------------------
 
-    def add_file(self, path: str | None = None, file_type: str | None = None, *, mode: int = 0o644,
-                 uid: int | None = None, gid: int | None = None, copy_tags: bool = False) -> "RepoFile":
-        """A new, empty, unpublished version at ``path`` (or a generated name under ``file_type``).
-        ``copy_tags``: with the tags of the path's published version, if it has one."""
+    def add_file(self, path: str | None = None, file_type: str | None = None, *, mode: int | None = None,
+                 uid: int | None = None, gid: int | None = None, source: str | os.PathLike | None = None,
+                 move: bool = False, copy_tags: bool = False) -> "RepoFile":
+        """A new unpublished version at ``path`` (or a generated name under ``file_type``): empty, for the
+        caller to write into, or holding the bytes of the local regular file ``source`` (its mode, unless
+        ``mode`` is given, and its mtime kept). ``move``: the source goes: renamed into the staging area on
+        the same file system (no byte copied), else copied, fsynced, and unlinked once the version is
+        recorded (see local/intake.py). The source is refused, before anything is done, if it is not a
+        regular file, or, for a move, if this user cannot unlink it. ``copy_tags``: with the tags of the
+        path's published version, if it has one."""
+        if source is None:
+            rf = self._new_version(path, file_type, 0o644 if mode is None else mode, uid, gid)
+        else:
+            rf, intake = self.stage_local_file(source, path, file_type, move=move, mode=mode, uid=uid, gid=gid)
+            if move:
+                intake.unlink_source()
+        if copy_tags and (published := self.meta.find(rf.version.path)) is not None:
+            self.meta.copy_tags(published.id, rf.id)
+        return rf
+
+    def stage_local_file(self, source: str | os.PathLike, path: str | None = None, file_type: str | None = None, *,
+                         move: bool = False, mode: int | None = None, uid: int | None = None,
+                         gid: int | None = None, copied: Callable[[int], None] | None = None
+                         ) -> tuple["RepoFile", Intake]:
+        """``add_file`` of a local file, but a move that has to copy leaves the source in place: its caller
+        ends it with ``intake.unlink_source()`` once the version is where it wants it (uploaded, say), or
+        undoes a rename with ``intake.put_back()``. ``copied``: told each count of bytes copied."""
+        source = Path(source)
+        st = check_source(source, move)
+        rf = self._new_version(path, file_type, st.st_mode & 0o777 if mode is None else mode, uid, gid,
+                               mtime_ns=st.st_mtime_ns)
+        staged = self.cache.staging_path(rf.s3_key)
+        renamed, content = False, None
+        try:
+            renamed = move and rename_in(source, st, staged)
+            if not renamed:
+                content = self._copy_into_staging(rf.version, source, copied)
+        except BaseException as exc:  # the source is untouched: the version goes
+            with suppress(RepoError, OSError):
+                self.discard(rf.version)
+            if isinstance(exc, OSError):
+                raise RepoError(f"cannot add {source}: {exc.strerror or exc}") from None
+            raise
+        fsync_directory(staged.parent)
+        if renamed:
+            fsync_directory(source.parent)
+        log.info("%s %s into %s (version %d)", "moved" if renamed else "copied", source, rf.path, rf.id)
+        return rf, Intake(source, staged, renamed, content)
+
+    def _copy_into_staging(self, version: Version, source: Path, copied: Callable[[int], None] | None) -> Content:
+        fd = self.cache.open_staged_for_writing(version.s3_key, truncate=True)
+        try:
+            return copy_in(source, fd, copied)
+        finally:
+            self.cache.release_staged(fd)
+            os.close(fd)
+
+    def _new_version(self, path: str | None, file_type: str | None, mode: int, uid: int | None, gid: int | None,
+                     mtime_ns: int | None = None) -> "RepoFile":
+        """A new, empty, unpublished version at ``path`` (or a generated name under ``file_type``)."""
         self.ensure_ready()
         if path is None:
             if file_type is None:
@@ -162,15 +220,14 @@ class S3Repo:
         try:
             version = self.meta.insert_version(
                 repo_path, bucket=self.store.bucket, s3_key=key, origin_host=self.host, mode=mode & 0o7777,
-                uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid)
+                uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid,
+                mtime_ns=mtime_ns)
         except OutcomeUnknownError:  # the row may have been written: the file stays with it
             raise
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
         log.info("added %s (version %d, key %s)", repo_path, version.id, key)
-        if copy_tags and (published := self.meta.find(repo_path)) is not None:
-            self.meta.copy_tags(published.id, version.id)
         return RepoFile(self, version)
 
     def get_file(self, path: str, state: str = State.PUBLISHED) -> "RepoFile | None":

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -214,6 +215,22 @@ def test_mount_refuses_bad_mountpoints(repo_config_pair, tmp_path):
         twice = s3repofs("mount", str(mnt), "--config", config, check=False)
         assert twice.returncode != 0 and "already a mountpoint" in twice.stderr
         assert "Traceback" not in twice.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_mount_the_kernel_refuses_is_one_line_that_names_the_missing_privilege(request, tmp_path):
+    config = str(write_config(make_config(request, tmp_path, "sqlite-local"), tmp_path / "c.json"))
+    s3repofs("init", "--config", config)
+    (tmp_path / "mnt").mkdir()
+    log = tmp_path / "mount.log"
+    # No capabilities, and no way to gain them through the setuid fusermount3: the mount(2) fails.
+    refused = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", sys.executable,
+                              "-m", "s3repofs", "mount", str(tmp_path / "mnt"), "--config", config, "--log", str(log)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and "CAP_SYS_ADMIN" in refused.stderr, refused.stderr
+    assert "internal error" not in refused.stderr and "Traceback" not in log.read_text()
+    assert not os.path.ismount(tmp_path / "mnt")
 
 
 def test_two_mounts_of_one_repository_see_each_other(request, tmp_path):

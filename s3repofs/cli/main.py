@@ -19,6 +19,7 @@ from .. import __version__
 from ..config import load_config
 from ..domain.lifecycle import VISIBLE_STATES, State, Storage
 from ..errors import NotFoundError, RepoError, UsageError
+from ..local.intake import check_source
 from ..ops import backup as backup_ops
 from ..ops import cache as cache_ops
 from ..ops import copy as copy_ops
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("local_file", metavar="LOCAL_FILE")
     p.add_argument("repo_path", metavar="REPO_PATH", help="<type>/<dirs>/<name>; ending in / appends the file's name")
     p.add_argument("--publish", action="store_true", help="publish it once uploaded and verified")
+    p.add_argument("--move", action="store_true",
+                   help="move LOCAL_FILE in: a rename on the staging area's file system, else a copy whose "
+                        "source is removed once uploaded; undone if the upload fails")
+    p.add_argument("--json", action="store_true", help="print the version as JSON")
 
     p = add("publish", "Publish the newest unpublished (else expired) version of each PATH.")
     p.add_argument("paths", nargs="+", metavar="PATH")
@@ -195,12 +200,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 @command("add")
 def cmd_add(args: argparse.Namespace) -> int:
     source = Path(args.local_file)
-    if not source.is_file():
-        raise NotFoundError(f"{source}: no such local file")
+    check_source(source, args.move)  # before the repository is opened: a bad source is refused at once
     repo_path = args.repo_path + source.name if args.repo_path.endswith("/") else args.repo_path
     with open_repo(args) as repo:
-        rf = copy_ops.add(repo, source, repo_path, publish=args.publish, quiet=args.quiet)
-        print(f"{rf.state} {rf.path} (version {rf.id}, {rf.file_size} bytes, md5 {rf.md5})")
+        rf = copy_ops.add(repo, source, repo_path, publish=args.publish, move=args.move,
+                          quiet=args.quiet or args.json)
+        if args.json:
+            print(json.dumps(rf.as_dict(), indent=2))
+        else:
+            print(f"{rf.state} {rf.path} (version {rf.id}, {rf.file_size} bytes, md5 {rf.md5})")
     return 0
 
 

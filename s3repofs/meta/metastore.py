@@ -157,14 +157,15 @@ class MetaStore:
     # -- versions -------------------------------------------------------------------------------
 
     def insert_version(self, path: RepoPath, *, bucket: str, s3_key: str, origin_host: str,
-                       mode: int, uid: int, gid: int) -> Version:
-        """Write the intent row of a new unpublished version, before any byte of it is uploaded."""
+                       mode: int, uid: int, gid: int, mtime_ns: int | None = None) -> Version:
+        """Write the intent row of a new unpublished version, before any byte of it is uploaded.
+        ``mtime_ns``: its modification time, if not its creation (a local file added keeps its own)."""
         now = self.clock()
 
         insert_sql = f"""INSERT INTO versions (file_type, dir, name, state, storage, bucket, s3_key,
-                              origin_host, mode, uid, gid, created_at)
-                          VALUES (?, ?, ?, '{State.UNPUBLISHED}', '{Storage.LOCAL}', ?, ?, ?, ?, ?, ?, ?)"""
-        values = (path.file_type, path.dir, path.name, bucket, s3_key, origin_host, mode, uid, gid, now)
+                              origin_host, mode, uid, gid, mtime_ns, created_at)
+                          VALUES (?, ?, ?, '{State.UNPUBLISHED}', '{Storage.LOCAL}', ?, ?, ?, ?, ?, ?, ?, ?)"""
+        values = (path.file_type, path.dir, path.name, bucket, s3_key, origin_host, mode, uid, gid, mtime_ns, now)
 
         def insert(tx: Tx) -> Version:
             self._ensure_dirs(tx, path.parent, now)

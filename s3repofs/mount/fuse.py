@@ -283,7 +283,35 @@ class Operations(mfusepy.Operations):
         return 0
 
 
+# fuse_main()'s return codes (libfuse 3, helper.c), which mfusepy raises as RuntimeError(code); libfuse has
+# written the cause (e.g. "fuse: mount failed: Operation not permitted") to stderr, the daemon's log, first.
+_FUSE_MAIN_FAILURES = {
+    1: "libfuse refused the mount options",
+    2: "libfuse was given no mount point",
+    3: "libfuse could not set up the file system",
+    4: "the kernel refused the mount: it needs root with CAP_SYS_ADMIN, or a setuid fusermount3 "
+       "without NoNewPrivileges",
+    5: "libfuse could not detach from the terminal",
+    6: "libfuse could not set up its signal handlers",
+    7: "the FUSE session ended with an error",
+}
+
+
+class FuseSessionError(RepoError):
+    """libfuse could not mount, or its session failed: one line, the cause beside it in the log."""
+
+    errno = errno.EIO
+    exit_status = 1
+
+
 def serve(tree: Tree, mountpoint: str, *, foreground_options: dict, on_ready=None, on_exit=None) -> None:
     """Run the FUSE loop until unmounted or ended (blocks). ``on_ready(end_session)`` runs at the session's
     start (before the kernel's INIT is answered) with the function that ends it."""
-    FUSE(Operations(tree, mountpoint, on_ready, on_exit), mountpoint, foreground=True, **foreground_options)
+    try:
+        FUSE(Operations(tree, mountpoint, on_ready, on_exit), mountpoint, foreground=True, **foreground_options)
+    except RuntimeError as exc:
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        if code is None:
+            raise
+        raise FuseSessionError(f"{_FUSE_MAIN_FAILURES.get(code, 'libfuse failed')} (libfuse's reason is in "
+                               f"the log; fuse_main returned {code})") from None
