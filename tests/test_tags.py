@@ -51,6 +51,12 @@ def test_tags_are_copied_to_a_new_version_when_asked(repo):
     assert repo.add_file(path="t/new", copy_tags=True).tags == {}  # nothing published there
 
 
+def test_tags_are_copied_to_a_version_added_from_a_local_file(repo, tmp_path):
+    repo.add_file(path="t/a").touch("1").tag("lang", "en").publish()
+    (tmp_path / "local").write_bytes(b"2")
+    assert repo.add_file(path="t/a", source=tmp_path / "local", copy_tags=True).tags == {"lang": "en"}
+
+
 @pytest.fixture
 def tagged(repo):
     """t/a (en, hot), t/b (fr), t/sub/c (en, cold), u/d (no tag), all published; t/e staged (en)."""
