@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import is_mounted, log  # noqa: E402
+from harness import is_mounted, log, read_file  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -95,25 +95,13 @@ class CodeMount:
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def read_whole(path: Path, buffer: memoryview) -> int:
-    """Read a file whole, as cat does (open, read to the end, close)."""
-    total = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while n := os.readv(fd, [buffer]):
-            total += n
-    finally:
-        os.close(fd)
-    return total
-
-
 def warm(mounts: list[CodeMount]) -> None:
     """Read every file twice: whole in the daemon's cache, its pages kept by the kernel."""
     buffer = memoryview(bytearray(128 * 1024))
     for mount in mounts:
         for _ in range(2):
             for name in os.listdir(mount.directory):
-                read_whole(mount.directory / name, buffer)
+                read_file(mount.directory / name, buffer)
 
 
 def measure(mounts: list[CodeMount], rounds: int, files: int, burst: int) -> dict[str, dict[str, list[float]]]:
@@ -134,7 +122,7 @@ def measure(mounts: list[CodeMount], rounds: int, files: int, burst: int) -> dic
             for mount in mounts:
                 started = time.perf_counter()
                 for name in names[first:first + burst]:
-                    read_whole(mount.directory / name, buffer)
+                    read_file(mount.directory / name, buffer)
                 seconds[mount.name] += time.perf_counter() - started
         for mount in mounts:
             results[mount.name]["cpu_us"].append((mount.run_ns() - cpu[mount.name]) / 1000 / files)

@@ -323,6 +323,11 @@ class S3Server:
             self._client = self.client()
         return self._client
 
+    def repo_keys(self, bucket: str, endpoint_url: str | None = None) -> dict:
+        """A repository configuration's S3 keys for ``bucket`` here (or through ``endpoint_url``, a proxy)."""
+        return {"default_s3_bucket": bucket, "s3_endpoint_url": endpoint_url or self.endpoint_url,
+                "s3_region": self.region, "s3_access_key": self.access_key, "s3_secret_key": self.secret_key}
+
     def create_bucket(self, name: str) -> None:
         self._shared_client().create_bucket(Bucket=name)
 

@@ -44,9 +44,7 @@ def written(s3_server, proxy, tmp_path_factory):
     bucket = f"test-{uuid.uuid4().hex}"
     s3_server.create_bucket(bucket)
     config = {"local_root": str(base / "writer"), "host_name": "writer", "database": f"sqlite:///{base / 'repo.db'}",
-              "default_s3_bucket": bucket, "s3_endpoint_url": proxy.endpoint_url, "s3_region": s3_server.region,
-              "s3_access_key": s3_server.access_key, "s3_secret_key": s3_server.secret_key,
-              "download_part_size": PART}
+              **s3_server.repo_keys(bucket, proxy.endpoint_url), "download_part_size": PART}
     proxy.reset()
     with S3Repo(config) as writer:
         writer.create_repository()

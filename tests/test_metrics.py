@@ -85,8 +85,7 @@ def test_s3_retries_are_counted_by_kind(s3_server, tmp_path, monkeypatch, fault,
     s3_server.create_bucket(bucket)
     with FaultProxy(s3_server.endpoint_url) as proxy:
         config = {"local_root": str(tmp_path / "writer"), "database": f"sqlite:///{tmp_path / 'repo.db'}",
-                  "default_s3_bucket": bucket, "s3_endpoint_url": proxy.endpoint_url, "s3_region": s3_server.region,
-                  "s3_access_key": s3_server.access_key, "s3_secret_key": s3_server.secret_key}
+                  **s3_server.repo_keys(bucket, proxy.endpoint_url)}
         with S3Repo(config) as writer:
             writer.create_repository()
             for name in "abc":
@@ -107,8 +106,7 @@ def test_a_failed_upload_is_counted_with_its_request_retries(s3_server, s3_bucke
     monkeypatch.setattr(retry, "BACKOFF_BASE", 0.005)
     with FaultProxy(s3_server.endpoint_url) as proxy:
         config = {"local_root": str(tmp_path / "root"), "database": f"sqlite:///{tmp_path / 'repo.db'}",
-                  "default_s3_bucket": s3_bucket, "s3_endpoint_url": proxy.endpoint_url, "s3_region": s3_server.region,
-                  "s3_access_key": s3_server.access_key, "s3_secret_key": s3_server.secret_key}
+                  **s3_server.repo_keys(s3_bucket, proxy.endpoint_url)}
         with S3Repo(config) as repo:
             repo.create_repository()
             rf = repo.add_file("t/a").touch(b"never stored")
