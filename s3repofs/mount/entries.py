@@ -23,6 +23,12 @@ READ_ONLY = 0o7555  # the permission bits expired/ keeps: its versions can be re
 ALL_BITS = 0o7777
 
 
+def tag_key(name: str) -> str | None:
+    """The KEY of an attribute ``user.s3repo.tag.KEY``; None for any other name (or an empty KEY)."""
+    prefix = XATTR_PREFIX + TAG_PREFIX
+    return name[len(prefix):] or None if name.startswith(prefix) else None
+
+
 @dataclass(frozen=True)
 class Location:
     """A mount path, parsed: the state tree it is in and its components below the state."""

@@ -52,7 +52,7 @@ from ..local.prefetch import Prefetcher
 from ..meta.metastore import Version
 from ..repo import S3Repo
 from .control import STATS_PATH, StatsFile
-from .entries import STATES, TAG_PREFIX, XATTR_PREFIX, Entry, Location, ns, xattr_values
+from .entries import STATES, TAG_PREFIX, XATTR_PREFIX, Entry, Location, ns, tag_key, xattr_values
 from .handles import HIDDEN_PREFIX, GeneratedHandle, Handles, ReadHandle
 from .lookups import Lookups
 from .metadata import MetadataView
@@ -489,8 +489,8 @@ class Tree:
             value = None
         elif key == "tags":  # the tags cost a query; the other attributes are the row's
             value = json.dumps(self.repo.tags(entry.version.id), sort_keys=True)
-        elif key.startswith(TAG_PREFIX):
-            value = self.repo.tags(entry.version.id).get(key[len(TAG_PREFIX):])
+        elif tag_key(name):
+            value = self.repo.tags(entry.version.id).get(tag_key(name))
         else:
             value = xattr_values(entry.version).get(key)
         if value is None:
@@ -514,8 +514,8 @@ class Tree:
                 self.repo.expire(entry.version)
             elif key == "state":
                 raise InvalidPathError(f"{path}: {name} takes 'published' or 'expired', not {text!r}")
-            elif key.startswith(TAG_PREFIX) and len(key) > len(TAG_PREFIX):
-                self.repo.set_tag(entry.version.id, key[len(TAG_PREFIX):], text)
+            elif tag_key(name):
+                self.repo.set_tag(entry.version.id, tag_key(name), text)
             else:
                 raise NotSupportedError(f"{path}: {name} cannot be set")
         finally:
@@ -528,11 +528,11 @@ class Tree:
         version's state changes by setting it)."""
         if not name.startswith("user."):
             raise NamespaceNotSupportedError(f"{path}: {name}: only user.* attributes are supported")
-        key = name[len(XATTR_PREFIX):] if name.startswith(XATTR_PREFIX + TAG_PREFIX) else ""
-        if not key[len(TAG_PREFIX):]:
+        key = tag_key(name)
+        if key is None:
             raise NotSupportedError(f"{path}: {name} cannot be removed")
         entry = self.lookup(path)
-        if entry.is_dir or not self.repo.remove_tag(entry.version.id, key[len(TAG_PREFIX):]):
+        if entry.is_dir or not self.repo.remove_tag(entry.version.id, key):
             raise NoAttributeError(f"{path}: no attribute {name}")
 
     # -- what a repository cannot hold ------------------------------------------------------------
