@@ -164,10 +164,7 @@ def start_mount(config, mountpoint: str | Path, options_text: str = "", log_file
     if message != "ready":
         where = "the journal" if to_journal else log_path
         raise MountError(f"mount of {mountpoint} failed: {message} (log: {where})")
-    deadline = time.monotonic() + READY_TIMEOUT
-    while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    raise_read_ahead(mountpoint)
+    raise_read_ahead(mountpoint)  # "ready" came once the mount answered (daemon.announce_when_answering)
     return Mounted(mountpoint, pid, log_path)
 
 
