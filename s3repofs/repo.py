@@ -49,7 +49,8 @@ from .local.cache import LocalCache, StartDownload
 from .local.intake import Intake, check_source, copy_in, rename_in
 from .local.transfer import Download
 from .meta.db import Database
-from .meta.metastore import FindQuery, MetaStore, Version
+from .meta.find import FindQuery
+from .meta.metastore import MetaStore, Version
 from .meta.schema import SCHEMA_VERSION
 from .objects.s3 import S3Store
 from .objects.store import ObjectStore, describe, open_store

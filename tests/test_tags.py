@@ -14,7 +14,7 @@ import pytest
 from s3repofs import S3Repo
 from s3repofs.domain.tags import date_tags, period_range
 from s3repofs.errors import InvalidTagError, RepoError
-from s3repofs.meta.metastore import FindQuery
+from s3repofs.meta.find import FindQuery
 from s3repofs.meta.schema import SCHEMA_VERSION
 
 

@@ -13,8 +13,8 @@ not of this code.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Iterable, Sequence
 
 from ..domain.content import Content
 from ..domain.lifecycle import VISIBLE_STATES, State, Storage, check_transition
@@ -22,6 +22,7 @@ from ..domain.paths import DirPath, RepoPath
 from ..errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
 from . import schema
 from .db import Database, Tx
+from .find import FindQuery, find_condition
 
 
 @dataclass(frozen=True)
@@ -86,30 +87,6 @@ class Directory:
 _VERSION_COLUMNS = ", ".join(f.name for f in fields(Version))
 _VISIBLE = ", ".join(f"'{state}'" for state in VISIBLE_STATES)
 _DIR_COLUMNS = ", ".join(f.name for f in fields(Directory) if f.name != "subdirs")
-
-
-@dataclass(frozen=True)
-class FindQuery:
-    """What ``find_page`` looks for; tags as {key: value}, a value of None for any value. Times are
-    ``[after, before)``."""
-
-    file_type: str | None = None
-    prefix: DirPath | None = None
-    states: tuple[str, ...] = ()  # empty: every visible state
-    tags_all: Mapping[str, str | None] = field(default_factory=dict)
-    tags_any: Mapping[str, str | None] = field(default_factory=dict)
-    tags_none: Mapping[str, str | None] = field(default_factory=dict)
-    origin_host: str | None = None
-    published_after: float | None = None
-    published_before: float | None = None
-    created_after: float | None = None
-    created_before: float | None = None
-
-
-def _tag_match(key: str, value: str | None) -> tuple[str, list]:
-    if value is None:
-        return "key = ?", [key]
-    return "key = ? AND value = ?", [key, value]
 
 
 def _version(row: dict | None) -> Version | None:
@@ -549,47 +526,17 @@ class MetaStore:
             """INSERT INTO tags (version_id, key, value) SELECT ?, key, value FROM tags WHERE version_id = ?
                ON CONFLICT (version_id, key) DO NOTHING""", (to_id, from_id)))
 
-    def find_page(self, query: "FindQuery", after_id: int, limit: int) -> list[Version]:
+    def find_page(self, query: FindQuery, after_id: int, limit: int) -> list[Version]:
         """Up to ``limit`` versions that match ``query`` with ids above ``after_id``, by id (keyset paging:
         ``after_id`` is the last id of the page before)."""
         sql, params = self.find_sql(query, after_id, limit)
         return [Version(**r) for r in self.db.run(lambda tx: tx.all(sql, params), write=False)]
 
-    def find_sql(self, query: "FindQuery", after_id: int, limit: int) -> tuple[str, list]:
-        """``find_page``'s statement (the plan test EXPLAINs it). Each tag condition is a lookup in
-        ``tags_by_key`` (migration 5), a date range one in ``versions_by_state``: none scans ``versions``."""
-        clauses, params = ["id > ?"], [after_id]
-        states = query.states or VISIBLE_STATES
-        clauses.append(f"state IN ({', '.join('?' * len(states))})")
-        params += [str(s) for s in states]
-        for column in ("file_type", "origin_host"):
-            if getattr(query, column) is not None:
-                clauses.append(f"{column} = ?")
-                params.append(getattr(query, column))
-        for column, low, high in (("published_at", query.published_after, query.published_before),
-                                  ("created_at", query.created_after, query.created_before)):
-            if low is not None:
-                clauses.append(f"{column} >= ?")
-                params.append(low)
-            if high is not None:
-                clauses.append(f"{column} < ?")
-                params.append(high)
-        for key, value in query.tags_all.items():
-            match, match_params = _tag_match(key, value)
-            clauses.append(f"id IN (SELECT version_id FROM tags WHERE {match})")
-            params += match_params
-        if query.tags_any:
-            matches = [_tag_match(key, value) for key, value in query.tags_any.items()]
-            union = " UNION ".join(f"SELECT version_id FROM tags WHERE {match}" for match, _ in matches)
-            clauses.append(f"id IN ({union})")
-            params += [p for _, ps in matches for p in ps]
-        for key, value in query.tags_none.items():
-            match, match_params = _tag_match(key, value)
-            clauses.append(f"NOT EXISTS (SELECT 1 FROM tags WHERE version_id = versions.id AND {match})")
-            params += match_params
+    def find_sql(self, query: FindQuery, after_id: int, limit: int) -> tuple[str, list]:
+        """``find_page``'s statement (the plan test EXPLAINs it): ``find_condition`` within ``query.prefix``."""
+        condition, params = find_condition(query, after_id)
         where, scope_params = self._scope(query.prefix)
-        sql = (f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {' AND '.join(clauses)}{where} "
-               f"ORDER BY id LIMIT {int(limit)}")
+        sql = f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {condition}{where} ORDER BY id LIMIT {int(limit)}"
         return sql, params + list(scope_params)
 
     # -- directories ----------------------------------------------------------------------------
