@@ -53,6 +53,7 @@ class Version:
     purged_at: float | None
     xxh3: str | None = None
     mtime_ns: int | None = None  # as a user set it (utimens); None: its creation
+    thaw_requested_at: float | None = None  # an archived version whose restore was asked for: "thawing"
 
     @property
     def modified_ns(self) -> int:

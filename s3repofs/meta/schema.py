@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..errors import RepoError
 from .db import Dialect, Tx
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400e9 AS INTEGER)"  # ns since the epoch, as time.time_ns()
 _SQLITE_TOUCHED = f"mtime_ns = max({_SQLITE_NOW}, coalesce(mtime_ns, 0) + 1)"
 
@@ -170,6 +170,46 @@ MIGRATIONS: dict[int, list[str] | dict[str, list[str]]] = {
     5: [
         "CREATE INDEX IF NOT EXISTS tags_by_key ON tags (key, value, version_id)",
         "CREATE INDEX IF NOT EXISTS versions_by_published ON versions (published_at)",
+    ],
+    # Processing claims, archive thaws, and who holds what (issue 15):
+    # - claims: a lease on a version for a task (repo.claim, repo.lock, flock on the mount); a holder renews
+    #   expires_at while it lives, so a lease whose holder died runs out. claims_done: the versions a task
+    #   completed, which claim() never hands out again for that task.
+    # - thaw_requested_at: an archived version whose restore was asked for (shown as tier "thawing"); the tier
+    #   column keeps its check (SQLite cannot alter one), so thawing is this column, not a third tier value.
+    # - holders: the hosts whose cache holds a verified copy of a version; hosts.cache_*: each host's cache.
+    6: [
+        """CREATE TABLE IF NOT EXISTS claims (
+            version_id {bigint} NOT NULL REFERENCES versions (id) ON DELETE CASCADE,
+            task       TEXT NOT NULL,
+            holder     TEXT NOT NULL,
+            host       TEXT NOT NULL,
+            pid        INTEGER NOT NULL,
+            claimed_at {real} NOT NULL,
+            expires_at {real} NOT NULL,
+            PRIMARY KEY (version_id, task)
+        )""",
+        "CREATE INDEX IF NOT EXISTS claims_by_holder ON claims (holder)",
+        """CREATE TABLE IF NOT EXISTS claims_done (
+            version_id {bigint} NOT NULL REFERENCES versions (id) ON DELETE CASCADE,
+            task       TEXT NOT NULL,
+            host       TEXT NOT NULL,
+            done_at    {real} NOT NULL,
+            PRIMARY KEY (version_id, task)
+        )""",
+        "ALTER TABLE versions ADD COLUMN thaw_requested_at {real}",
+        """CREATE INDEX IF NOT EXISTS versions_thawing ON versions (thaw_requested_at)
+            WHERE thaw_requested_at IS NOT NULL""",
+        """CREATE TABLE IF NOT EXISTS holders (
+            version_id  {bigint} NOT NULL REFERENCES versions (id) ON DELETE CASCADE,
+            host        TEXT NOT NULL,
+            verified_at {real} NOT NULL,
+            PRIMARY KEY (version_id, host)
+        )""",
+        "CREATE INDEX IF NOT EXISTS holders_by_host ON holders (host)",
+        "ALTER TABLE hosts ADD COLUMN cache_bytes {bigint}",
+        "ALTER TABLE hosts ADD COLUMN cache_objects {bigint}",
+        "ALTER TABLE hosts ADD COLUMN cache_bound {bigint}",
     ],
 }
 

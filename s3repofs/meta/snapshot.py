@@ -47,6 +47,9 @@ TABLES: dict[str, str] = {
     "tags": "version_id, key",
     "directories": "length(dir) DESC, file_type, dir",
     "path_locks": "file_type, dir, name",
+    "claims": "version_id, task",
+    "claims_done": "version_id, task",
+    "holders": "version_id, host",
 }
 CONTENT_TABLES = ("versions", "tags", "directories", "path_locks")  # what makes a database not empty
 NOT_LOADED = ("schema_version",)  # the target's own, written by schema.migrate
