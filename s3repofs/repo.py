@@ -25,7 +25,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 from . import metrics
 from .config import EMBEDDED, Config, load_config
@@ -46,10 +46,12 @@ from .errors import (
 )
 from .local.atomic import fsync_directory
 from .local.cache import LocalCache, StartDownload
+from .local.holdings import Batch
 from .local.intake import Intake, check_source, copy_in, rename_in
 from .local.transfer import Download
 from .meta.db import Database
 from .meta.find import FindQuery
+from .meta.holders import Holder, HolderRecords
 from .meta.metastore import MetaStore, Version
 from .meta.schema import SCHEMA_VERSION
 from .objects.s3 import S3Store
@@ -84,7 +86,9 @@ class S3Repo:
         self.db = Database(self.config.database_url)
         self.meta = MetaStore(self.db, clock)
         self.store: ObjectStore = open_store(self.config)
-        self.cache = LocalCache(self.config.local_root, self.config.cache_max_bytes)
+        self.cache = LocalCache(self.config.local_root, self.config.cache_max_bytes, clock=clock)
+        self.holder_records = HolderRecords(self.db)
+        self.cache.holdings.writer = self._write_holdings
         # Parts of large downloads, shared by every download of this process.
         self._parts = ThreadPoolExecutor(self.config.transfer_concurrency, thread_name_prefix="part")
         self._checked = False
@@ -98,8 +102,8 @@ class S3Repo:
         if isinstance(self.store, S3Store):
             self.store.check_access()
         self.meta.create_schema()
-        self.heartbeat()
         self.cache.prepare()
+        self.heartbeat()  # after prepare: with the cache's figures
         self._checked = True
         log.info("repository ready: %s, %s", self.db.describe(), self.store.describe_location())
 
@@ -121,19 +125,22 @@ class S3Repo:
         if version < SCHEMA_VERSION:  # migrations only add: hosts still on the older schema keep working
             self.meta.create_schema()
             log.info("migrated the schema of %s from version %d to %d", self.db.describe(), version, SCHEMA_VERSION)
-        self.heartbeat()
         self.cache.prepare()
+        self.heartbeat()  # after prepare: with the cache's figures
         self._checked = True
 
     def heartbeat(self) -> None:
-        """Record that this host is alive (``hosts.last_seen``, one upsert): gc leaves the versions a
-        host staged alone until it has not been heard of for ``host_gone_after``."""
-        self.meta.register_host(self.host)
+        """Record that this host is alive (``hosts.last_seen``, one upsert), with its cache's figures
+        (``hosts.cache_*``, for ``s3repofs status``): gc leaves the versions a host staged alone until it has
+        not been heard of for ``host_gone_after``."""
+        usage = self.cache.usage() if self.cache.ready else None  # the cache's own counters, once it has read them
+        self.meta.register_host(self.host, usage and (usage.used_bytes, usage.objects, usage.max_bytes))
 
     def commit(self) -> None:
         """Kept for the original S3Repo's callers: every operation already commits when it returns."""
 
     def close(self) -> None:
+        self.record_holders()
         self.cache.close()
         self.db.close()
 
@@ -294,6 +301,30 @@ class S3Repo:
         while page := self.meta.find_page(query, after, page_size):
             yield from (RepoFile(self, v) for v in page)
             after = page[-1].id
+
+    # -- who holds what: the verified copies in each host's cache ----------------------------------
+
+    def record_holders(self, reconcile: bool = False) -> bool:
+        """Record in the ``holders`` table the copies that arrived in and left this host's cache since the
+        last call, in one transaction; ``reconcile``: then make this host's rows exactly what its cache holds
+        now (a mount's start). Never raises: False (logged) if the database refused, and the changes wait for
+        the next call. Called by a mount every pass of its background thread and by ``close``; the cache also
+        records on its own once many changes wait (local/holdings.py)."""
+        if reconcile:
+            self.cache.holdings.mark_stale()
+        return self.cache.holdings.flush()
+
+    def _write_holdings(self, batch: Batch) -> None:
+        """The cache's writer (``Holdings.writer``): one batch, one transaction."""
+        if batch.reconcile:
+            self.cache.prepare()  # the index must be read from disk before it is the truth
+        cached = self.cache.cached_keys() if batch.reconcile else None  # taken after the batch: it is newer
+        self.holder_records.record(self.host, batch.changes, cached, now=self.meta.clock())
+
+    def holders(self, version_ids: Iterable[int]) -> dict[int, list[Holder]]:
+        """The hosts whose cache holds a verified copy of each version (most recently verified first), each
+        with its last heartbeat and whether that is within ``host_gone_after``."""
+        return self.holder_records.of_versions(version_ids, self.meta.clock() - self.config.host_gone_after)
 
     # -- for a mounted tree: records and staged files, one call each ------------------------------
     # The mount caches what these answer; it reaches the metadata and the cache only through them.

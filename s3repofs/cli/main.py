@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +28,7 @@ from ..ops import fsck as fsck_ops
 from ..ops import gc as gc_ops
 from ..ops import rebuild as rebuild_ops
 from ..ops import status as status_ops
+from ..ops.holders import describe, seen
 from ..repo import RepoFile, S3Repo
 
 log = logging.getLogger("s3repofs")
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], help=help, description=help)
 
     add("init", "Create the repository's schema and directories (idempotent).")
-    add("status", "Show the configuration in use, the database, the store and counts of versions.")
+    p = add("status", "Show the configuration in use, the database, the store, counts of versions, and each host: "
+                      "last seen, cache used and bound, versions held.")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
 
     p = add("add", "Add a local file as a new version of REPO_PATH (unpublished unless --publish).")
     p.add_argument("local_file", metavar="LOCAL_FILE")
@@ -186,6 +190,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
         status = status_ops.gather(repo)
+    if args.json:
+        print(json.dumps(status.as_dict(), indent=2))
+        return 0
     print(f"config:     {status.config_source}")
     print(f"database:   {status.database} (schema version {status.schema_version})")
     print(f"objects:    {status.objects}")
@@ -193,7 +200,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"cache:      {status.cache.objects} objects, {human(status.cache.used_bytes)} of "
           f"{human(status.cache.max_bytes)}")
     print("versions:   " + ", ".join(f"{count} {state}" for state, count in status.versions.items()))
-    print("hosts:      " + ", ".join(status.hosts))
+    print(f"hosts:      {len(status.hosts)}")
+    now = time.time()
+    for host in status.hosts:
+        cache = ("cache not reported" if host.cache_bytes is None else
+                 f"cache {human(host.cache_bytes)} of {human(host.cache_bound)}, {host.cache_objects} objects")
+        print(f"  {host.name}: {seen(host.last_seen, host.live, now)}; {cache}; holds {host.versions_held} versions")
     return 0
 
 
@@ -287,7 +299,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         versions = [RepoFile(repo, v) for v in repo.meta.history(RepoPath.parse(args.path.strip("/")))]
         if not versions:
             raise NotFoundError(f"{args.path}: no such file in the repository")
-        records = [{**f.as_dict(), "tags": f.tags} for f in versions]
+        holders = repo.holders(f.id for f in versions)
+        records = [{**f.as_dict(), "tags": f.tags, "holders": [h.as_dict() for h in holders.get(f.id, [])]}
+                   for f in versions]
         if args.json:
             print(json.dumps(records, indent=2))
             return 0
@@ -296,8 +310,16 @@ def cmd_info(args: argparse.Namespace) -> int:
             for key, value in record.items():
                 if key.endswith("_at"):
                     value = timestamp(value)
+                if key == "holders":
+                    value = held_by(holders.get(record["version"], []), repo.host)
                 print(f"  {key:<12} {value}")
     return 0
+
+
+def held_by(holders: list, this_host: str) -> str:
+    """``info``'s line of the hosts holding a verified copy: each with when it verified it, and its liveness."""
+    now = time.time()
+    return ", ".join(describe(h, now, this_host, verified=timestamp) for h in holders) or "-"
 
 
 @command("cache")

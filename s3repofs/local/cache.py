@@ -6,7 +6,8 @@ call:
 - ``staging``: staged versions (never evicted) and the flock protocol between writers and uploads;
 - ``objects``: the verified objects in ``cache/objects``, an LRU index bounded by bytes, with pins;
 - ``fill``: downloads into the cache, one per object, readable while they arrive;
-- ``checkpoint``: making landed objects durable every few seconds, and what a start-up after a crash drops.
+- ``checkpoint``: making landed objects durable every few seconds, and what a start-up after a crash drops;
+- ``holdings``: the verified copies that arrived and left since the repository last recorded them.
 
 Lock order: one lock, ``ObjectIndex.lock``, guards the index, the downloads in flight and the list
 of objects landed since the last checkpoint; it is never held while waiting on a download or on
@@ -16,12 +17,14 @@ slow I/O.
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .checkpoint import Checkpoints
 from .fill import Fills, StartDownload
+from .holdings import Holdings
 from .objects import CacheUsage, ObjectIndex
 from .staging import Staging
 from .transfer import Download
@@ -30,9 +33,11 @@ __all__ = ["CacheUsage", "LocalCache", "StartDownload"]
 
 
 class LocalCache:
-    def __init__(self, local_root: Path, max_bytes: int, download_threads: int = 16) -> None:
+    def __init__(self, local_root: Path, max_bytes: int, download_threads: int = 16,
+                 clock: Callable[[], float] = time.time) -> None:
         self.staging = Staging(local_root / "staging")
-        self.objects = ObjectIndex(local_root / "cache" / "objects", max_bytes)
+        self.holdings = Holdings(clock)
+        self.objects = ObjectIndex(local_root / "cache" / "objects", max_bytes, self.holdings)
         self.checkpoints = Checkpoints(local_root / "cache", self.objects)
         self.fills = Fills(self.objects, self.checkpoints, download_threads)
         self.objects_dir = self.objects.dir
@@ -50,6 +55,11 @@ class LocalCache:
                 self.checkpoints.recover()
                 self.objects.evict()
                 self._ready = True
+
+    @property
+    def ready(self) -> bool:
+        """Has ``prepare`` indexed what is on disk (so ``usage`` and ``cached_keys`` are the cache's)?"""
+        return self._ready
 
     def close(self) -> None:
         """Checkpoint what landed unsynced (a clean stop keeps every cached object) and stop syncing."""
@@ -109,6 +119,10 @@ class LocalCache:
 
     def usage(self) -> CacheUsage:
         return self.objects.usage()
+
+    def cached_keys(self) -> list[str]:
+        """The keys of every object in the index now."""
+        return self.objects.keys()
 
     def drop(self, key: str) -> bool:
         """See ``ObjectIndex.drop``: remove one cached object found bad."""

@@ -177,7 +177,7 @@ class Fills:
 
     def _index_landed(self, key: str, size: int) -> None:
         """Make a landed object visible, and due for the next checkpoint. (``objects.lock`` held.)"""
-        self.objects.add(key, size)
+        self.objects.landed(key, size)
         self.checkpoints.note_landed(self.objects.path(key))
 
     @staticmethod

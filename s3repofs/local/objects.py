@@ -9,6 +9,11 @@ truth: the index is rebuilt from them at start-up (``load``), and an object plac
 The index counts the bytes of every object and of every download in flight (``reserve``), and evicts
 the least recently used objects that nobody holds open (``pin``) until they fit in ``max_bytes``.
 
+It tells ``holdings`` (holdings.py) of each verified copy that lands (``landed``) and of each that
+leaves (``remove``, and the objects ``load`` finds incomplete), in the same hold of ``lock`` that
+changes the index. Objects indexed from disk (``load``, ``present``) are not news: the process that
+placed them told, and a mount rewrites its host's records from the index at start.
+
 ``lock`` guards the index. The fills and the checkpoints take it too, so that an object stops being
 in flight, becomes visible and is noted for the next checkpoint in one hold. It is never held while
 waiting on a download or on slow I/O.
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .holdings import Holdings
+
 log = logging.getLogger(__name__)
 
 FILL_PREFIX = ".fill-"  # temp files of downloads: .fill-<name>-<pid>.<n>
@@ -39,9 +46,10 @@ class CacheUsage:
 
 
 class ObjectIndex:
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, holdings: Holdings | None = None) -> None:
         self.dir = directory
         self.max_bytes = max_bytes
+        self.holdings = holdings or Holdings()
         self.lock = threading.Lock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # key -> bytes, least recently used first
         self._used = 0  # bytes of every indexed object and every download in flight
@@ -100,6 +108,7 @@ class ObjectIndex:
                 self.path(key).unlink()
             except FileNotFoundError:
                 return False
+            self.holdings.left(key)  # placed by another process, perhaps: not indexed here, gone all the same
         log.info("cache: dropped %s", key)
         return True
 
@@ -133,6 +142,7 @@ class ObjectIndex:
                 continue
             if st.st_mtime >= written_before:
                 path.unlink(missing_ok=True)
+                self.holdings.left(key)
                 lost += 1
                 continue
             found.append((st.st_atime, key, st.st_size))
@@ -155,14 +165,26 @@ class ObjectIndex:
     # -- with ``lock`` held ---------------------------------------------------------------------
 
     def add(self, key: str, size: int) -> None:
-        self.remove(key)
+        """Index an object found on disk."""
+        self._unindex(key)
         self._sizes[key] = size
         self._used += size
 
+    def landed(self, key: str, size: int) -> None:
+        """Index a verified copy that just arrived (a download, an upload's staged file), and say so."""
+        self.add(key, size)
+        self.holdings.arrived(key)
+
     def remove(self, key: str) -> None:
+        """Forget an object that leaves the cache (its file is, or is about to be, unlinked), and say so."""
+        if self._unindex(key):
+            self.holdings.left(key)
+
+    def _unindex(self, key: str) -> bool:
         size = self._sizes.pop(key, None)
         if size is not None:
             self._used -= size
+        return size is not None
 
     def present(self, key: str, size: int) -> bool:
         """Is the complete object on disk? Marks it recently used."""

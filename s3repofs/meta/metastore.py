@@ -120,17 +120,27 @@ class MetaStore:
 
     # -- hosts ----------------------------------------------------------------------------------
 
-    def register_host(self, name: str) -> None:
+    def register_host(self, name: str, cache: tuple[int, int, int] | None = None) -> None:
+        """Record that host ``name`` is alive now; ``cache``: its cache's (bytes, objects, bound), if known
+        (else the recorded figures stay)."""
         now = self.clock()
+        cache_bytes, cache_objects, cache_bound = cache or (None, None, None)
         self.db.run(lambda tx: tx.execute(
-            """INSERT INTO hosts (name, first_seen, last_seen) VALUES (?, ?, ?)
-               ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen""",
-            (name, now, now),
+            """INSERT INTO hosts (name, first_seen, last_seen, cache_bytes, cache_objects, cache_bound)
+               VALUES (?, ?, ?, ?, ?, ?)
+               ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen,
+                   cache_bytes = COALESCE(excluded.cache_bytes, hosts.cache_bytes),
+                   cache_objects = COALESCE(excluded.cache_objects, hosts.cache_objects),
+                   cache_bound = COALESCE(excluded.cache_bound, hosts.cache_bound)""",
+            (name, now, now, cache_bytes, cache_objects, cache_bound),
         ))
 
     def hosts(self) -> list[dict]:
-        return self.db.run(lambda tx: tx.all("SELECT name, first_seen, last_seen FROM hosts ORDER BY name"),
-                           write=False)
+        """Every host heard of: name, first_seen, last_seen, and its cache's cache_bytes, cache_objects and
+        cache_bound as its last heartbeat gave them (None if it never did)."""
+        return self.db.run(lambda tx: tx.all(
+            """SELECT name, first_seen, last_seen, cache_bytes, cache_objects, cache_bound
+               FROM hosts ORDER BY name"""), write=False)
 
     # -- versions -------------------------------------------------------------------------------
 

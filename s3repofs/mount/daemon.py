@@ -28,8 +28,9 @@ from .stopping import GracefulStop
 
 log = logging.getLogger("s3repofs.mount")
 
-# The background pass: retry staged uploads, and record the heartbeat (hosts.last_seen), which gc reads:
-# a host unheard of for host_gone_after (a day by default, far longer than this) is gone.
+# The background pass: retry staged uploads, record the cache's changes (holders), and record the heartbeat
+# (hosts.last_seen), which gc reads: a host unheard of for host_gone_after (a day by default, far longer than
+# this) is gone.
 RETRY_INTERVAL = 30.0
 
 _libc = ctypes.CDLL(None)
@@ -152,8 +153,13 @@ def serving_status(mountpoint: Path, counts) -> str:
 
 def run_background(repo: S3Repo, tree, stop: threading.Event, interval: float = RETRY_INTERVAL,
                    report=None) -> None:
-    """Every ``interval`` s until ``stop`` is set: record the heartbeat, retry staged uploads, ``report()``."""
+    """Every ``interval`` s until ``stop`` is set: record the heartbeat and the copies that arrived in or left
+    the cache (the first pass makes this host's holder rows what the cache holds: it may have been wiped while
+    nothing ran), retry staged uploads, ``report()``."""
+    first = True
     while True:
+        repo.record_holders(reconcile=first)
+        first = False
         _heartbeat(repo)
         _retry_once(repo, tree)
         if report is not None:

@@ -46,5 +46,8 @@ def _fetch(repo: S3Repo, rf: RepoFile, report: Progress) -> None:
 
 
 def clear(repo: S3Repo) -> int:
-    """Delete this host's cached objects (staged versions are kept); how many were deleted."""
-    return repo.cache.clear()
+    """Delete this host's cached objects (staged versions are kept); how many were deleted. This host's holder
+    rows are then made what its cache holds (a failure to record that is logged, and a mount's start mends it)."""
+    removed = repo.cache.clear()
+    repo.record_holders(reconcile=True)
+    return removed

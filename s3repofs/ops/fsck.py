@@ -8,7 +8,9 @@ version the database lacks is ``unrecorded`` (a row lost by a restore of an olde
 ops/unrecorded.py), not an orphan. ``repair`` is the execute: it re-uploads a missing, wrong-size or
 corrupt object from a verified copy on this host (its cache, or a staged file), with the description
 of a normal upload, and marks what it cannot restore ``storage = missing``, so that reading it fails
-with a clear error ("object lost; see fsck") instead of a download that cannot verify. A cache copy
+with a clear error ("object lost; see fsck") instead of a download that cannot verify. Each
+repairable finding, and each repair without a copy here, names the hosts that recorded a verified
+copy (the ``holders`` table, meta/holders.py): ``fsck --repair`` on one of them puts the object back. A cache copy
 that fails its re-hash is evicted, so no reader on this host is served it. It adopts each
 unrecorded object: the row its description gives is written, as expired (the operator publishes it).
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import datetime
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from itertools import islice
 from pathlib import Path
@@ -32,11 +34,13 @@ from ..domain.content import HASHES, Content, download_digest, file_content
 from ..domain.lifecycle import VISIBLE_STATES, Storage, Tier
 from ..domain.paths import DirPath, RepoPath
 from ..errors import NotFoundError, ObjectMissingError
+from ..meta.holders import Holder
 from ..meta.metastore import Version
 from ..objects.s3 import PATH_OBJECT_SUFFIX
 from ..objects.store import ObjectInfo
 from ..repo import S3Repo, object_description
 from . import unrecorded as lost
+from .holders import copies, copies_elsewhere
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,7 @@ class Finding:
     detail: str
     path: str | None = None  # the version's path (an orphan's as it describes itself, if it does)
     version: int | None = None  # the version id (None for an orphan)
+    holders: tuple[Holder, ...] = ()  # (a repairable kind) the hosts that recorded a verified copy
 
     def line(self) -> str:
         version = "-" if self.version is None else f"version {self.version}"
@@ -161,7 +166,22 @@ def check(repo: S3Repo, prefix: str = "", deep: bool = False, *, quiet: bool = F
             report.findings += _orphans(repo, batch, scope)
             report.objects += len(batch)
             bar.advance(len(batch))
+    report.findings = _with_holders(repo, report.findings)
     return report
+
+
+def _with_holders(repo: S3Repo, findings: list[Finding]) -> list[Finding]:
+    """Each repairable finding with the hosts that recorded a verified copy of its version, said in its detail."""
+    holders = repo.holders(f.version for f in findings if f.kind in REPAIRABLE)
+    now = repo.meta.clock()
+
+    def told(finding: Finding) -> Finding:
+        if finding.kind not in REPAIRABLE:
+            return finding
+        held = holders.get(finding.version, [])
+        return replace(finding, holders=tuple(held), detail=f"{finding.detail}; {copies(held, now, repo.host)}")
+
+    return [told(f) for f in findings]
 
 
 def _pages(repo: S3Repo, scope: DirPath | None, page_size: int) -> Iterator[list[Version]]:
@@ -307,11 +327,13 @@ def _repair_one(repo: S3Repo, finding: Finding) -> Repair:
         return Repair(finding, Outcome.SKIPPED, f"it is {version.state} and {version.storage} now")
     copy, evicted = _verified_copy(repo, version)
     if copy is None:
+        elsewhere = "; " + copies_elsewhere(repo.holders([version.id]).get(version.id, []), repo.meta.clock(),
+                                            repo.host)
         if version.storage == Storage.MISSING:
-            return Repair(finding, Outcome.STILL_MISSING, "no verified copy on this host" + evicted)
+            return Repair(finding, Outcome.STILL_MISSING, "no verified copy on this host" + evicted + elsewhere)
         repo.meta.mark_missing(version.id)
         return Repair(finding, Outcome.MARKED_MISSING,
-                      "no verified copy on this host; reads fail until one is found" + evicted)
+                      "no verified copy on this host; reads fail until one is found" + evicted + elsewhere)
     source, where, content = copy
     repo.store.put(version.s3_key, source, content.size, content.md5, object_description(version, content))
     if version.storage == Storage.MISSING:

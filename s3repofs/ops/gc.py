@@ -1,6 +1,6 @@
 """``s3repofs gc``: delete what the repository no longer needs, as a plan first, then its execution.
 
-The plan has five categories, each a list of items (what the CLI prints and ``--json`` shows):
+The plan has six categories, each a list of items (what the CLI prints and ``--json`` shows):
 
 - ``unpublished``: versions unpublished for longer than ``unpublished_ttl`` (and at least
   IN_FLIGHT_AGE), staged on this host and held by no writer or upload, or staged on a host not heard
@@ -16,6 +16,9 @@ The plan has five categories, each a list of items (what the CLI prints and ``--
 - ``staging``: files in this host's staging area whose version is no longer unpublished and local,
   and empty ones with no row (a crash inside add_file). One with bytes and no row is kept: its row was
   lost (a restore of an older backup), and it may be the only copy of that version.
+- ``holders``: hosts gone for longer than ``host_gone_after`` that still have ``holders`` rows (records
+  of copies in their caches, meta/holders.py): the rows are dropped (one item per host). A host that
+  comes back records its cache again when its mount starts.
 
 Never deleted: an object that a version in state unpublished, published or expired references
 (execute looks each key up again just before deleting it), anything under a key starting with '_'
@@ -50,7 +53,7 @@ from .progress import Progress, progress
 
 log = logging.getLogger(__name__)
 
-CATEGORIES = ("unpublished", "expired", "leftover", "orphan", "staging")
+CATEGORIES = ("unpublished", "expired", "leftover", "orphan", "staging", "holders")
 # The states whose objects must stay: every version a reader or a publish may still need.
 LIVE_STATES = frozenset(VISIBLE_STATES)
 # Keys starting with this are not versions' (file types start with a letter or digit): backups live there.
@@ -67,6 +70,7 @@ MEANING = {
     "leftover": "objects of discarded or purged versions: deleted",
     "orphan": "objects no version references, older than orphan_grace, not describing a lost row: deleted",
     "staging": "staged files on this host no unpublished version holds: removed",
+    "holders": "hosts gone past host_gone_after: their records of cached copies dropped",
 }
 # The plan's list of what it keeps: orphan candidates that describe a version the database lacks.
 UNRECORDED_MEANING = "objects describing versions the database lacks: KEPT; `s3repofs fsck --repair` adopts them"
@@ -90,6 +94,7 @@ class GcPlan:
     leftover: list[GcItem]
     orphan: list[GcItem]
     staging: list[GcItem]
+    holders: list[GcItem] = field(default_factory=list)  # one per host, its name as the key
     kept: dict[str, int] = field(default_factory=dict)  # what was left alone on purpose: count per reason
     unrecorded: list[GcItem] = field(default_factory=list)  # kept: they describe versions the database lacks
 
@@ -135,7 +140,9 @@ def plan(repo: S3Repo, *, now: float | None = None, oldest_backup_at: float | No
     expired = [_version_item(v, v.size) for v in repo.meta.expired_before(expired_before)]
     leftover, orphan, unrecorded = _sweep_store(repo, now, kept, quiet)
     staging = _sweep_staging(repo, now, kept)
-    return GcPlan(now, expired_before, unpublished, expired, leftover, orphan, staging, dict(kept), unrecorded)
+    holders = _gone_holders(repo, now)
+    return GcPlan(now, expired_before, unpublished, expired, leftover, orphan, staging, holders, dict(kept),
+                  unrecorded)
 
 
 def check_backup_window(config: Config, now: float, oldest_backup_at: float | None) -> None:
@@ -169,6 +176,12 @@ def _stale_unpublished(repo: S3Repo, now: float, kept: Counter) -> list[GcItem]:
 def _hosts_alive(repo: S3Repo, now: float) -> set[str]:
     """The hosts heard of within ``host_gone_after`` of ``now`` (a host never heard of is gone)."""
     return {host["name"] for host in repo.meta.hosts() if host["last_seen"] >= now - repo.config.host_gone_after}
+
+
+def _gone_holders(repo: S3Repo, now: float) -> list[GcItem]:
+    """The hosts gone past ``host_gone_after`` (or never heard of) that have holder rows."""
+    alive = _hosts_alive(repo, now)
+    return [GcItem(host, None) for host in sorted(repo.holder_records.per_host()) if host not in alive]
 
 
 def _being_written(repo: S3Repo, key: str) -> bool:
@@ -287,6 +300,7 @@ def execute(repo: S3Repo, plan: GcPlan, *, quiet: bool = True) -> GcResult:
         _delete_objects(repo, plan.leftover, "leftover", result, shown)
         _delete_objects(repo, plan.orphan, "orphan", result, shown)
         _remove_staged(repo, plan.staging, result, shown)
+        _drop_holders(repo, plan.holders, result, shown)
     return result
 
 
@@ -397,3 +411,14 @@ def _remove_staged(repo: S3Repo, items: list[GcItem], result: GcResult, shown: P
                 log.info("gc: removed staged file of %s", item.key)
                 result.removed["staging"] += 1
                 result.bytes_freed += item.size or 0
+
+
+def _drop_holders(repo: S3Repo, items: list[GcItem], result: GcResult, shown: Progress) -> None:
+    """Drop the holder rows of each host, unless it was heard of again meanwhile."""
+    for item in items:
+        shown.advance()
+        if repo.holder_records.drop_host(item.key, repo.meta.clock() - repo.config.host_gone_after):
+            log.info("gc: dropped the holder records of %s, gone", item.key)
+            result.removed["holders"] += 1
+        else:
+            result.skipped["holders: the host is back (or has no rows left)"] += 1
