@@ -94,7 +94,8 @@ def test_missing_wrong_size_and_corrupt_objects_are_found(repo):
     report = fsck.check(repo, quiet=True)
     assert found(report) == {(Kind.MISSING, "t/d/gone"), (Kind.WRONG_SIZE, "t/d/short")}
     wrong = next(f for f in report.findings if f.kind == Kind.WRONG_SIZE)
-    assert (wrong.version, wrong.key, wrong.detail) == (short.id, short.s3_key, "10 bytes, recorded 500")
+    assert (wrong.version, wrong.key, wrong.detail) == (
+        short.id, short.s3_key, "10 bytes, recorded 500; verified copies on: test-host (this host)")
 
     deep = fsck.check(repo, deep=True, quiet=True)
     assert found(deep) == found(report) | {(Kind.CORRUPT, "t/d/bad")}

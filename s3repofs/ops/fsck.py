@@ -171,7 +171,9 @@ def check(repo: S3Repo, prefix: str = "", deep: bool = False, *, quiet: bool = F
 
 
 def _with_holders(repo: S3Repo, findings: list[Finding]) -> list[Finding]:
-    """Each repairable finding with the hosts that recorded a verified copy of its version, said in its detail."""
+    """Each repairable finding with the hosts that recorded a verified copy of its version, said in its detail
+    (where any did)."""
+    repo.record_holders()  # this host's own copies, noted in this process and not yet recorded
     holders = repo.holders(f.version for f in findings if f.kind in REPAIRABLE)
     now = repo.meta.clock()
 
@@ -179,6 +181,8 @@ def _with_holders(repo: S3Repo, findings: list[Finding]) -> list[Finding]:
         if finding.kind not in REPAIRABLE:
             return finding
         held = holders.get(finding.version, [])
+        if not held:
+            return finding
         return replace(finding, holders=tuple(held), detail=f"{finding.detail}; {copies(held, now, repo.host)}")
 
     return [told(f) for f in findings]
@@ -327,8 +331,8 @@ def _repair_one(repo: S3Repo, finding: Finding) -> Repair:
         return Repair(finding, Outcome.SKIPPED, f"it is {version.state} and {version.storage} now")
     copy, evicted = _verified_copy(repo, version)
     if copy is None:
-        elsewhere = "; " + copies_elsewhere(repo.holders([version.id]).get(version.id, []), repo.meta.clock(),
-                                            repo.host)
+        elsewhere = copies_elsewhere(repo.holders([version.id]).get(version.id, []), repo.meta.clock(), repo.host)
+        elsewhere = f"; {elsewhere}" if elsewhere else ""
         if version.storage == Storage.MISSING:
             return Repair(finding, Outcome.STILL_MISSING, "no verified copy on this host" + evicted + elsewhere)
         repo.meta.mark_missing(version.id)

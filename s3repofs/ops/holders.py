@@ -40,8 +40,9 @@ def copies(holders: Sequence[Holder], now: float, this_host: str) -> str:
 
 
 def copies_elsewhere(holders: Sequence[Holder], now: float, this_host: str) -> str:
-    """What an fsck repair without a copy here says: where the other hosts' copies are, and what to run there."""
+    """What an fsck repair without a copy here says: where the other hosts' copies are, and what to run there
+    ("" if no other host recorded one)."""
     others = [h for h in holders if h.host != this_host]
     if not others:
-        return "no other host recorded a verified copy"
+        return ""
     return f"{copies(others, now, this_host)}; run `s3repofs fsck --repair` there"
