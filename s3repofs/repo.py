@@ -133,8 +133,12 @@ class S3Repo:
         """Record that this host is alive (``hosts.last_seen``, one upsert), with its cache's figures
         (``hosts.cache_*``, for ``s3repofs status``): gc leaves the versions a host staged alone until it has
         not been heard of for ``host_gone_after``."""
-        usage = self.cache.usage() if self.cache.ready else None  # the cache's own counters, once it has read them
-        self.meta.register_host(self.host, usage and (usage.used_bytes, usage.objects, usage.max_bytes))
+        self.meta.register_host(self.host, self._cache_figures())
+
+    def _cache_figures(self) -> tuple[int, int, int] | None:
+        """The cache's (bytes used, objects, bound) from its own counters, once it has read the disk."""
+        usage = self.cache.usage() if self.cache.ready else None
+        return usage and (usage.used_bytes, usage.objects, usage.max_bytes)
 
     def commit(self) -> None:
         """Kept for the original S3Repo's callers: every operation already commits when it returns."""
@@ -319,7 +323,8 @@ class S3Repo:
         if batch.reconcile:
             self.cache.prepare()  # the index must be read from disk before it is the truth
         cached = self.cache.cached_keys() if batch.reconcile else None  # taken after the batch: it is newer
-        self.holder_records.record(self.host, batch.changes, cached, now=self.meta.clock())
+        self.holder_records.record(self.host, batch.changes, cached, now=self.meta.clock(),
+                                   figures=self._cache_figures())
 
     def holders(self, version_ids: Iterable[int]) -> dict[int, list[Holder]]:
         """The hosts whose cache holds a verified copy of each version (most recently verified first), each

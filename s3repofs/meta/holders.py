@@ -41,10 +41,12 @@ class HolderRecords:
         self.db = db
 
     def record(self, host: str, changes: Mapping[str, tuple[bool, float]], cached: Sequence[str] | None = None,
-               now: float = 0.0) -> None:
+               now: float = 0.0, figures: tuple[int, int, int] | None = None) -> None:
         """In one transaction: for each ``key -> (held, when)`` of ``changes``, add (or date again) or remove
         ``host``'s row of the key's version; then, if ``cached`` is given, make ``host``'s rows exactly those
-        of the versions of those keys (a row added so is dated ``now``). Keys of no version are ignored."""
+        of the versions of those keys (a row added so is dated ``now``). Keys of no version are ignored.
+        ``figures``: the cache's (bytes, objects, bound) now, for ``hosts.cache_*`` (as the heartbeat writes
+        them: a command's host is current as of its last recorded change, not only of its start)."""
         held = [(key, when) for key, (is_held, when) in changes.items() if is_held]
         gone = [key for key, (is_held, _when) in changes.items() if not is_held]
 
@@ -55,6 +57,9 @@ class HolderRecords:
                 self._delete(tx, host, batch)
             if cached is not None:
                 self._replace(tx, host, cached, now)
+            if figures is not None:
+                tx.execute("UPDATE hosts SET cache_bytes = ?, cache_objects = ?, cache_bound = ? WHERE name = ?",
+                           (*figures, host))
 
         self.db.run(run)
 
