@@ -19,6 +19,7 @@ from .. import metrics
 from ..errors import NotFoundError, NotYetWrittenError, RepoError, StaleEntryError
 from .libfuse import (  # mfusepy through libfuse.py, which chooses libfuse3 before loading it
     FUSE,
+    FUSE_CAP_FLOCK_LOCKS,
     FUSE_CAP_READDIRPLUS_AUTO,
     EntryInvalidator,
     _libfuse,
@@ -114,6 +115,8 @@ class Operations(mfusepy.Operations):
             # READDIRPLUS for every batch of a listing, not only the first (the kernel's "auto" mode
             # would follow the first batch with plain READDIRs and then a LOOKUP per name).
             conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+            # flock(2) reaches flock() (and the daemon's leases) instead of staying in this host's kernel.
+            conn.want |= conn.capable & FUSE_CAP_FLOCK_LOCKS
         self._fuse = _libfuse.fuse_get_context().contents.fuse
         self.invalidator.start(self._fuse)
         self.tree.invalidate_entry = self.invalidator.submit
@@ -132,6 +135,7 @@ class Operations(mfusepy.Operations):
             pass
 
     def destroy(self, path: str) -> None:
+        self.tree.flocks.release_all()
         self.tree.invalidate_entry = None
         self.invalidator.stop()
         if self._on_exit:
@@ -193,6 +197,11 @@ class Operations(mfusepy.Operations):
     @translated
     def release(self, path, fh):
         self.tree.release(fh)
+        return 0
+
+    @translated
+    def flock(self, path, fh, op):
+        self.tree.flock(fh, op, interrupted=lambda: bool(_libfuse.fuse_interrupted()))
         return 0
 
     @translated

@@ -67,6 +67,7 @@ def copy_to_fd(bufv, fd: int, offset: int) -> int:
     return copied
 
 
+FUSE_CAP_FLOCK_LOCKS = 1 << 10
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 FUSE_READDIR_PLUS = 1 << 0  # the kernel asks for attributes with the names
@@ -129,6 +130,9 @@ class FUSE(mfusepy.FUSE):
     def write_buf(self, path, buf, offset, fip):
         return self.operations.write_buf(self._path(path), buf, offset, fip.contents.fh)
 
+    def flock(self, path, fip, op):
+        return self.operations.flock(self._path(path), fip.contents.fh, op)
+
     def utimens_fuse_3(self, path, times, fip):
         # The modification time in nanoseconds, None for UTIME_OMIT (mfusepy would read UTIME_NOW and
         # UTIME_OMIT as times in 1970, and drops the handle of futimens).
@@ -173,6 +177,8 @@ class FUSE(mfusepy.FUSE):
         return 0
 
 
+_libfuse.fuse_interrupted.argtypes = []
+_libfuse.fuse_interrupted.restype = ctypes.c_int  # in a request's thread: did the kernel interrupt it?
 _libfuse.fuse_get_session.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_get_session.restype = ctypes.c_void_p
 _libfuse.fuse_lowlevel_notify_inval_entry.argtypes = [
