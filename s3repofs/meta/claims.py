@@ -82,6 +82,7 @@ class LeaseStore:
                 if not candidates:
                     break
                 won = self._take(tx, [v.id for v in candidates], task, holder, lease)
+                self._drop_done(tx, won, task, holder.token)
                 taken += [v for v in candidates if v.id in won]
                 expires = max(won.values(), default=expires)
                 after = candidates[-1].id
@@ -108,6 +109,23 @@ class LeaseStore:
         rows = tx.all(f"""INSERT INTO claims (version_id, task, holder, host, pid, claimed_at, expires_at)
                           VALUES {values} {_TAKE}""", params)
         return {r["version_id"]: float(r["expires_at"]) for r in rows}
+
+    def _drop_done(self, tx: Tx, won: dict[int, float], task: str, token: str) -> None:
+        """Give back the leases just taken on versions a holder completed after the candidates' snapshot.
+
+        The upsert finds no row to conflict with once that holder's ``complete`` deleted its lease, and the
+        candidates' snapshot may predate the commit that recorded it done. That commit precedes this statement
+        (the insert waited for the deletion), whose own snapshot therefore sees what it recorded."""
+        if not won:
+            return
+        marks = ", ".join("?" * len(won))
+        rows = tx.all(f"SELECT version_id FROM claims_done WHERE task = ? AND version_id IN ({marks})", [task, *won])
+        done = [r["version_id"] for r in rows]
+        if done:
+            tx.execute(f"DELETE FROM claims WHERE holder = ? AND version_id IN ({', '.join('?' * len(done))})",
+                       [token, *done])
+            for vid in done:
+                del won[vid]
 
     def _held(self, tx: Tx, token: str, task: str) -> tuple[list[Version], float | None]:
         rows = tx.all(f"""SELECT {_VERSION_COLUMNS}, c.expires_at AS lease_expires FROM versions
