@@ -82,11 +82,16 @@ def test_four_processes_process_each_of_1000_files_exactly_once(config, repo, tm
     started = time.monotonic()
     workers = [spawn.Process(target=_claim_until_empty, args=(config, f"host-{n}", str(out), 7))
                for n, out in enumerate(outputs)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-        assert worker.exitcode == 0
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+            assert worker.exitcode == 0
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
     processed = [int(line) for out in outputs for line in out.read_text().split()]
     print(f"4 workers processed 1000 files in {time.monotonic() - started:.1f} s "
           f"({', '.join(str(len(out.read_text().split())) for out in outputs)} each)")
