@@ -3,19 +3,26 @@ processes that claim at once, die holding leases, or lose them."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
 import signal
+import subprocess
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
+from mount_helper import fuse_available, mounted, wait_for
 from repo_fixtures import make_config
 from test_cli import assert_clean_failure, run
 
 from s3repofs import S3Repo
-from s3repofs.errors import ClaimLostError, LockedError, NotFoundError
+from s3repofs.errors import ClaimLostError, LockedError, NotFoundError, NotSupportedError
+from s3repofs.mount.flocks import FlockInterruptedError, TooManyWaitersError
+from s3repofs.mount.tree import Tree
 
 ENGINES = ["sqlite-local", "postgres-local"]
 
@@ -273,3 +280,117 @@ def test_release_names_what_the_holder_does_not_hold(repo):
     with pytest.raises(NotFoundError, match="holder me holds no lease on jobs/nope"):
         repo.release_claims("me", ["jobs/a", "jobs/nope"])
     assert [lease.path for lease in repo.release_claims("me", ["jobs/a"], done=True)] == ["jobs/a"]
+
+
+# -- flock on the mount: the tree without a mount, then flock(1) on two real mounts ---------------------------
+
+
+def test_flock_on_the_tree_takes_the_lease_of_the_version_per_open_file(repo):
+    (a,) = publish(repo, "jobs/a")
+    tree = Tree(repo)
+    one, two = tree.open("/published/jobs/a", os.O_RDONLY), tree.open("/published/jobs/a", os.O_RDONLY)
+    tree.flock(one, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    tree.flock(one, fcntl.LOCK_EX | fcntl.LOCK_NB)  # again by the holder: at once
+    with pytest.raises(LockedError) as refused:  # another open file, even of this process
+        tree.flock(two, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (shared is taken as exclusive)
+    assert refused.value.errno == errno.EWOULDBLOCK
+    deadline = time.monotonic() + 0.5
+    with pytest.raises(FlockInterruptedError):  # a blocking flock waits until its caller is interrupted
+        tree.flock(two, fcntl.LOCK_EX, interrupted=lambda: time.monotonic() > deadline)
+    assert time.monotonic() >= deadline
+    with pytest.raises(LockedError):  # repo.lock, and so any program on any host, sees the mount's lock
+        repo.lock(a).acquire()
+    tree.flock(one, fcntl.LOCK_UN)
+    tree.flock(two, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert tree.flocks.held() == {two: a.id}
+    tree.release(two)  # the last close of the open file ends its lease
+    assert tree.flocks.held() == {}
+    with repo.lock(a):
+        pass
+    tree.release(one)
+
+
+def test_a_blocking_flock_stops_waiting_when_its_handle_is_released(repo):
+    (a,) = publish(repo, "jobs/a")
+    tree = Tree(repo)
+    fh = tree.open("/published/jobs/a", os.O_RDONLY)
+    held = repo.lock(a).acquire()
+    waiter = threading.Thread(target=lambda: pytest.raises(FlockInterruptedError, tree.flock, fh, fcntl.LOCK_EX))
+    started = time.monotonic()
+    waiter.start()
+    time.sleep(0.3)
+    tree.release(fh)  # the caller died while waiting: its flock must not take the lease afterwards
+    waiter.join(timeout=5)
+    assert not waiter.is_alive() and time.monotonic() - started < 3
+    held.release()
+    time.sleep(1.2)  # (the waiter's last poll)
+    assert tree.flocks.held() == {}
+    with repo.lock(a):
+        pass
+
+
+def test_blocking_flocks_beyond_the_bound_are_refused_with_enolck(repo):
+    (a,) = publish(repo, "jobs/a")
+    tree = Tree(repo)
+    tree.flocks.max_waiters = 1
+    one, two = tree.open("/published/jobs/a", os.O_RDONLY), tree.open("/published/jobs/a", os.O_RDONLY)
+    held = repo.lock(a).acquire()
+    waiter = threading.Thread(target=tree.flock, args=(one, fcntl.LOCK_EX))
+    waiter.start()
+    assert wait_for(lambda: tree.flocks._waiting, timeout=5)
+    with pytest.raises(TooManyWaitersError) as refused:
+        tree.flock(two, fcntl.LOCK_EX)
+    assert refused.value.errno == errno.ENOLCK
+    held.release()
+    waiter.join(timeout=5)
+    assert tree.flocks.held() == {one: a.id}
+    tree.release(one)
+    tree.release(two)
+
+
+def test_flock_on_a_directory_is_refused_as_not_supported(repo):
+    tree = Tree(repo)
+    with pytest.raises(NotSupportedError):
+        tree.flock(123456789, fcntl.LOCK_EX)
+
+
+@contextmanager
+def one_file_open(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3 (./scripts/setup)")
+def test_flock_1_excludes_across_two_mounts_of_one_postgresql_repository(request, tmp_path):
+    first = make_config(request, tmp_path / "a", "postgres-local")
+    second = {**first, "local_root": str(tmp_path / "b" / "root"), "host_name": "second-host"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with mounted(first, tmp_path / "a") as one, mounted(second, tmp_path / "b") as two:
+        os.mkdir(one / "published/locks")
+        (one / "published/locks/job").write_bytes(b"the file scripts lock")
+        assert wait_for(lambda: (two / "published/locks/job").exists(), timeout=5)
+        a_file, b_file = str(one / "published/locks/job"), str(two / "published/locks/job")
+
+        holder = subprocess.Popen(["flock", a_file, "sleep", "3"])
+        try:
+            assert wait_for(lambda: subprocess.run(["flock", "-n", b_file, "true"]).returncode == 1, timeout=5)
+            started = time.monotonic()
+            waited = subprocess.run(["flock", b_file, "true"], timeout=30)  # blocks until the holder ends
+            assert waited.returncode == 0 and holder.poll() == 0 and time.monotonic() - started > 0.5
+        finally:
+            holder.kill()
+            holder.wait()
+        # The kernel releases a closed file a moment after close() returns: the lease ends then.
+        assert wait_for(lambda: subprocess.run(["flock", "-n", b_file, "true"]).returncode == 0, timeout=2)
+        with one_file_open(a_file):  # held again on A: flock -w's timer interrupts the wait on B
+            started = time.monotonic()
+            assert subprocess.run(["flock", "-w", "1", b_file, "true"], timeout=30).returncode == 1
+            assert 0.9 < time.monotonic() - started < 5
+        assert wait_for(lambda: subprocess.run(["flock", "-n", a_file, "true"]).returncode == 0, timeout=2)
+        with S3Repo(first) as repo:
+            assert wait_for(lambda: repo.db.run(lambda tx: tx.scalar("SELECT COUNT(*) FROM claims")) == 0, timeout=2)

@@ -9,10 +9,12 @@ Semantics (docs/commands.md, "flock on the mount"):
 - The lease lasts ``FLOCK_LEASE`` seconds and a thread renews it while held; it ends at LOCK_UN and when the
   handle is released (the last close of the open file: libfuse's high-level API passes the kernel's
   "flock_release" on to release(), and no LOCK_UN before it). A killed daemon's leases run out.
-- A blocking LOCK_EX waits in the worker thread, polling the database, for at most ``WAIT_SLICE`` seconds, then
-  answers EINTR: ``flock(1)`` and Python's fcntl.flock ask again, and the daemon's workers are never all tied
-  up by waiters. An interrupted request (a signal to the caller, ``flock -w``) or a released handle stops the
-  wait at its next poll.
+- A blocking LOCK_EX waits in its worker thread, polling the database (backing off to 1 s), until it gets the
+  lease, the caller is interrupted (a signal: Ctrl-C, ``flock -w``'s timer; the kernel's INTERRUPT answers
+  EINTR), or the handle is released. It cannot end its turn early and let the caller ask again: the kernel
+  turns a lock's EINTR into a restart that, with no signal pending, reaches the caller as errno 512. Each
+  waiter holds one of libfuse's workers (10 by default), so at most ``MAX_WAITERS`` wait at once; one more
+  is refused with ENOLCK ("no locks available") and a log line, rather than leave the mount no worker.
 """
 
 from __future__ import annotations
@@ -30,23 +32,29 @@ from ..repofile import RepoFile
 log = logging.getLogger("s3repofs.mount")
 
 FLOCK_LEASE = 60.0
-WAIT_SLICE = 10.0
+MAX_WAITERS = 4
 
 
 class FlockInterruptedError(CallerError):
-    """A blocking flock that did not get its lock in this request: the caller's flock() asks again."""
+    """A blocking flock whose caller was interrupted (a signal) while it waited."""
 
     errno = errno.EINTR
     expected = True
 
 
+class TooManyWaitersError(CallerError):
+    """A blocking flock beyond ``MAX_WAITERS`` waiting at once: refused so the mount keeps workers to serve."""
+
+    errno = errno.ENOLCK
+
+
 class FlockTable:
     """The leases held by the mount's open files, by handle number (handle numbers are never reused)."""
 
-    def __init__(self, repo, lease: float = FLOCK_LEASE, wait_slice: float = WAIT_SLICE) -> None:
+    def __init__(self, repo, lease: float = FLOCK_LEASE, max_waiters: int = MAX_WAITERS) -> None:
         self.repo = repo
         self.lease = lease
-        self.wait_slice = wait_slice
+        self.max_waiters = max_waiters
         self._mutex = threading.Lock()  # guards the two tables; never held across a database call
         self._held: dict[int, Lock] = {}
         self._waiting: dict[int, int] = {}  # handle -> flocks on it waiting for their lease
@@ -55,7 +63,7 @@ class FlockTable:
     def flock(self, fh: int, rf: RepoFile, op: int, interrupted: Callable[[], bool] = lambda: False) -> None:
         """Do flock ``op`` (LOCK_SH/LOCK_EX/LOCK_UN, with LOCK_NB) for handle ``fh`` opened on ``rf``'s version.
         LockedError (EWOULDBLOCK) if another holder has it and LOCK_NB is set; FlockInterruptedError (EINTR)
-        when a blocking wait ends without it."""
+        if ``interrupted()`` or the handle's release ends a blocking wait; TooManyWaitersError (ENOLCK)."""
         if op & fcntl.LOCK_UN:
             self.unlock(fh)
             return
@@ -64,20 +72,26 @@ class FlockTable:
                 return
         nowait = bool(op & fcntl.LOCK_NB)
         lock = self.repo.lock(rf, nowait=nowait, lease=self.lease)
+        if nowait:
+            lock.acquire()
+            self._keep(fh, lock, gone=False)
+        else:
+            self._wait_for(fh, lock, interrupted)
+        log.info("flock: %s (version %d) locked by handle %d", rf.path, rf.id, fh)
+
+    def _wait_for(self, fh: int, lock: Lock, interrupted: Callable[[], bool]) -> None:
         with self._mutex:
+            if sum(self._waiting.values()) >= self.max_waiters:
+                raise TooManyWaitersError(f"flock: {lock.file.path}: {self.max_waiters} flocks already wait on this "
+                                          "mount; refused (ENOLCK) so that it keeps workers to serve")
             self._waiting[fh] = self._waiting.get(fh, 0) + 1
         try:
-            lock.acquire(timeout=None if nowait else self.wait_slice,
-                         cancelled=lambda: interrupted() or fh in self._gone)
-        except LockedError:
-            if nowait:
-                raise
-            raise FlockInterruptedError(f"{rf.path}: still locked after {self.wait_slice:.0f} s, or interrupted; "
-                                        "the caller's flock() asks again") from None
+            lock.acquire(nowait=False, timeout=None, cancelled=lambda: interrupted() or fh in self._gone)
+        except LockedError:  # cancelled: interrupted, or the handle was released
+            raise FlockInterruptedError(f"flock: {lock.file.path}: the wait was interrupted") from None
         finally:
             gone = self._stop_waiting(fh)
         self._keep(fh, lock, gone)
-        log.info("flock: %s (version %d) locked by handle %d", rf.path, rf.id, fh)
 
     def _stop_waiting(self, fh: int) -> bool:
         """One wait on ``fh`` ended; was the handle released meanwhile?"""

@@ -19,7 +19,6 @@ from .. import metrics
 from ..errors import NotFoundError, NotYetWrittenError, RepoError, StaleEntryError
 from .libfuse import (  # mfusepy through libfuse.py, which chooses libfuse3 before loading it
     FUSE,
-    FUSE_CAP_FLOCK_LOCKS,
     FUSE_CAP_READDIRPLUS_AUTO,
     EntryInvalidator,
     _libfuse,
@@ -115,8 +114,6 @@ class Operations(mfusepy.Operations):
             # READDIRPLUS for every batch of a listing, not only the first (the kernel's "auto" mode
             # would follow the first batch with plain READDIRs and then a LOOKUP per name).
             conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
-            # flock(2) reaches flock() (and the daemon's leases) instead of staying in this host's kernel.
-            conn.want |= conn.capable & FUSE_CAP_FLOCK_LOCKS
         self._fuse = _libfuse.fuse_get_context().contents.fuse
         self.invalidator.start(self._fuse)
         self.tree.invalidate_entry = self.invalidator.submit
@@ -201,6 +198,9 @@ class Operations(mfusepy.Operations):
 
     @translated
     def flock(self, path, fh, op):
+        # Defining it is what sends flock(2) here: libfuse 3's low level wants FUSE_CAP_FLOCK_LOCKS by default,
+        # and its high level drops it only for a file system without flock (fuse_fs_init; mfusepy leaves the
+        # operation NULL unless overridden). The kernel then keeps no flock of its own on the mount.
         self.tree.flock(fh, op, interrupted=lambda: bool(_libfuse.fuse_interrupted()))
         return 0
 

@@ -67,7 +67,6 @@ def copy_to_fd(bufv, fd: int, offset: int) -> int:
     return copied
 
 
-FUSE_CAP_FLOCK_LOCKS = 1 << 10
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 FUSE_READDIR_PLUS = 1 << 0  # the kernel asks for attributes with the names
