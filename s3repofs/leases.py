@@ -141,7 +141,8 @@ class Claim:
         """Record ``rf`` (else every file still held) done for the task and end its lease; ClaimLostError, after
         recording the others, for a file whose lease was lost."""
         targets, lost = self._take_out(rf)
-        done = set(self.store.complete(self.holder.token, self.holder.host, [f.id for f in targets]))
+        done = set(self.store.complete(self.holder.token, self.holder.host, [f.id for f in targets])
+                   if targets else ())
         lost += [f for f in targets if f.id not in done]
         if lost:
             raise _lost_error(lost, self.task)
@@ -149,7 +150,8 @@ class Claim:
     def release(self, rf: RepoFile | None = None) -> None:
         """End the lease of ``rf`` (else of every file still held) without recording it: free again at once."""
         targets, _lost = self._take_out(rf)
-        self.store.release(self.holder.token, [f.id for f in targets])
+        if targets:
+            self.store.release(self.holder.token, [f.id for f in targets])
 
     def _take_out(self, rf: RepoFile | None) -> tuple[list[RepoFile], list[RepoFile]]:
         """The files to end (``rf``, or all held) and those of them already lost, no longer held either way."""
