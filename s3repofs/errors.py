@@ -217,3 +217,18 @@ class ArchivedError(CallerError):
     # EAGAIN tells a reader "not now, retry later": a restore request takes hours.
     errno = _errno.EAGAIN
     exit_status = 7
+
+
+class LockedError(CallerError):
+    """A lease (repo.lock, flock on the mount) is held by another holder: try again later, or wait for it."""
+
+    errno = _errno.EWOULDBLOCK  # what flock(LOCK_NB) answers when the lock is held
+    exit_status = 8
+
+
+class ClaimLostError(RepoError):
+    """A lease ran out and another holder took the file (or released it) while this one still worked on it: its
+    work was not exclusive and is not recorded as done (the message names the files)."""
+
+    errno = _errno.EIO
+    exit_status = 9

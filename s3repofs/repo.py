@@ -44,10 +44,12 @@ from .errors import (
     UnavailableError,
     VerificationError,
 )
+from .leases import DEFAULT_LEASE, DEFAULT_TASK, Claim, Lock, release_holder
 from .local.atomic import fsync_directory
 from .local.cache import LocalCache, StartDownload
 from .local.intake import Intake, check_source, copy_in, rename_in
 from .local.transfer import Download
+from .meta.claims import Lease, LeaseStore
 from .meta.db import Database
 from .meta.find import FindQuery
 from .meta.metastore import MetaStore, Version
@@ -83,6 +85,7 @@ class S3Repo:
         self.host = host_name or self.config.host_name or socket.gethostname()
         self.db = Database(self.config.database_url)
         self.meta = MetaStore(self.db, clock)
+        self.leases = LeaseStore(self.db, self.meta)
         self.store: ObjectStore = open_store(self.config)
         self.cache = LocalCache(self.config.local_root, self.config.cache_max_bytes)
         # Parts of large downloads, shared by every download of this process.
@@ -275,25 +278,61 @@ class S3Repo:
         at least one, ``tags_none`` none of them. ``state``: one state, or None for any visible state.
         ``date``: a date tag of ``created_at``, e.g. ``("month", "2026-11")`` (see domain/tags.py).
         Times are ``[after, before)``."""
-        self.ensure_ready()  # here, and the arguments checked, on the call: not at the first next()
+        query = self._find_query(file_type, prefix, tags_all=tags_all, tags_any=tags_any, tags_none=tags_none,
+                                 state=state, published_after=published_after, published_before=published_before,
+                                 origin_host=origin_host, date=date)
+        return self._pages(query, page_size)
+
+    def _find_query(self, file_type: str | None, prefix: str | None, *, tags_all, tags_any, tags_none,
+                    state: str | None, published_after: float | None = None, published_before: float | None = None,
+                    origin_host: str | None = None, date: tuple[str, str] | None = None) -> FindQuery:
+        """``find``'s arguments, checked (here, on the call: not at the first next()), as a FindQuery."""
+        self.ensure_ready()
         if state is not None and state not in VISIBLE_STATES:
             raise RepoError(f"unknown state {state!r} (one of {', '.join(VISIBLE_STATES)})")
         if file_type:
             validate_type(file_type)
         created_after, created_before = period_range(*date) if date else (None, None)
-        query = FindQuery(
-            file_type=file_type or None,
-            prefix=DirPath.parse(prefix.strip("/")) if prefix.strip("/") else None,
+        prefix = (prefix or "").strip("/")
+        return FindQuery(
+            file_type=file_type or None, prefix=DirPath.parse(prefix) if prefix else None,
             states=(state,) if state else (), tags_all=_checked(tags_all), tags_any=_checked(tags_any),
             tags_none=_checked(tags_none), origin_host=origin_host, published_after=published_after,
             published_before=published_before, created_after=created_after, created_before=created_before)
-        return self._pages(query, page_size)
 
     def _pages(self, query: FindQuery, page_size: int) -> Iterator["RepoFile"]:
         after = 0
         while page := self.meta.find_page(query, after, page_size):
             yield from (RepoFile(self, v) for v in page)
             after = page[-1].id
+
+    # -- processing leases (leases.py) ------------------------------------------------------------
+
+    def claim(self, file_type: str | None = None, prefix: str | None = None, *,
+              tags_all: Mapping[str, str | None] | None = None, tags_any: Mapping[str, str | None] | None = None,
+              tags_none: Mapping[str, str | None] | None = None, state: str | None = State.PUBLISHED,
+              limit: int = 1, lease: float = DEFAULT_LEASE, task: str = DEFAULT_TASK,
+              holder: str | None = None) -> Claim:
+        """Leases on up to ``limit`` versions that ``find`` would list with these arguments, not done for
+        ``task`` and not leased for it by anyone else: ``with repo.claim(...) as files:`` (see leases.py).
+        ``holder``: a token to name the leases by (default: a new one), as ``release_claims`` takes it."""
+        query = self._find_query(file_type, prefix, tags_all=tags_all, tags_any=tags_any, tags_none=tags_none,
+                                 state=state)
+        return Claim(self, query, task=task, limit=limit, lease=lease, holder=holder)
+
+    def lock(self, rf: "RepoFile", *, task: str = DEFAULT_TASK, nowait: bool = True, lease: float = DEFAULT_LEASE,
+             timeout: float | None = None) -> Lock:
+        """The lease of one version for ``task``: ``with repo.lock(rf):``. Held elsewhere: LockedError at once
+        (``nowait``), else once ``timeout`` seconds (None: no limit) passed without it coming free."""
+        self.ensure_ready()
+        return Lock(self, rf, task=task, lease=lease, nowait=nowait, timeout=timeout)
+
+    def release_claims(self, holder: str, paths: list[str] | None = None, *, done: bool = False,
+                       dry_run: bool = False) -> list[Lease]:
+        """End the leases of ``holder`` (all, or those on ``paths``), recording them done with ``done``; the
+        leases ended (``dry_run``: that would end). See leases.release_holder for the errors."""
+        self.ensure_ready()
+        return release_holder(self, holder, paths, done, dry_run)
 
     # -- for a mounted tree: records and staged files, one call each ------------------------------
     # The mount caches what these answer; it reaches the metadata and the cache only through them.

@@ -127,13 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "mark the others storage missing; adopt unrecorded objects as expired versions")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    from . import backup, mount, stats, systemd, tags
+    from . import backup, claims, mount, stats, systemd, tags
 
     mount.add_commands(add, COMMANDS)
     backup.add_commands(add, COMMANDS)
     stats.add_commands(add, COMMANDS)
     systemd.add_commands(add, COMMANDS)
     tags.add_commands(add, COMMANDS)
+    claims.add_commands(add, COMMANDS)
     return parser
 
 

@@ -535,10 +535,14 @@ class MetaStore:
 
     def find_sql(self, query: FindQuery, after_id: int, limit: int) -> tuple[str, list]:
         """``find_page``'s statement (the plan test EXPLAINs it): ``find_condition`` within ``query.prefix``."""
+        where, params = self.find_where(query, after_id)
+        return f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {where} ORDER BY id LIMIT {int(limit)}", params
+
+    def find_where(self, query: FindQuery, after_id: int) -> tuple[str, list]:
+        """The condition on ``versions`` of ``find_sql``, for statements that add to it (meta/claims.py)."""
         condition, params = find_condition(query, after_id)
         where, scope_params = self._scope(query.prefix)
-        sql = f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {condition}{where} ORDER BY id LIMIT {int(limit)}"
-        return sql, params + list(scope_params)
+        return condition + where, params + list(scope_params)
 
     # -- directories ----------------------------------------------------------------------------
 
