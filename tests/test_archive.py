@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -193,8 +194,8 @@ def test_moto_answers_the_archive_requests_as_s3_does(s3_repo):
     thaw(repo, "t/a")
     thaw(repo, "t/a")  # asked again: moto's restore is done at once, so it is finished here
     assert restore_ongoing('ongoing-request="true"') is True  # what S3 answers meanwhile (moto never does)
-    assert tier(repo, rf) == Tier.FRESH and client.head_object(Bucket=bucket, Key=rf.s3_key).get("StorageClass",
-                                                                                                  "STANDARD") == "STANDARD"
+    assert tier(repo, rf) == Tier.FRESH
+    assert client.head_object(Bucket=bucket, Key=rf.s3_key).get("StorageClass", "STANDARD") == "STANDARD"
     assert rf.read_bytes() == b"a"
 
 
@@ -240,3 +241,38 @@ def test_the_commands_plan_archive_thaw_and_ls_shows_the_tier(repo_config_pair, 
     assert run("cat", "t/a", config=str(config)).stdout == b"a"
     bad = run("archive", config=str(config))
     assert bad.returncode == 2 and bad.stderr.decode().count("\n") == 1
+
+
+# -- the mount ---------------------------------------------------------------------------------------------
+
+
+def test_the_mount_refuses_an_archived_file_with_enomedium_shows_the_tier_and_reads_it_once_thawed(
+        repo_config_pair, tmp_path):
+    from mount_helper import daemon_log, fuse_available, mounted, wait_for
+
+    if not fuse_available():
+        pytest.skip("needs /dev/fuse and fusermount3")
+    config = {**repo_config_pair, "metadata_ttl": 0.2}
+    with S3Repo(config) as repo:
+        repo.create_repository()
+        rf = published(repo, "t/a", b"cold")
+        with mounted(config, tmp_path) as mnt:
+            path = mnt / "published/t/a"
+
+            def shown_tier() -> str:
+                return os.getxattr(path, "user.s3repo.tier").decode()
+
+            assert shown_tier() == "fresh"
+            archive(repo, "t/a")
+            assert wait_for(lambda: shown_tier() == "archived"), shown_tier()
+            cat = subprocess.run(["cat", str(path)], capture_output=True)
+            assert cat.returncode == 1 and b"No medium found" in cat.stderr
+            with pytest.raises(OSError) as info:
+                path.read_bytes()
+            assert info.value.errno == errno.ENOMEDIUM
+            assert (f"open: t/a: version {rf.id} is archived; thaw it with `s3repofs thaw t/a`, then read it"
+                    " (hours later) (ENOMEDIUM)") in daemon_log(tmp_path)
+            thaw(repo, "t/a")
+            assert wait_for(lambda: shown_tier() == "thawing"), shown_tier()
+            assert path.read_bytes() == b"cold"  # the open finds the restore done and finishes the thaw
+            assert wait_for(lambda: shown_tier() == "fresh"), shown_tier()
