@@ -276,3 +276,48 @@ def test_the_mount_refuses_an_archived_file_with_enomedium_shows_the_tier_and_re
             assert wait_for(lambda: shown_tier() == "thawing"), shown_tier()
             assert path.read_bytes() == b"cold"  # the open finds the restore done and finishes the thaw
             assert wait_for(lambda: shown_tier() == "fresh"), shown_tier()
+
+
+# -- backup, restore and rebuild carry the tiers ----------------------------------------------------------
+
+
+def test_backup_restore_and_rebuild_keep_archived_and_thawing_versions(repo_config_pair, empty_database):
+    from s3repofs.config import load_config
+    from s3repofs.ops import backup as backup_ops
+    from s3repofs.ops import restore as restore_ops
+    from s3repofs.ops.rebuild import rebuild
+
+    engine = "sqlite" if repo_config_pair["database"].startswith("sqlite") else "postgres"
+    with S3Repo(repo_config_pair) as repo:
+        repo.create_repository()
+        published(repo, "t/archived", b"a")
+        published(repo, "t/thawing", b"t")
+        published(repo, "t/fresh", b"f")
+        archive(repo, "t/archived", "t/thawing")
+        thaw(repo, "t/thawing")
+        backup_ops.backup(repo)
+        restored = empty_database(engine)
+        restore_ops.restore(repo, None, restored)
+    rebuilt = empty_database(engine)
+    rebuild(load_config(repo_config_pair), rebuilt, quiet=True)
+    for database in (restored, rebuilt):
+        with S3Repo({**repo_config_pair, "database": database}) as copy:
+            assert {f.path: f.tier for f in copy.list_files("t")} == {
+                "t/archived": "archived", "t/thawing": "thawing", "t/fresh": "fresh"}, database
+    with S3Repo({**repo_config_pair, "database": rebuilt}) as copy:
+        assert copy.finish_thaws() == 1 and copy.require_file("t/thawing").read_bytes() == b"t"
+
+
+def test_an_object_over_the_copy_limit_is_copied_in_parts_its_description_kept(s3_repo, monkeypatch):
+    from s3repofs.objects import s3
+
+    monkeypatch.setattr(s3, "COPY_OBJECT_LIMIT", 1024)
+    monkeypatch.setattr(s3, "COPY_PART_SIZE", 5 * 1024**2)  # S3's smallest part
+    rf = published(s3_repo, "t/big", b"x" * (6 * 1024**2))
+    archive(s3_repo, "t/big")
+    info = s3_repo.store.head(rf.s3_key)
+    assert (info.storage_class, info.size, info.description["path"]) == ("GLACIER", 6 * 1024**2, "t/big")
+    etag = s3_repo.store.client.head_object(Bucket=s3_repo.store.bucket, Key=rf.s3_key)["ETag"]
+    assert etag.endswith('-2"')  # a multipart copy's, of two parts
+    thaw(s3_repo, "t/big")
+    assert rf.refresh().read_bytes() == b"x" * (6 * 1024**2) and tier(s3_repo, rf) == Tier.FRESH
