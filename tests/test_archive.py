@@ -321,3 +321,12 @@ def test_an_object_over_the_copy_limit_is_copied_in_parts_its_description_kept(s
     assert etag.endswith('-2"')  # a multipart copy's, of two parts
     thaw(s3_repo, "t/big")
     assert rf.refresh().read_bytes() == b"x" * (6 * 1024**2) and tier(s3_repo, rf) == Tier.FRESH
+
+
+def test_an_object_moved_before_its_row_was_recorded_is_recorded_by_the_next_archive_or_thaw(repo):
+    rf = published(repo, "t/a", b"a")
+    repo.store.set_storage_class(rf.s3_key, "GLACIER", 1)  # archive's copy, then a crash before its record
+    assert repo.archive(rf.version).shown_tier == Tier.ARCHIVED
+    thawing = repo.thaw(rf.refresh().version, 1)
+    repo.store.set_storage_class(rf.s3_key, "STANDARD", 1)  # the finish's copy, then a crash before its record
+    assert repo.check_thaw(thawing).shown_tier == Tier.FRESH
