@@ -108,6 +108,8 @@ def test_bad_requests_are_refused_and_change_nothing(repo):
     staged = repo.add_file(path="t/a").touch(b"1")
     with pytest.raises(UsageError, match="name PATHs, or --older-than"):
         archive_ops.plan_archive(repo)
+    with pytest.raises(UsageError, match="--older-than -1: a number of days"):
+        archive_ops.plan_archive(repo, older_than_days=-1)
     with pytest.raises(NotFoundError, match="t/none: no published or expired version"):
         archive_ops.plan_archive(repo, ["t/none"])
     with pytest.raises(LifecycleError, match="only an uploaded published or expired version can be archived"):

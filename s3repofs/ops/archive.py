@@ -80,6 +80,8 @@ def plan_archive(repo: S3Repo, paths: Iterable[str] = (), *, older_than_days: fl
     paths, states = list(paths), tuple(states)
     if not paths and older_than_days is None:
         raise UsageError("archive what? name PATHs, or --older-than DAYS for every version that old")
+    if older_than_days is not None and older_than_days < 0:
+        raise UsageError(f"--older-than {older_than_days:g}: a number of days, at least 0")
     cutoff = None if older_than_days is None else (repo.meta.clock() if now is None else now) - older_than_days * 86400
     left_out: Counter = Counter()
     if paths:
