@@ -214,8 +214,10 @@ class ObjectMissingError(VerificationError):
 class ArchivedError(CallerError):
     """The version is in Glacier-class storage; it must be restored (thawed) before reading."""
 
-    # EAGAIN tells a reader "not now, retry later": a restore request takes hours.
-    errno = _errno.EAGAIN
+    # ENOMEDIUM, "No medium found": the bytes are on a medium that is not loaded, as a tape in an archive is.
+    # Distinct: no other failure of the mount (nor of a local file system, for a regular file) gives it. Not
+    # EAGAIN: a reader takes that for a non-blocking descriptor's "try again" and may spin on it for hours.
+    errno = _errno.ENOMEDIUM
     exit_status = 7
 
 
