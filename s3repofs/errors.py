@@ -225,7 +225,7 @@ class LockedError(CallerError):
     """A lease (repo.lock, flock on the mount) is held by another holder: try again later, or wait for it."""
 
     errno = _errno.EWOULDBLOCK  # what flock(LOCK_NB) answers when the lock is held
-    exit_status = 8
+    exit_status = 9  # 8 is fsck's "found something"
 
 
 class ClaimLostError(RepoError):
@@ -233,4 +233,4 @@ class ClaimLostError(RepoError):
     work was not exclusive and is not recorded as done (the message names the files)."""
 
     errno = _errno.EIO
-    exit_status = 9
+    exit_status = 10
