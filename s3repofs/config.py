@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import quote, unquote, urlsplit
 
+from .domain.lifecycle import ARCHIVE_CLASSES
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ _OPTIONAL: dict[str, tuple[tuple[type, ...], Any]] = {
     "prefetch_files": ((int,), 64),
     "prefetch_max_size": ((int,), 1024**2),
     "host_name": ((str,), None),
+    "archive_storage_class": ((str,), "GLACIER"),
 }
 _DB_KEYS = {"host": (str,), "port": (int,), "user": (str,), "password": (str,), "database": (str,)}
 _SECRET_KEYS = ("s3_secret_key", "s3_access_key", "database")
@@ -97,6 +99,7 @@ class Config:
     prefetch_files: int = 64  # files a sequential reader of a directory gets downloaded ahead (0: none)
     prefetch_max_size: int = 1024**2  # only files up to this size are prefetched
     host_name: str | None = None
+    archive_storage_class: str = "GLACIER"  # where `s3repofs archive` moves objects (lifecycle.ARCHIVE_CLASSES)
 
     @property
     def staging_dir(self) -> Path:
@@ -211,6 +214,9 @@ def config_from_dict(data: dict, source: str) -> Config:
         raise ConfigError(f"{source}: key 'backup_prefix' must start with '_' (no file type does) and end with '/'")
     if values["transfer_concurrency"] < 1:
         raise ConfigError(f"{source}: key 'transfer_concurrency' must be at least 1")
+    if values["archive_storage_class"] not in ARCHIVE_CLASSES:
+        raise ConfigError(f"{source}: key 'archive_storage_class' must be one of {', '.join(ARCHIVE_CLASSES)} (classes "
+                          "read at once, such as GLACIER_IR, need no archive tier: use an S3 lifecycle rule)")
     for key in ("download_part_size", "prefetch_files", "prefetch_max_size", "cache_max_bytes"):
         if values[key] < 0:
             raise ConfigError(f"{source}: key {key!r} must not be negative")

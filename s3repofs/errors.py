@@ -214,6 +214,23 @@ class ObjectMissingError(VerificationError):
 class ArchivedError(CallerError):
     """The version is in Glacier-class storage; it must be restored (thawed) before reading."""
 
-    # EAGAIN tells a reader "not now, retry later": a restore request takes hours.
-    errno = _errno.EAGAIN
+    # ENOMEDIUM, "No medium found": the bytes are on a medium that is not loaded, as a tape in an archive is.
+    # Distinct: no other failure of the mount (nor of a local file system, for a regular file) gives it. Not
+    # EAGAIN: a reader takes that for a non-blocking descriptor's "try again" and may spin on it for hours.
+    errno = _errno.ENOMEDIUM
     exit_status = 7
+
+
+class LockedError(CallerError):
+    """A lease (repo.lock, flock on the mount) is held by another holder: try again later, or wait for it."""
+
+    errno = _errno.EWOULDBLOCK  # what flock(LOCK_NB) answers when the lock is held
+    exit_status = 9  # 8 is fsck's "found something"
+
+
+class ClaimLostError(RepoError):
+    """A lease ran out and another holder took the file (or released it) while this one still worked on it: its
+    work was not exclusive and is not recorded as done (the message names the files)."""
+
+    errno = _errno.EIO
+    exit_status = 10

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 from . import metrics
 from .config import EMBEDDED, Config, load_config
 from .domain.content import Content, download_digest, file_content
-from .domain.lifecycle import VISIBLE_STATES, State, Storage, Tier
+from .domain.lifecycle import ARCHIVE_CLASSES, VISIBLE_STATES, State, Storage, Tier
 from .domain.paths import DirPath, RepoPath, validate_type
 from .domain.tags import period_range, validate_key, validate_value
 from .errors import (
@@ -44,11 +44,13 @@ from .errors import (
     UnavailableError,
     VerificationError,
 )
+from .leases import DEFAULT_LEASE, DEFAULT_TASK, Claim, Lock, release_holder
 from .local.atomic import fsync_directory
 from .local.cache import LocalCache, StartDownload
 from .local.holdings import Batch
 from .local.intake import Intake, check_source, copy_in, rename_in
 from .local.transfer import Download
+from .meta.claims import Lease, LeaseStore
 from .meta.db import Database
 from .meta.find import FindQuery
 from .meta.holders import Holder, HolderRecords
@@ -66,6 +68,8 @@ log = logging.getLogger(__name__)
 # Seconds an upload or publish waits for a writer of the staged version to close (the kernel releases
 # a closed file a moment after close() returns: `touch f && mv f ...`) or for another upload of it.
 CLAIM_WAIT = 5.0
+THAW_CHECKS = 20  # thawing versions a mount's background pass looks at (a HEAD each), every RETRY_INTERVAL
+STANDARD_CLASS = "STANDARD"  # where a thawed version's object goes back to: fresh for good
 
 
 class RepoNotInitializedError(RepoError):
@@ -85,6 +89,7 @@ class S3Repo:
         self.host = host_name or self.config.host_name or socket.gethostname()
         self.db = Database(self.config.database_url)
         self.meta = MetaStore(self.db, clock)
+        self.leases = LeaseStore(self.db, self.meta)
         self.store: ObjectStore = open_store(self.config)
         self.cache = LocalCache(self.config.local_root, self.config.cache_max_bytes, clock=clock)
         self.holder_records = HolderRecords(self.db)
@@ -93,6 +98,7 @@ class S3Repo:
         self._parts = ThreadPoolExecutor(self.config.transfer_concurrency, thread_name_prefix="part")
         self._checked = False
         self._checking = threading.Lock()
+        self._thaw_cursor = 0  # the last thawing version finish_thaws looked at
 
     # -- repository -----------------------------------------------------------------------------
 
@@ -286,19 +292,27 @@ class S3Repo:
         at least one, ``tags_none`` none of them. ``state``: one state, or None for any visible state.
         ``date``: a date tag of ``created_at``, e.g. ``("month", "2026-11")`` (see domain/tags.py).
         Times are ``[after, before)``."""
-        self.ensure_ready()  # here, and the arguments checked, on the call: not at the first next()
+        query = self._find_query(file_type, prefix, tags_all=tags_all, tags_any=tags_any, tags_none=tags_none,
+                                 state=state, published_after=published_after, published_before=published_before,
+                                 origin_host=origin_host, date=date)
+        return self._pages(query, page_size)
+
+    def _find_query(self, file_type: str | None, prefix: str | None, *, tags_all, tags_any, tags_none,
+                    state: str | None, published_after: float | None = None, published_before: float | None = None,
+                    origin_host: str | None = None, date: tuple[str, str] | None = None) -> FindQuery:
+        """``find``'s arguments, checked (here, on the call: not at the first next()), as a FindQuery."""
+        self.ensure_ready()
         if state is not None and state not in VISIBLE_STATES:
             raise RepoError(f"unknown state {state!r} (one of {', '.join(VISIBLE_STATES)})")
         if file_type:
             validate_type(file_type)
         created_after, created_before = period_range(*date) if date else (None, None)
-        query = FindQuery(
-            file_type=file_type or None,
-            prefix=DirPath.parse(prefix.strip("/")) if prefix.strip("/") else None,
+        prefix = (prefix or "").strip("/")
+        return FindQuery(
+            file_type=file_type or None, prefix=DirPath.parse(prefix) if prefix else None,
             states=(state,) if state else (), tags_all=_checked(tags_all), tags_any=_checked(tags_any),
             tags_none=_checked(tags_none), origin_host=origin_host, published_after=published_after,
             published_before=published_before, created_after=created_after, created_before=created_before)
-        return self._pages(query, page_size)
 
     def _pages(self, query: FindQuery, page_size: int) -> Iterator["RepoFile"]:
         after = 0
@@ -330,6 +344,34 @@ class S3Repo:
         """The hosts whose cache holds a verified copy of each version (most recently verified first), each
         with its last heartbeat and whether that is within ``host_gone_after``."""
         return self.holder_records.of_versions(version_ids, self.meta.clock() - self.config.host_gone_after)
+
+    # -- processing leases (leases.py) ------------------------------------------------------------
+
+    def claim(self, file_type: str | None = None, prefix: str | None = None, *,
+              tags_all: Mapping[str, str | None] | None = None, tags_any: Mapping[str, str | None] | None = None,
+              tags_none: Mapping[str, str | None] | None = None, state: str | None = State.PUBLISHED,
+              limit: int = 1, lease: float = DEFAULT_LEASE, task: str = DEFAULT_TASK,
+              holder: str | None = None) -> Claim:
+        """Leases on up to ``limit`` versions that ``find`` would list with these arguments, not done for
+        ``task`` and not leased for it by anyone else: ``with repo.claim(...) as files:`` (see leases.py).
+        ``holder``: a token to name the leases by (default: a new one), as ``release_claims`` takes it."""
+        query = self._find_query(file_type, prefix, tags_all=tags_all, tags_any=tags_any, tags_none=tags_none,
+                                 state=state)
+        return Claim(self, query, task=task, limit=limit, lease=lease, holder=holder)
+
+    def lock(self, rf: "RepoFile", *, task: str = DEFAULT_TASK, nowait: bool = True, lease: float = DEFAULT_LEASE,
+             timeout: float | None = None) -> Lock:
+        """The lease of one version for ``task``: ``with repo.lock(rf):``. Held elsewhere: LockedError at once
+        (``nowait``), else once ``timeout`` seconds (None: no limit) passed without it coming free."""
+        self.ensure_ready()
+        return Lock(self, rf, task=task, lease=lease, nowait=nowait, timeout=timeout)
+
+    def release_claims(self, holder: str, paths: list[str] | None = None, *, done: bool = False,
+                       dry_run: bool = False) -> list[Lease]:
+        """End the leases of ``holder`` (all, or those on ``paths``), recording them done with ``done``; the
+        leases ended (``dry_run``: that would end). See leases.release_holder for the errors."""
+        self.ensure_ready()
+        return release_holder(self, holder, paths, done, dry_run)
 
     # -- for a mounted tree: records and staged files, one call each ------------------------------
     # The mount caches what these answer; it reaches the metadata and the cache only through them.
@@ -409,6 +451,79 @@ class S3Repo:
     def release_staged(self, fd: int) -> None:
         """Give up a writer's hold (``open_staged``) on a staged file, before its descriptor is closed."""
         self.cache.release_staged(fd)
+
+    # -- archive tiers (ops/archive.py; the mount's background pass finishes thaws) ---------------------
+
+    def archive(self, version: Version) -> Version:
+        """Move an uploaded, published or expired version's object into ``archive_storage_class`` (a copy in
+        place), then record it archived. The cache is not asked: copies cached on hosts stay readable there.
+        A version archived or thawing already is returned as it is."""
+        if version.shown_tier != Tier.FRESH:
+            return version
+        if version.storage != Storage.UPLOADED or version.state not in (State.PUBLISHED, State.EXPIRED):
+            raise LifecycleError(f"{version.path}: version {version.id} is {version.state} and {version.storage}; "
+                                 "only an uploaded published or expired version can be archived")
+        self._move_object(version, self.config.archive_storage_class)
+        archived = self.meta.archive(version.id)
+        log.info("archived %s (version %d) into %s", version.path, version.id, self.config.archive_storage_class)
+        return archived
+
+    def thaw(self, version: Version, days: int) -> Version:
+        """Ask for the restore of an archived version's object, its copy kept ``days`` days: it is thawing
+        until a look at it (``check_thaw``) finds the restore done and finishes it. A thawing version is
+        looked at first: finished if it can be, asked for again if its restored copy lapsed."""
+        version = self.check_thaw(version)
+        if version.shown_tier != Tier.ARCHIVED:
+            return version
+        self.store.request_restore(version.s3_key, days)
+        thawing = self.meta.request_thaw(version.id)
+        log.info("thaw of %s (version %d) requested: restored for %d days", version.path, version.id, days)
+        return thawing
+
+    def check_thaw(self, version: Version) -> Version:
+        """One look at a thawing version's restore (a HEAD): done, the object is copied back into the
+        standard class and the version is fresh for good; lapsed (no restored copy any more), archived
+        again; still running, as it is. Any other version is returned as it is."""
+        if version.shown_tier != Tier.THAWING:
+            return version
+        info = self.store.head(version.s3_key)
+        if info is None:
+            raise ObjectMissingError(f"{version.path}: version {version.id}: object lost; see fsck "
+                                     f"(key {version.s3_key})")
+        if info.storage_class in ARCHIVE_CLASSES and info.restore_ongoing is None:
+            log.warning("thaw of %s (version %d) lapsed: its restored copy expired before it was finished",
+                        version.path, version.id)
+            return self.meta.lapse_thaw(version.id)
+        if info.restore_ongoing:
+            return version
+        if info.storage_class in ARCHIVE_CLASSES:  # else copied back already, by a look whose record failed
+            self._move_object(version, STANDARD_CLASS)
+        fresh = self.meta.finish_thaw(version.id)
+        log.info("thawed %s (version %d): fresh again", version.path, version.id)
+        return fresh
+
+    def finish_thaws(self, limit: int = THAW_CHECKS) -> int:
+        """Look at up to ``limit`` thawing versions (``check_thaw``), after those the last call looked at
+        (so a long restore never hides the others); how many were finished."""
+        versions = self.meta.thawing(limit, after_id=self._thaw_cursor) or self.meta.thawing(limit)
+        finished = 0
+        for version in versions:
+            try:
+                finished += self.check_thaw(version).shown_tier == Tier.FRESH
+            except RepoError as exc:  # the next one may still succeed
+                log.warning("checking the thaw of %s (version %d): %s", version.path, version.id, exc)
+        self._thaw_cursor = versions[-1].id if versions else 0
+        return finished
+
+    def _move_object(self, version: Version, storage_class: str) -> None:
+        """Put the version's object in ``storage_class``. If the copy fails, the object may be there already
+        (a copy whose record failed, a look at the same thaw from another host): then that is done."""
+        try:
+            self.store.set_storage_class(version.s3_key, storage_class, version.size or 0)
+        except RepoError:
+            info = self.store.head(version.s3_key)
+            if info is None or info.storage_class != storage_class:
+                raise
 
     # -- version operations (RepoFile delegates here) ---------------------------------------------
 
@@ -554,7 +669,7 @@ class S3Repo:
         if version.storage == Storage.LOCAL:
             return self._staged_file(version)
         self._check_downloadable(version)
-        return self.cache.fetch(version.s3_key, version.size, self._downloader(version, received))
+        return self.cache.fetch(version.s3_key, version.size, self._download_or_thaw(version, received))
 
     def open_version(self, version: Version, *, cached_only: bool = False) -> "VersionReader":
         """A reader of the version's bytes that does not wait for the whole download: each read waits
@@ -565,7 +680,7 @@ class S3Repo:
             return VersionReader(os.open(self._staged_file(version), os.O_RDONLY), None, None)
         self._check_downloadable(version)
         key = version.s3_key
-        start = _no_download(version) if cached_only else self._downloader(version)
+        start = _no_download(version) if cached_only else self._download_or_thaw(version)
         fd, download = self.cache.open_object(key, version.size, start)
         return VersionReader(fd, download, lambda: self.cache.unpin(key))
 
@@ -588,10 +703,24 @@ class S3Repo:
         if version.storage == Storage.MISSING:
             raise ObjectMissingError(f"{version.path}: version {version.id}: object lost; see fsck "
                                      f"(key {version.s3_key})")
-        if version.tier == Tier.ARCHIVED:
-            raise ArchivedError(f"{version.path}: version {version.id} is archived; thaw it first")
         if version.size is None or version.md5 is None:
             raise LifecycleError(f"{version.path}: version {version.id} has no recorded size and md5")
+
+    def _download_or_thaw(self, version: Version, received: Callable[[int], None] | None = None) -> StartDownload:
+        """How to download the version's object into the cache (called only if the cache lacks it: a verified
+        copy cached here is served whatever the tier). Archived: ArchivedError, saying how to thaw it;
+        thawing: its restore is looked at once, and the thaw finished if it is done. The row is read again
+        first: a mount's copy of it may be older than a thaw."""
+        if version.tier == Tier.FRESH:
+            return self._downloader(version, received)
+
+        def thawed_first(fd: int) -> Download:
+            thawed = self.check_thaw(self.meta.get(version.id))
+            if thawed.shown_tier != Tier.FRESH:
+                raise ArchivedError(not_thawed(thawed))
+            return self._downloader(thawed, received)(fd)
+
+        return thawed_first
 
     def _downloader(self, version: Version, received: Callable[[int], None] | None = None) -> StartDownload:
         key, size, digest = version.s3_key, version.size, download_digest(version.md5, version.xxh3)
@@ -602,6 +731,15 @@ class S3Repo:
                             part_size, self._parts, received)
 
         return start
+
+
+def not_thawed(version: Version) -> str:
+    """Why an archived or thawing version cannot be read, and the command that thaws it."""
+    command = f"s3repofs thaw{'' if version.state == State.PUBLISHED else f' --state {version.state}'} {version.path}"
+    if version.shown_tier == Tier.THAWING:
+        return (f"{version.path}: version {version.id} is thawing: readable once its restore is done (hours); "
+                f"`{command}` or the mount then finishes the thaw")
+    return f"{version.path}: version {version.id} is archived; thaw it with `{command}`, then read it (hours later)"
 
 
 def _no_download(version: Version) -> StartDownload:

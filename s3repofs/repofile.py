@@ -32,7 +32,7 @@ class RepoFile:
     file_type = property(lambda self: self.version.file_type)
     state = property(lambda self: self.version.state)
     storage = property(lambda self: self.version.storage)
-    tier = property(lambda self: self.version.tier)
+    tier = property(lambda self: self.version.shown_tier)  # fresh, archived or thawing
     md5 = property(lambda self: self.version.md5)
     file_size = property(lambda self: self.version.size)
     s3_key = property(lambda self: self.version.s3_key)
@@ -111,8 +111,8 @@ class RepoFile:
 
     def as_dict(self) -> dict:
         v = self.version
-        return {"path": self.path, "version": v.id, "state": v.state, "storage": v.storage, "tier": v.tier,
+        return {"path": self.path, "version": v.id, "state": v.state, "storage": v.storage, "tier": v.shown_tier,
                 "size": v.size, "md5": v.md5, "bucket": v.bucket, "s3_key": v.s3_key,
                 "origin_host": v.origin_host, "mode": v.mode, "uid": v.uid, "gid": v.gid,
                 "created_at": v.created_at, "uploaded_at": v.uploaded_at, "published_at": v.published_at,
-                "expired_at": v.expired_at}
+                "expired_at": v.expired_at, "archived_at": v.archived_at, "thaw_requested_at": v.thaw_requested_at}

@@ -54,15 +54,20 @@ def repo(repo_config):
     repo.close()
 
 
-def back_to_schema_1(tx) -> None:
-    """Undo migrations 2, 3 and 6 in a transaction: the database as a schema-1 repository left it (4 and 5
-    only index, and can run again)."""
-    for table in ("claims", "claims_done", "holders"):  # migration 6's
+def undo_migration_6(tx) -> None:
+    """Drop what migration 6 added (it adds columns, which cannot be added twice)."""
+    for table in ("claims", "claims_done", "holders"):
         tx.execute(f"DROP TABLE {table}")
     tx.execute("DROP INDEX versions_thawing")
     tx.execute("ALTER TABLE versions DROP COLUMN thaw_requested_at")
     for column in ("cache_bytes", "cache_objects", "cache_bound"):
         tx.execute(f"ALTER TABLE hosts DROP COLUMN {column}")
+
+
+def back_to_schema_1(tx) -> None:
+    """Undo migrations 2, 3 and 6 in a transaction: the database as a schema-1 repository left it (4 and 5
+    only index, and can run again)."""
+    undo_migration_6(tx)
     on = {"versions_touch_dir": "versions", "versions_touch_dirs": "versions",
           "directories_touch_parent": "directories", "directories_touch_parent_gone": "directories"}
     for trigger, table in on.items():  # migration 3's

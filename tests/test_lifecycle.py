@@ -56,8 +56,8 @@ def test_a_refusal_says_which_states_may_make_the_change():
     with pytest.raises(LifecycleError, match="is discarded; only an unpublished, published or expired version can be"
                                              " published"):
         check_transition("t/a: version 1", State.DISCARDED, State.PUBLISHED)
-    with pytest.raises(LifecycleError, match="is fresh; no version can be archived"):
-        check_transition("t/a: version 1", Tier.FRESH, Tier.ARCHIVED)
+    with pytest.raises(LifecycleError, match="is fresh; only an archived version can be thawing"):
+        check_transition("t/a: version 1", Tier.FRESH, Tier.THAWING)
 
 
 def test_the_rows_of_the_database_compare_equal_to_the_members():
@@ -82,8 +82,10 @@ def test_a_new_version_is_unpublished_local_and_fresh(s3_repo):
 
 
 def _rows(repo: S3Repo) -> dict[int, dict]:
-    return {row["id"]: row for row in repo.db.run(lambda tx: tx.all(
-        "SELECT id, state, storage, tier, file_type, dir, name FROM versions"), write=False)}
+    """Each version's facets, its tier as shown (archived with a thaw requested is thawing)."""
+    rows = repo.db.run(lambda tx: tx.all(
+        "SELECT id, state, storage, tier, thaw_requested_at, file_type, dir, name FROM versions"), write=False)
+    return {row["id"]: {**row, "tier": Tier.THAWING if row.pop("thaw_requested_at") else row["tier"]} for row in rows}
 
 
 def _changes(before: dict[int, dict], after: dict[int, dict]) -> set[tuple[str, str]]:
@@ -128,6 +130,14 @@ def _operations(repo: S3Repo) -> list:
     def find_a_copy(path: str, data: bytes) -> None:  # as another host's cache would have it
         repo.cache.object_path(file(path).s3_key).write_bytes(data)
 
+    def read_uncached(path: str) -> bytes:
+        repo.cache.clear()
+        return file(path).read_bytes()
+
+    def restored_copy_expires(path: str) -> None:  # a copy in place has no restore: as if it had expired
+        version = file(path).version
+        repo.store.set_storage_class(version.s3_key, "GLACIER", version.size)
+
     return [
         lambda: repo.add_file(path="t/a").touch("1").publish(),  # staged, uploaded and published at once
         lambda: repo.add_file(path="t/a").touch("2").publish(),  # expires the first
@@ -154,6 +164,13 @@ def _operations(repo: S3Repo) -> list:
         fsck_repair,  # no copy: marked missing
         lambda: find_a_copy("t/e", b"4"),
         fsck_repair,  # re-uploaded from the copy
+        lambda: repo.archive(file("t/e").version),
+        lambda: repo.thaw(file("t/e").version, 1),
+        lambda: read_uncached("t/e"),  # the open finds the restore done: the thaw finished
+        lambda: repo.archive(file("t/e").version),
+        lambda: repo.thaw(file("t/e").version, 1),
+        lambda: restored_copy_expires("t/e"),
+        repo.finish_thaws,  # the mount's pass: the thaw lapsed
         lambda: gc.execute(repo, gc.plan(repo, now=time.time() + 40 * 86400)),  # purges what expired
     ]
 

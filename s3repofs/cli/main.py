@@ -18,7 +18,7 @@ from typing import Callable
 
 from .. import __version__
 from ..config import load_config
-from ..domain.lifecycle import VISIBLE_STATES, State, Storage
+from ..domain.lifecycle import VISIBLE_STATES, State, Storage, Tier
 from ..errors import NotFoundError, RepoError, UsageError
 from ..local.intake import check_source
 from ..ops import backup as backup_ops
@@ -131,13 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "mark the others storage missing; adopt unrecorded objects as expired versions")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    from . import backup, mount, stats, systemd, tags
+    from . import archive, backup, claims, mount, stats, systemd, tags
 
+    archive.add_commands(add, COMMANDS)
     mount.add_commands(add, COMMANDS)
     backup.add_commands(add, COMMANDS)
     stats.add_commands(add, COMMANDS)
     systemd.add_commands(add, COMMANDS)
     tags.add_commands(add, COMMANDS)
+    claims.add_commands(add, COMMANDS)
     return parser
 
 
@@ -268,7 +270,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for f in files:
             when = timestamp(f.published_at or f.created_at)
             stored = "" if f.storage == Storage.UPLOADED else f"  [{f.storage}]"  # staged, or lost (see fsck)
-            print(f"{f.state:<11} {f.id:>8} {human(f.file_size):>9} {when}  {f.path}{stored}")
+            tier = "" if f.tier == Tier.FRESH else f"  [{f.tier}]"  # archived or thawing: see s3repofs thaw
+            print(f"{f.state:<11} {f.id:>8} {human(f.file_size):>9} {when}  {f.path}{stored}{tier}")
     return 0
 
 

@@ -18,11 +18,7 @@ def add_commands(add, commands: dict) -> None:
 
     p = add("find", "List the versions under PREFIX that have every --tag, at least one --any-tag and no --no-tag "
                     "(KEY=VALUE, or KEY for any value), by version id. Date tags are of the creation time (UTC).")
-    p.add_argument("prefix", nargs="?", default="", metavar="PREFIX", help="a type, a directory or a path")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY[=VALUE]", help="a tag each version has")
-    p.add_argument("--any-tag", action="append", default=[], metavar="KEY[=VALUE]",
-                   help="a tag of which each version has at least one")
-    p.add_argument("--no-tag", action="append", default=[], metavar="KEY[=VALUE]", help="a tag no version has")
+    add_filter_options(p)
     p.add_argument("--state", choices=STATE_CHOICES, default=State.PUBLISHED.value,
                    help="which versions (default: published)")
     dates = p.add_mutually_exclusive_group()
@@ -55,8 +51,7 @@ def cmd_find(args: argparse.Namespace) -> int:
 
     date = next(((period, getattr(args, period)) for period in DATE_PERIODS if getattr(args, period)), None)
     with open_repo(args) as repo:
-        found = repo.find(prefix=args.prefix, tags_all=_tags(args.tag), tags_any=_tags(args.any_tag),
-                          tags_none=_tags(args.no_tag), state=None if args.state == "all" else args.state,
+        found = repo.find(prefix=args.prefix, **filter_tags(args), state=None if args.state == "all" else args.state,
                           published_after=_time(args.published_after), published_before=_time(args.published_before),
                           origin_host=args.host, date=date)
         if args.json:  # written as found: constant memory however many match
@@ -97,6 +92,20 @@ def _change(args: argparse.Namespace, change) -> int:
             listed = " ".join(f"{k}={v}" if v else k for k, v in tags.items()) or "(none)"
             print(f"{rf.path} (version {rf.id}): {listed}")
     return 0
+
+
+def add_filter_options(p: argparse.ArgumentParser) -> None:
+    """PREFIX, --tag, --any-tag and --no-tag: the conditions of ``repo.find``, as find and claim take them."""
+    p.add_argument("prefix", nargs="?", default="", metavar="PREFIX", help="a type, a directory or a path")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY[=VALUE]", help="a tag each version has")
+    p.add_argument("--any-tag", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="a tag of which each version has at least one")
+    p.add_argument("--no-tag", action="append", default=[], metavar="KEY[=VALUE]", help="a tag no version has")
+
+
+def filter_tags(args: argparse.Namespace) -> dict[str, dict[str, str | None]]:
+    """The tag conditions of ``add_filter_options``, as ``repo.find``'s keyword arguments."""
+    return {"tags_all": _tags(args.tag), "tags_any": _tags(args.any_tag), "tags_none": _tags(args.no_tag)}
 
 
 def _tags(texts: list[str]) -> dict[str, str | None]:

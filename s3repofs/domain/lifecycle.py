@@ -33,10 +33,19 @@ class Storage(StrEnum):
 
 
 class Tier(StrEnum):
-    """The object store's storage class for a version's object."""
+    """The object store's storage class for a version's object, as the code and the CLI show it."""
 
     FRESH = "fresh"  # readable at once
     ARCHIVED = "archived"  # in an archive class: must be thawed before it can be read
+    # Its restore was asked for (``s3repofs thaw``), and it is not finished yet. Never stored in the tier
+    # column (its CHECK allows fresh and archived only, and SQLite cannot alter a CHECK): a thawing version
+    # is stored as tier archived with ``thaw_requested_at`` set (``Version.shown_tier``).
+    THAWING = "thawing"
+
+
+# The S3 storage classes whose objects must be restored before a GET: what tier archived means.
+# (GLACIER_IR, STANDARD_IA... are read at once: a version stored so is fresh.)
+ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 
 
 # The states a mount and a listing show, each as a top-level directory of the mount.
@@ -46,8 +55,7 @@ Facet = State | Storage | Tier
 
 # Every change of a version's state, storage or tier that the code makes, and what makes it: a change
 # not in this table is refused (check_transition). A publish at another path moves a published version
-# without changing its state, and is checked like any publish. Operations not built yet add their rows
-# when they are: archive's tier (docs/internals.md draws it, marked so).
+# without changing its state, and is checked like any publish.
 TRANSITIONS: Mapping[tuple[Facet, Facet], str] = {
     (State.UNPUBLISHED, State.PUBLISHED): "publish (close in published/, mv into published/, setxattr)",
     (State.UNPUBLISHED, State.DISCARDED): "discard (rm in unpublished/, replaced by a newer staged version)",
@@ -58,6 +66,10 @@ TRANSITIONS: Mapping[tuple[Facet, Facet], str] = {
     (Storage.LOCAL, Storage.UPLOADED): "upload (a flush, close or publish; the retry of staged uploads)",
     (Storage.UPLOADED, Storage.MISSING): "fsck --repair: the object is lost, and no verified copy is on this host",
     (Storage.MISSING, Storage.UPLOADED): "fsck --repair: the lost object re-uploaded from a verified local copy",
+    (Tier.FRESH, Tier.ARCHIVED): "archive (s3repofs archive: the object copied into archive_storage_class)",
+    (Tier.ARCHIVED, Tier.THAWING): "thaw (s3repofs thaw: the object's restore requested)",
+    (Tier.THAWING, Tier.FRESH): "thaw finished (the restored object copied back into the standard class)",
+    (Tier.THAWING, Tier.ARCHIVED): "thaw lapsed (the restored copy expired before the thaw was finished)",
 }
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable, Sequence
 
 from ..domain.content import Content
-from ..domain.lifecycle import VISIBLE_STATES, State, Storage, check_transition
+from ..domain.lifecycle import VISIBLE_STATES, State, Storage, Tier, check_transition
 from ..domain.paths import DirPath, RepoPath
 from ..errors import LifecycleError, NotEmptyError, NotFoundError, RepoError
 from . import schema
@@ -62,6 +62,13 @@ class Version:
     @property
     def path(self) -> RepoPath:
         return RepoPath(self.file_type, self.dir, self.name)
+
+    @property
+    def shown_tier(self) -> Tier:
+        """The tier as the code and the CLI show it: archived with a restore asked for is thawing."""
+        if self.tier == Tier.ARCHIVED and self.thaw_requested_at is not None:
+            return Tier.THAWING
+        return Tier(self.tier)
 
 
 @dataclass(frozen=True)
@@ -463,6 +470,76 @@ class MetaStore:
 
         return self.db.run(run)
 
+    # -- archive tiers (ops/archive.py): fresh -> archived -> thawing -> fresh (or back to archived) ---
+
+    def archive(self, version_id: int) -> Version:
+        """Record that an uploaded, published or expired version's object is in an archive class (the
+        caller moved it there first). A version archived already is returned as it is."""
+        check_transition(f"version {version_id}", Tier.FRESH, Tier.ARCHIVED)  # made where the row is fresh
+        now = self.clock()
+        return self._change_tier(version_id, f"""UPDATE versions SET tier = '{Tier.ARCHIVED}', archived_at = ?,
+                                                     thaw_requested_at = NULL
+                                                 WHERE id = ? AND tier = '{Tier.FRESH}'
+                                                     AND storage = '{Storage.UPLOADED}'
+                                                     AND state IN ('{State.PUBLISHED}', '{State.EXPIRED}')""",
+                                 (now, version_id), Tier.ARCHIVED)
+
+    def request_thaw(self, version_id: int) -> Version:
+        """Record that an archived version's restore was asked for (it is thawing, ``thaw_requested_at``)."""
+        check_transition(f"version {version_id}", Tier.ARCHIVED, Tier.THAWING)
+        return self._change_tier(version_id, f"""UPDATE versions SET thaw_requested_at = ?
+                                                 WHERE id = ? AND tier = '{Tier.ARCHIVED}'
+                                                     AND thaw_requested_at IS NULL""",
+                                 (self.clock(), version_id), Tier.THAWING)
+
+    def finish_thaw(self, version_id: int) -> Version:
+        """Record that a thawing version's object is back in the standard class: fresh for good."""
+        check_transition(f"version {version_id}", Tier.THAWING, Tier.FRESH)
+        return self._change_tier(version_id, f"""UPDATE versions SET tier = '{Tier.FRESH}', archived_at = NULL,
+                                                     thaw_requested_at = NULL
+                                                 WHERE id = ? AND tier = '{Tier.ARCHIVED}'
+                                                     AND thaw_requested_at IS NOT NULL""",
+                                 (version_id,), Tier.FRESH)
+
+    def lapse_thaw(self, version_id: int) -> Version:
+        """Record that a thawing version's restored copy expired before the thaw was finished: archived."""
+        check_transition(f"version {version_id}", Tier.THAWING, Tier.ARCHIVED)
+        return self._change_tier(version_id, f"""UPDATE versions SET thaw_requested_at = NULL
+                                                 WHERE id = ? AND tier = '{Tier.ARCHIVED}'
+                                                     AND thaw_requested_at IS NOT NULL""",
+                                 (version_id,), Tier.ARCHIVED)
+
+    def _change_tier(self, version_id: int, update: str, params: tuple, target: Tier) -> Version:
+        """Run ``update`` (its WHERE holds the row's expected tier); LifecycleError unless it changed the row
+        or the row is in ``target`` already (a re-run, or another host's change meanwhile)."""
+
+        def run(tx: Tx) -> Version:
+            tx.execute(update, params)
+            version = self._lock_version(tx, version_id)
+            if version.shown_tier != target:
+                raise LifecycleError(f"{version.path}: version {version_id} is {version.state}, {version.storage} "
+                                     f"and {version.shown_tier}; it cannot become {target}")
+            return version
+
+        return self.db.run(run)
+
+    def thawing(self, limit: int, after_id: int = 0) -> list[Version]:
+        """Up to ``limit`` thawing versions with ids above ``after_id``, by id (the partial index
+        versions_thawing holds only them: few, however many versions there are)."""
+        return [Version(**r) for r in self.db.run(lambda tx: tx.all(
+            f"""SELECT {_VERSION_COLUMNS} FROM versions WHERE thaw_requested_at IS NOT NULL AND id > ?
+                ORDER BY id LIMIT ?""", (after_id, limit)), write=False)]
+
+    def archivable(self, created_before: float, file_type: str | None = None) -> list[Version]:
+        """Fresh, uploaded, published or expired versions created before ``created_before`` (of ``file_type``
+        if given), oldest first: ``s3repofs archive --older-than``'s candidates."""
+        of_type, params = (" AND file_type = ?", (file_type,)) if file_type else ("", ())
+        return [Version(**r) for r in self.db.run(lambda tx: tx.all(
+            f"""SELECT {_VERSION_COLUMNS} FROM versions
+                WHERE state IN ('{State.PUBLISHED}', '{State.EXPIRED}') AND created_at < ?
+                    AND tier = '{Tier.FRESH}' AND storage = '{Storage.UPLOADED}'{of_type}
+                ORDER BY created_at, id""", (created_before, *params)), write=False)]
+
     # -- fsck (ops/fsck.py): versions a page at a time, objects lost and found ---------------------
 
     def scan_versions(self, after_id: int, limit: int, prefix: DirPath | None = None) -> list[Version]:
@@ -545,10 +622,14 @@ class MetaStore:
 
     def find_sql(self, query: FindQuery, after_id: int, limit: int) -> tuple[str, list]:
         """``find_page``'s statement (the plan test EXPLAINs it): ``find_condition`` within ``query.prefix``."""
+        where, params = self.find_where(query, after_id)
+        return f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {where} ORDER BY id LIMIT {int(limit)}", params
+
+    def find_where(self, query: FindQuery, after_id: int) -> tuple[str, list]:
+        """The condition on ``versions`` of ``find_sql``, for statements that add to it (meta/claims.py)."""
         condition, params = find_condition(query, after_id)
         where, scope_params = self._scope(query.prefix)
-        sql = f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {condition}{where} ORDER BY id LIMIT {int(limit)}"
-        return sql, params + list(scope_params)
+        return condition + where, params + list(scope_params)
 
     # -- directories ----------------------------------------------------------------------------
 

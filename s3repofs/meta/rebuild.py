@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from ..domain.lifecycle import State, Storage, Tier, check_transition
+from ..domain.lifecycle import ARCHIVE_CLASSES, State, Storage, Tier, check_transition
 from ..domain.paths import DirPath
 from .db import Database, Tx
 
-BATCH = 500  # rows per INSERT: 25 columns each, far under SQLite's 32,766 parameters
+BATCH = 500  # rows per INSERT: 22 columns each, far under SQLite's 32,766 parameters
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,13 @@ class RecoveredVersion:
     gid: int
     created_at: float
     uploaded_at: float  # when the object was stored (its Last-Modified)
+    archived_at: float | None = None  # tier archived: when (its Last-Modified, which the archiving copy set)
+    thaw_requested_at: float | None = None  # archived with a restore asked for, or done: thawing
 
 
 _COLUMNS = ("id", "file_type", "dir", "name", "state", "storage", "tier", "bucket", "s3_key", "size", "md5", "xxh3",
-            "origin_host", "mode", "uid", "gid", "publish_pending", "created_at", "uploaded_at", "expired_at")
+            "origin_host", "mode", "uid", "gid", "publish_pending", "created_at", "uploaded_at", "expired_at",
+            "archived_at", "thaw_requested_at")
 
 
 def insert_versions(db: Database, versions: Iterable[RecoveredVersion], expired_at: float,
@@ -73,7 +76,7 @@ def _insert(db: Database, versions: list[RecoveredVersion], expired_at: float,
             continue
         rows[v.id] = (v.id, v.file_type, v.dir, v.name, State.EXPIRED.value, Storage.UPLOADED.value, v.tier, v.bucket,
                       v.s3_key, v.size, v.md5, v.xxh3, v.origin_host, v.mode, v.uid, v.gid, 0, v.created_at,
-                      v.uploaded_at, expired_at)
+                      v.uploaded_at, expired_at, v.archived_at, v.thaw_requested_at)
         keys[v.id] = v
     placeholders = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
     sql = f"""INSERT INTO versions ({', '.join(_COLUMNS)}) VALUES {', '.join([placeholders] * len(rows))}
@@ -161,10 +164,6 @@ def advance_ids(db: Database) -> None:
                                                       GREATEST((SELECT COALESCE(MAX(id), 0) + 1 FROM versions),
                                                                nextval(pg_get_serial_sequence('versions', 'id'))),
                                                       false)"""))
-
-
-# Storage classes whose objects must be restored before a read (GLACIER_IR is read at once).
-ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 
 
 def tier_of(storage_class: str) -> str:

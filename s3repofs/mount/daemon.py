@@ -28,9 +28,9 @@ from .stopping import GracefulStop
 
 log = logging.getLogger("s3repofs.mount")
 
-# The background pass: retry staged uploads, record the cache's changes (holders), and record the heartbeat
-# (hosts.last_seen), which gc reads: a host unheard of for host_gone_after (a day by default, far longer than
-# this) is gone.
+# The background pass: retry staged uploads, finish thaws whose restore is done, record the cache's changes
+# (holders), and record the heartbeat (hosts.last_seen), which gc reads: a host unheard of for host_gone_after
+# (a day by default, far longer than this) is gone.
 RETRY_INTERVAL = 30.0
 
 _libc = ctypes.CDLL(None)
@@ -162,6 +162,7 @@ def run_background(repo: S3Repo, tree, stop: threading.Event, interval: float = 
         first = False
         _heartbeat(repo)
         _retry_once(repo, tree)
+        _finish_thaws(repo)
         if report is not None:
             report()
         if stop.wait(interval):
@@ -185,6 +186,16 @@ def _retry_once(repo: S3Repo, tree) -> None:
         log.warning("retrying staged uploads: %s", exc)
     except Exception:
         log.exception("retrying staged uploads failed unexpectedly")
+
+
+def _finish_thaws(repo: S3Repo) -> None:
+    """Look at a few thawing versions (repo.THAW_CHECKS) and finish those whose restore is done."""
+    try:
+        finished = repo.finish_thaws()
+        if finished:
+            log.info("finished %d thaw(s) whose restore was done", finished)
+    except RepoError as exc:
+        log.warning("finishing thaws: %s", exc)
 
 
 def pid_file(repo: S3Repo, mountpoint: Path) -> Path:

@@ -103,4 +103,4 @@ def dir_entry(directory: Directory, state: State) -> Entry:
 def xattr_values(v: Version) -> dict:
     """The ``user.s3repo.*`` attributes held in the version's row (``tags`` is read separately)."""
     return {"state": v.state, "md5": v.md5, "size": v.size, "s3_key": v.s3_key, "origin_host": v.origin_host,
-            "version": v.id, "published_at": v.published_at, "tier": v.tier}
+            "version": v.id, "published_at": v.published_at, "tier": v.shown_tier}

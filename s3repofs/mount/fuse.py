@@ -132,6 +132,7 @@ class Operations(mfusepy.Operations):
             pass
 
     def destroy(self, path: str) -> None:
+        self.tree.flocks.release_all()
         self.tree.invalidate_entry = None
         self.invalidator.stop()
         if self._on_exit:
@@ -193,6 +194,14 @@ class Operations(mfusepy.Operations):
     @translated
     def release(self, path, fh):
         self.tree.release(fh)
+        return 0
+
+    @translated
+    def flock(self, path, fh, op):
+        # Defining it is what sends flock(2) here: libfuse 3's low level wants FUSE_CAP_FLOCK_LOCKS by default,
+        # and its high level drops it only for a file system without flock (fuse_fs_init; mfusepy leaves the
+        # operation NULL unless overridden). The kernel then keeps no flock of its own on the mount.
+        self.tree.flock(fh, op, interrupted=lambda: bool(_libfuse.fuse_interrupted()))
         return 0
 
     @translated

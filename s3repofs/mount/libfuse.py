@@ -129,6 +129,9 @@ class FUSE(mfusepy.FUSE):
     def write_buf(self, path, buf, offset, fip):
         return self.operations.write_buf(self._path(path), buf, offset, fip.contents.fh)
 
+    def flock(self, path, fip, op):
+        return self.operations.flock(self._path(path), fip.contents.fh, op)
+
     def utimens_fuse_3(self, path, times, fip):
         # The modification time in nanoseconds, None for UTIME_OMIT (mfusepy would read UTIME_NOW and
         # UTIME_OMIT as times in 1970, and drops the handle of futimens).
@@ -173,6 +176,8 @@ class FUSE(mfusepy.FUSE):
         return 0
 
 
+_libfuse.fuse_interrupted.argtypes = []
+_libfuse.fuse_interrupted.restype = ctypes.c_int  # in a request's thread: did the kernel interrupt it?
 _libfuse.fuse_get_session.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_get_session.restype = ctypes.c_void_p
 _libfuse.fuse_lowlevel_notify_inval_entry.argtypes = [

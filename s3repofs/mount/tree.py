@@ -51,8 +51,10 @@ from ..errors import (
 from ..local.prefetch import Prefetcher
 from ..meta.metastore import Version
 from ..repo import S3Repo
+from ..repofile import RepoFile
 from .control import STATS_PATH, StatsFile
 from .entries import STATES, TAG_PREFIX, XATTR_PREFIX, Entry, Location, ns, tag_key, xattr_values
+from .flocks import FlockTable
 from .handles import HIDDEN_PREFIX, GeneratedHandle, Handles, ReadHandle
 from .lookups import Lookups
 from .metadata import MetadataView
@@ -90,6 +92,7 @@ class Tree:
         config = repo.config
         self.prefetcher = Prefetcher(repo, config.prefetch_files, config.prefetch_max_size, self.metadata.list_ahead)
         self.stats_file = StatsFile()
+        self.flocks = FlockTable(repo)
 
     @property
     def invalidate_entry(self) -> Callable[[str], None] | None:
@@ -273,13 +276,22 @@ class Tree:
         try:
             if isinstance(handle, WriteSession):
                 self.writes.finish(handle)
-        finally:  # whatever the last flush met, the handle and its descriptors go
+        finally:  # whatever the last flush met, the handle and its descriptors go, and its flock's lease
+            self.flocks.release_handle(fh)
             self.handles.drop(fh, handle)
             if isinstance(handle, WriteSession):
                 self.metadata.forget(handle.mount_path)
 
     def fsync(self, fh: int) -> None:
         self.flush(fh, final=True)
+
+    def flock(self, fh: int, op: int, interrupted: Callable[[], bool] = lambda: False) -> None:
+        """flock(2) on an open file: the lease of the version it opened, for every host (flocks.py)."""
+        handle = self.handles.get(fh)
+        if not isinstance(handle, (ReadHandle, WriteSession)):
+            raise NotSupportedError("flock: only a file of the repository can be locked, not a directory or a "
+                                    "control file")
+        self.flocks.flock(fh, RepoFile(self.repo, handle.version), op, interrupted)
 
     # -- namespace changes ----------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ META_PREFIX = "s3repo-"
 S3_METADATA_LIMIT = 2048  # bytes of user metadata S3 takes per object, its keys and values added up (UTF-8)
 PATH_OBJECT_SUFFIX = ".path"  # the object beside an object whose path is too long for its metadata
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
+COPY_OBJECT_LIMIT = 5 * 1024**3  # the largest object one CopyObject copies (an S3 rule)
+COPY_PART_SIZE = 512 * 1024**2  # parts of a larger copy: copied inside S3, so large ones cost fewer requests
 
 
 
@@ -284,7 +286,7 @@ class S3Store(ObjectStore):
                 body = self.client.get_object(Bucket=self.bucket, Key=description["path-object"])["Body"]
                 description["path"] = body.read().decode()
         return ObjectInfo(key, response["ContentLength"], description, response.get("StorageClass", "STANDARD"),
-                          response["LastModified"].timestamp())
+                          response["LastModified"].timestamp(), restore_ongoing(response.get("Restore")))
 
     def delete(self, key: str) -> None:
         with self._errors(key, "delete"):
@@ -300,6 +302,39 @@ class S3Store(ObjectStore):
                     if not item["Key"].endswith(PATH_OBJECT_SUFFIX):  # part of the object it is named after
                         yield ObjectInfo(item["Key"], item["Size"], {}, item.get("StorageClass", "STANDARD"),
                                          item["LastModified"].timestamp())
+
+    def set_storage_class(self, key: str, storage_class: str, size: int) -> None:
+        """An in-place copy into ``storage_class``: one CopyObject, its metadata copied, up to S3's 5 GiB
+        limit; above it, boto3's managed copy (UploadPartCopy, the metadata passed on: S3 copies none
+        into a multipart upload)."""
+        source = {"Bucket": self.bucket, "Key": key}
+        with self._errors(key, "copy"):
+            if size <= COPY_OBJECT_LIMIT:
+                self.client.copy_object(Bucket=self.bucket, Key=key, CopySource=source, StorageClass=storage_class,
+                                        MetadataDirective="COPY")
+                return
+            from boto3.s3.transfer import TransferConfig
+
+            metadata = self.client.head_object(Bucket=self.bucket, Key=key).get("Metadata", {})
+            self.client.copy(source, self.bucket, key, Config=TransferConfig(
+                multipart_threshold=COPY_OBJECT_LIMIT, multipart_chunksize=COPY_PART_SIZE,
+                max_concurrency=self.concurrency),
+                ExtraArgs={"StorageClass": storage_class, "Metadata": metadata, "MetadataDirective": "REPLACE"})
+
+    def request_restore(self, key: str, days: int) -> None:
+        """RestoreObject at the Standard retrieval tier (hours; Bulk and Expedited are not offered)."""
+        with self._errors(key, "restore"):
+            try:
+                self.client.restore_object(Bucket=self.bucket, Key=key, RestoreRequest={
+                    "Days": days, "GlacierJobParameters": {"Tier": "Standard"}})
+            except _client_error_type() as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code == "RestoreAlreadyInProgress":
+                    return
+                if code == "InvalidObjectState":  # here: S3's answer for an object in no archive class
+                    raise RepoError(f"object {key} in {self.describe_location()} is not in an archive storage "
+                                    "class") from None
+                raise
 
     def check_access(self) -> None:
         """Fail with a clear StoreUnavailableError unless the bucket exists and our credentials work."""
@@ -387,6 +422,14 @@ def check_etag(what: str, answer: dict, md5: str) -> bool:
         raise VerificationError(f"{what}: the server stored bytes with md5 {etag}, "
                                 f"not the {md5} sent")
     return True
+
+
+def restore_ongoing(header: str | None) -> bool | None:
+    """S3's ``x-amz-restore`` header, read: None without one (no restore asked for, or its copy expired),
+    True for ``ongoing-request="true"``, False once the restored copy is readable."""
+    if not header:
+        return None
+    return 'ongoing-request="true"' in header
 
 
 def _chunk_sizes(length: int) -> Iterator[int]:

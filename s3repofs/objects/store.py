@@ -7,7 +7,7 @@ Two implementations: ``localdir.LocalStore`` (a directory) and ``s3.S3Store`` (a
 description (path, type, version id, md5, size, origin host) so the metadata could be rebuilt from
 the store alone. Errors are RepoErrors: ObjectMissingError, VerificationError,
 StoreUnavailableError (with the cause, never a secret; TransientStoreError for what a later attempt
-may mend: see ``retry``), ArchivedError.
+may mend: see ``retry``), ArchivedError (an object in an archive storage class that is not restored).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 from urllib.parse import quote, unquote
 
 from ..domain.content import Content
+from ..errors import RepoError
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class ObjectInfo:
     description: dict[str, str]  # the object's self-description (empty if it has none)
     storage_class: str = "STANDARD"
     modified: float | None = None  # when it was stored (Last-Modified), seconds since the epoch
+    # An object in an archive class (a HEAD's; a listing does not say): None if no restore was asked for
+    # (or its restored copy expired), True while the restore runs, False once a restored copy is readable.
+    restore_ongoing: bool | None = None
 
 
 def describe(*, path: str, file_type: str, version_id: int, content: Content, origin_host: str,
@@ -77,6 +81,18 @@ class ObjectStore(ABC):
 
     def describe_location(self) -> str:
         return self.bucket
+
+    # -- archive storage classes (ops/archive.py): a store without them refuses ---------------------
+
+    def set_storage_class(self, key: str, storage_class: str, size: int) -> None:
+        """Move the object (of ``size`` bytes) into ``storage_class`` in place, its bytes and description kept:
+        to an archive class, or back to STANDARD once restored (ArchivedError if it is not restored)."""
+        raise RepoError(f"{self.describe_location()} has no archive storage classes")
+
+    def request_restore(self, key: str, days: int) -> None:
+        """Ask for a readable copy of an archived object, kept ``days`` days once made (``head``'s
+        ``restore_ongoing`` says how it goes). Asking again while a restore runs is not an error."""
+        raise RepoError(f"{self.describe_location()} has no archive storage classes")
 
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..config import Config
+from ..domain.lifecycle import Tier
 from ..domain.paths import RepoPath
 from ..errors import InvalidPathError, NotEmptyError
 from ..meta import rebuild as rows
@@ -151,8 +152,13 @@ def recovered_version(info: ObjectInfo, bucket: str) -> rows.RecoveredVersion | 
     if size != info.size:
         return f"holds {info.size} bytes, its description says {size}: incomplete or overwritten"
     uploaded_at = info.modified if info.modified is not None else time.time()
+    tier = rows.tier_of(info.storage_class)
+    archived_at = uploaded_at if tier == Tier.ARCHIVED else None
+    # A restore asked for (or done, not yet copied back): thawing, which the next thaw pass finishes or lapses.
+    thawing = archived_at if archived_at is not None and info.restore_ongoing is not None else None
     return rows.RecoveredVersion(
-        id=version_id, file_type=path.file_type, dir=path.dir, name=path.name, tier=rows.tier_of(info.storage_class),
+        id=version_id, file_type=path.file_type, dir=path.dir, name=path.name, tier=tier,
+        archived_at=archived_at, thaw_requested_at=thawing,
         bucket=bucket, s3_key=info.key, size=size, md5=described["md5"], xxh3=described.get("xxh3") or None,
         origin_host=described["origin-host"], mode=int(described.get("mode", 0o644)),
         uid=int(described.get("uid", 0)), gid=int(described.get("gid", 0)),
