@@ -50,6 +50,7 @@ def populate(repo: S3Repo) -> dict[str, bytes]:
     withdrawn.expire()
     repo.set_attrs(newer.id, mode=0o600, mtime_ns=1_234_567_890_123_456_789)
     repo.make_dir(DirPath("other", "empty/and/deeper"), 0o750, 1000, 1000)
+    assert repo.record_holders()  # holders: the copies this host's cache keeps (else recorded when it closes)
     return published
 
 
