@@ -66,9 +66,9 @@ class GracefulStop:
 
     def _receive(self) -> None:
         while not self._released.is_set():
-            received = signal.sigtimedwait(SIGNALS, POLL)
-            if received is not None:
-                self._stop(received.si_signo)
+            signo = _signal_within(POLL)
+            if signo is not None:
+                self._stop(signo)
                 return
 
     def _stop(self, signo: int) -> None:
@@ -86,7 +86,7 @@ class GracefulStop:
             if time.monotonic() > deadline:
                 log.warning("stopping with %d upload(s) still in flight after %.0f s", in_flight, self._wait)
                 return
-            if signal.sigtimedwait(SIGNALS, POLL) is not None:
+            if _signal_within(POLL) is not None:
                 log.warning("second signal: stopping with %d upload(s) in flight", in_flight)
                 return
             now = self._uploads_in_flight()
@@ -94,3 +94,10 @@ class GracefulStop:
                 log.info("stopping: %d upload(s) in flight", now)
                 self._notifier.status(f"stopping: {now} uploads in flight")
             in_flight = now
+
+
+def _signal_within(timeout: float) -> int | None:
+    """One of SIGNALS received within ``timeout`` seconds, or None. A wait that a tracer (py-spy, gdb)
+    interrupts can return a siginfo that names no signal asked for: that is not a stop."""
+    received = signal.sigtimedwait(SIGNALS, timeout)
+    return received.si_signo if received is not None and received.si_signo in SIGNALS else None
