@@ -206,7 +206,8 @@ def prepare_peers(b: Bench, figures: list[str]) -> None:
             if not (peer.kind.plain and peer.bucket in seeded):
                 took, _ = timed(lambda: peers.seed(peer, b.client, b.bucket, files))
                 log(f"  gave {name} the same {len(files.copies)} files and {len(files.blanks)} blank ones "
-                    f"in {took:.1f} s")
+                    f"in {took:.1f} s" + (" (in the bucket it shares with the other plain peers)"
+                                          if peer.kind.plain else " (through its mount)"))
                 seeded.add(peer.bucket)
             b.peers.append(peer)
         except Exception as exc:  # noqa: BLE001 - the other peers and s3repofs go on

@@ -111,6 +111,13 @@ def _num(x: float | None) -> str:
     return f"{x:.3g}"
 
 
+def _num3(x: float | None) -> str:
+    """Three significant digits (thousands grouped): peers close to each other stay apart."""
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def table(results: list[Result]) -> str:
     """A plain-text table, one line per figure, notes below it."""
     header = ("fig", "figure", "value", "unit", "baseline", "ratio", "target", "met", "n")
@@ -146,8 +153,8 @@ def peer_table(results: list[Result], peers: list[str], remarks: dict[str, str])
         if not r.peers and r.figure not in remarks:
             continue
         best = r.best_peer
-        rows.append((r.figure, r.name, r.unit, _num(r.baseline), *(_num(r.peers.get(name)) for name in peers),
-                     f"{best[0]} {_num(best[1])}" if best else "-", _num(r.value),
+        rows.append((r.figure, r.name, r.unit, _num3(r.baseline), *(_num3(r.peers.get(name)) for name in peers),
+                     f"{best[0]} {_num3(best[1])}" if best else "-", _num3(r.value),
                      _num(r.versus_best_peer) if r.versus_best_peer is not None else "-", remarks.get(r.figure, "")))
     if not rows:
         return ""
