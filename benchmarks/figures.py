@@ -203,18 +203,19 @@ def prepare_peers(b: Bench, figures: list[str]) -> None:
         peer = None
         try:
             peer = peers.new_peer(name, b.work / "peers", b.s3, b.pg, b.server)
+            b.peers.append(peer)  # from here on run.py cleans it up, on Ctrl-C too
             if not (peer.kind.plain and peer.bucket in seeded):
                 took, _ = timed(lambda: peers.seed(peer, b.client, b.bucket, files))
                 log(f"  gave {name} the same {len(files.copies)} files and {len(files.blanks)} blank ones "
                     f"in {took:.1f} s" + (" (in the bucket it shares with the other plain peers)"
                                           if peer.kind.plain else " (through its mount)"))
                 seeded.add(peer.bucket)
-            b.peers.append(peer)
         except Exception as exc:  # noqa: BLE001 - the other peers and s3repofs go on
             log(f"  ! peer {name}: set-up failed: {exc}")
             b.notes.append(f"peer {name}: set-up failed, its column is n/a on {b.server}: {exc}")
             if peer is not None:
                 peer.cleanup()
+                b.peers.remove(peer)
 
 
 def measure_peers(b: Bench, what: str, measure: Callable[[PeerMount], Any]) -> dict[str, Any]:

@@ -147,8 +147,9 @@ class PeerMount:
         except OSError:
             return False
 
-    def umount(self) -> None:
-        """Unmount, and wait for the daemon to exit (it uploads nothing late: every close was durable)."""
+    def umount(self, wait: float = MOUNT_TIMEOUT) -> None:
+        """Unmount, and wait up to ``wait`` seconds for the daemon to exit (it uploads nothing late: every
+        close was durable), then terminate it."""
         if is_mounted(self.mountpoint):
             result = subprocess.run(["fusermount", "-u", str(self.mountpoint)], capture_output=True, text=True)
             if result.returncode != 0:
@@ -156,9 +157,9 @@ class PeerMount:
                 subprocess.run(["fusermount", "-u", "-z", str(self.mountpoint)], capture_output=True)
         if self.proc is not None:
             try:
-                self.proc.wait(MOUNT_TIMEOUT)
+                self.proc.wait(wait)
             except subprocess.TimeoutExpired:
-                log(f"  ! {self.name} still running {MOUNT_TIMEOUT:.0f} s after unmounting; terminating it")
+                log(f"  ! {self.name} still running {wait:.0f} s after unmounting; terminating it")
                 self.proc.terminate()
                 self.proc.wait(10)
             self.proc = None
@@ -175,9 +176,10 @@ class PeerMount:
         self.mount()
 
     def cleanup(self) -> None:
-        """Leave nothing mounted and no daemon running, whatever state we are in."""
+        """Leave nothing mounted and no daemon running, whatever state we are in: after an interrupted
+        read the mount may be busy, unmounted lazily, and its daemon then waits for nobody."""
         try:
-            self.umount()
+            self.umount(wait=5)
         except BaseException as exc:  # noqa: BLE001 - cleanup must go on
             log(f"  ! unmount of {self.mountpoint} failed: {exc}")
             if self.proc is not None and self.proc.poll() is None:
