@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="FILE", type=Path, help="also write every figure to FILE as JSON")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and one repetition (16 MiB file, 500 listing files, 200 small files, "
-                             "20 writes, 20,000 versions); under 2 minutes for both servers")
+                             "20 writes, 20,000 versions); about 4 minutes for both servers with the peers")
     parser.add_argument("--only", metavar="NAME,...", help="run only these figures (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, daemon logs)")
     parser.add_argument("--profile", metavar="DIR", type=Path,
