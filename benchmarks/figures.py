@@ -1,20 +1,27 @@
-"""The figures: each measures s3repofs through the mount beside a baseline measured in the same run.
+"""The figures: each measures s3repofs through the mount beside a baseline measured in the same run,
+and beside its peers (s3fs, rclone, JuiceFS) measured the same way over the same files.
 
 A figure function takes the ``Bench`` of one S3 server and adds ``Result`` rows as soon as each is
 measured, so a failure later in a figure keeps what was measured before it. Repetitions: each
-value and each baseline is the median of ``sizes.reps`` runs (3 unless --quick).
+value and each baseline is the median of ``sizes.reps`` runs (3 unless --quick). s3repofs's mount
+and a peer's are measured by the same functions (both have ``root`` and ``remount``); a peer is
+unmounted as soon as its part of a figure ends.
 """
 
 from __future__ import annotations
 
+import math
+import multiprocessing
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any, Callable
 
+import peers
 import seed
 from boto3.s3.transfer import TransferConfig
 from harness import (
@@ -31,6 +38,7 @@ from harness import (
     write_config,
     write_file,
 )
+from peers import PeerMount
 from report import Result, Target, failed
 
 SMALL = 4096  # the small files of figures 2 and 4
@@ -79,6 +87,10 @@ class Bench:
     keys: dict[str, Any] = field(default_factory=dict)  # S3 keys of seeded files
     client: Any = None  # boto3 client for the baselines
     notes: list[str] = field(default_factory=list)  # remarks on the whole run (daemon log errors...)
+    peer_names: list[str] = field(default_factory=list)  # the peers chosen whose binary is here
+    peers: list[PeerMount] = field(default_factory=list)  # those set up on this server, with their files
+    files: dict[str, str] = field(default_factory=dict)  # path -> S3 key of each real file seeded
+    peer_cache: dict[str, Any] = field(default_factory=dict)  # peer values shared by two figures
 
     def add(self, result: Result) -> None:
         self.results.append(result)
@@ -135,7 +147,8 @@ LIST_DIR = "bench/list"
 
 
 def prepare(b: Bench, figures: list[str]) -> None:
-    """Create the bucket, the repository and what the chosen figures read, then mount.
+    """Create the bucket, the repository and what the chosen figures read, give the peers the same
+    files, then mount.
 
     Files are published before the mount, through the API with its own local_root, so the daemon
     starts with an empty cache and no cached metadata.
@@ -151,19 +164,80 @@ def prepare(b: Bench, figures: list[str]) -> None:
             log(f"  seeded {mib(b.sizes.big)} file in {took:.1f} s")
             b.keys["small4k"] = seed.publish_bytes(repo, SMALL_4K, os.urandom(SMALL))
             b.keys["primer"] = seed.publish_bytes(repo, PRIMER, os.urandom(SMALL))
-        if "small" in figures:
-            paths = [f"{SMALL_DIR}/s{i:06d}.bin" for i in range(b.sizes.small)]
+            b.files[BIG] = b.keys["big"]
+        if {"small", "parallel"} & set(figures):
+            paths = small_paths(b)
             took, b.keys["small"] = timed(lambda: seed.publish_many(repo, paths, SMALL))
+            b.files.update(zip(paths, b.keys["small"]))
             log(f"  seeded {len(paths)} small files through the API in {took:.1f} s")
         if "listing" in figures:
             rows = seed.flat_directory("bench", LIST_DIR.split("/", 1)[1], b.sizes.listing, "list")
             took, _ = timed(lambda: seed.insert_versions(b.db_url, b.bucket, rows))
-            names = [f"f{i:07d}.dat" for i in range(b.sizes.listing)]
-            seed.local_directory(b.work / "local-list", names)
+            seed.local_directory(b.work / "local-list", listing_names(b))
             log(f"  inserted {b.sizes.listing} listing rows in {took:.1f} s")
     finally:
         repo.close()
+    prepare_peers(b, figures)
     b.mount.mount()
+
+
+def small_paths(b: Bench) -> list[str]:
+    return [f"{SMALL_DIR}/s{i:06d}.bin" for i in range(b.sizes.small)]
+
+
+def listing_names(b: Bench) -> list[str]:
+    return [f"f{i:07d}.dat" for i in range(b.sizes.listing)]
+
+
+def prepare_peers(b: Bench, figures: list[str]) -> None:
+    """Set up each chosen peer on this server and give it the files s3repofs has: the same bytes for
+    the files the figures read, blank 4 KiB files for the listing (s3repofs's are rows without
+    objects). A peer whose set-up fails is left out of this server's figures, with the reason noted."""
+    wanted = {"warm", "cold", "listing", "small", "parallel", "publish"} & set(figures)
+    if not b.peer_names or not wanted:
+        return
+    blanks = [f"{LIST_DIR}/{name}" for name in listing_names(b)] if "listing" in figures else []
+    files = peers.Files(dict(b.files), blanks, SMALL)
+    seeded: set[str] = set()  # buckets already given the files (s3fs and rclone share one)
+    for name in b.peer_names:
+        peer = None
+        try:
+            peer = peers.new_peer(name, b.work / "peers", b.s3, b.pg, b.server)
+            b.peers.append(peer)  # from here on run.py cleans it up, on Ctrl-C too
+            if not (peer.kind.plain and peer.bucket in seeded):
+                took, _ = timed(lambda: peers.seed(peer, b.client, b.bucket, files))
+                log(f"  gave {name} the same {len(files.copies)} files and {len(files.blanks)} blank ones "
+                    f"in {took:.1f} s" + (" (in the bucket it shares with the other plain peers)"
+                                          if peer.kind.plain else " (through its mount)"))
+                seeded.add(peer.bucket)
+        except Exception as exc:  # noqa: BLE001 - the other peers and s3repofs go on
+            log(f"  ! peer {name}: set-up failed: {exc}")
+            b.notes.append(f"peer {name}: set-up failed, its column is n/a on {b.server}: {exc}")
+            if peer is not None:
+                peer.cleanup()
+                b.peers.remove(peer)
+
+
+def measure_peers(b: Bench, what: str, measure: Callable[[PeerMount], Any]) -> dict[str, Any]:
+    """``measure(peer)`` for every peer set up on this server, each unmounted afterwards; a peer that
+    fails gets None (its error logged and noted), and the others go on."""
+    values: dict[str, Any] = {}
+    for peer in b.peers:
+        try:
+            values[peer.name] = value = measure(peer)
+            log(f"    {peer.name}: {', '.join(map(_fmt, value)) if isinstance(value, tuple) else _fmt(value)}")
+        except Exception as exc:  # noqa: BLE001 - one peer's failure must not stop the figure
+            log(f"  ! {peer.name} failed in {what}: {exc}; its log ends: {peer.log_tail(3)}")
+            b.notes.append(f"peer {peer.name} failed in {what}: {exc}")
+            values[peer.name] = None
+        finally:
+            peer.umount()
+    return values
+
+
+def column(values: dict[str, Any], index: int | None = None) -> dict[str, float | None]:
+    """One figure's peer values out of ``measure_peers``' (an item of each tuple when ``index`` is given)."""
+    return {name: (v if index is None or v is None else v[index]) for name, v in values.items()}
 
 
 def ls_l(directory: Path) -> float:
@@ -211,18 +285,14 @@ def warm_read(b: Bench) -> None:
     read_file(cache_file)
 
     def rate(p: Path) -> Callable[[], float]:
-        def once() -> float:
-            took, got = timed(lambda: read_file(p))
-            if got != size:
-                raise RuntimeError(f"read {got} bytes from {p}, expected {size}")
-            return mb_per_s(size, took)
-        return once
+        return lambda: read_rate(p, size)
 
     direct = reps(b, rate(cache_file))
     mounted = reps(b, rate(path))
     b.add(b.r("1a", f"warm read {mib(size)}, page cache", mounted, "MB/s", baseline=direct,
               baseline_name="reading the daemon's cache file directly, page cache",
-              target=Target("ratio", ">=", 0.6)))
+              target=Target("ratio", ">=", 0.6), peers=column(peer_big_reads(b), 1),
+              note="peers: read again at once after a cold read of a fresh mount"))
 
     name = f"read {mib(size)} after drop_caches"
     if b.drop_reason:
@@ -243,6 +313,35 @@ def warm_read(b: Bench) -> None:
               baseline_name="reading the cache file directly after drop_caches",
               target=Target("ratio", ">=", 0.45),
               note="mount: fresh remount after drop_caches, object in the daemon's disk cache"))
+
+
+def read_rate(path: Path, size: int) -> float:
+    """MB/s of reading ``path`` whole (1 MiB reads), which must hold ``size`` bytes."""
+    took, got = timed(lambda: read_file(path))
+    if got != size:
+        raise RuntimeError(f"read {got} bytes from {path}, expected {size}")
+    return mb_per_s(size, took)
+
+
+def peer_big_reads(b: Bench) -> dict[str, tuple[float, float] | None]:
+    """Each peer's (cold, warm) MB/s on the big file, measured once for figures 1a and 2a: per
+    repetition a fresh mount with an emptied cache, the directory looked up (as s3repofs's cold read
+    does), the file read whole (cold), then again at once (warm)."""
+    if "big" not in b.peer_cache:
+        size = b.sizes.big
+
+        def measure(peer: PeerMount) -> tuple[float, float]:
+            path = peer.root / BIG
+            cold, warm = [], []
+            for _ in range(b.sizes.reps):
+                peer.remount(clear_cache=True)
+                os.stat(path.parent)
+                cold.append(read_rate(path, size))
+                warm.append(read_rate(path, size))
+            return median(cold), median(warm)
+
+        b.peer_cache["big"] = measure_peers(b, f"the {mib(size)} reads", measure)
+    return b.peer_cache["big"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +368,8 @@ def cold_read(b: Bench) -> None:
     get = reps(b, lambda: mb_per_s(size, timed(lambda: get_object(b.client, b.bucket, key, size))[0]))
     b.add(b.r("2a", f"cold read {mib(size)}", median(rates), "MB/s", baseline=get,
               baseline_name="boto3 get_object, one stream, body read fully", target=Target("ratio", ">=", 1.0),
-              note="cold: remount with the daemon's cache emptied; time from open() to EOF"))
+              note="cold: remount with the daemon's cache emptied; time from open() to EOF",
+              peers=column(peer_big_reads(b), 0)))
     parallel = TransferConfig(max_concurrency=8, multipart_chunksize=8 * MIB)
     download = reps(b, lambda: mb_per_s(size, timed(lambda: download_file(b, key, parallel))[0]))
     b.add(b.r("2b", f"cold read {mib(size)} vs parallel", median(rates), "MB/s", baseline=download,
@@ -346,33 +446,47 @@ def download_file(b: Bench, key: str, config: TransferConfig) -> None:
 
 def listing(b: Bench) -> None:
     """`ls -l` and os.stat of a directory of many files, cold (fresh mount) and warm (again at once),
-    beside the same on a local directory of empty files with the same names."""
+    beside the same on a local directory of empty files with the same names, and on each peer."""
     n, k = b.sizes.listing, b.sizes.stats
-    directory, local = b.mount.published / LIST_DIR, b.work / "local-list"
-    names = [f"f{i:07d}.dat" for i in range(n)]
+    local = b.work / "local-list"
+    names = listing_names(b)
     sample = names[:: n // k][:k]
-    cold, warm, base = [], [], []
-    for _ in range(b.sizes.reps):
-        b.mount.remount()
-        cold.append(ls_l(directory))
-        warm.append(ls_l(directory))
-        base.append(ls_l(local))
-    if len(os.listdir(directory)) != n:
-        raise RuntimeError(f"{directory} lists {len(os.listdir(directory))} entries, expected {n}")
+
+    def measure(mount: Mount | PeerMount) -> tuple[float, float, float, float]:
+        return list_and_stat(b, mount, mount.root / LIST_DIR, sample)
+
+    ls_cold, ls_warm, stat_cold, stat_warm = measure(b.mount)
+    on_peers = measure_peers(b, "the listing", measure)
+    ls_base = median([ls_l(local) for _ in range(b.sizes.reps)])
+    stat_base = median([stat_all([local / name for name in sample]) for _ in range(b.sizes.reps)])
     base_name = f"ls -l of a local directory of {n:,} empty files"
-    b.add(b.r("3a", f"ls -l {n:,} files, cold", median(cold), "s", baseline=median(base), baseline_name=base_name,
-              target=Target("value", "<=", 1.0)))
-    b.add(b.r("3b", f"ls -l {n:,} files, warm", median(warm), "s", baseline=median(base), baseline_name=base_name,
-              target=Target("value", "<=", 0.3)))
-    cold, warm, base = [], [], []
-    for _ in range(b.sizes.reps):
-        b.mount.remount()
-        cold.append(stat_all([directory / name for name in sample], 4096))
-        warm.append(stat_all([directory / name for name in sample], 4096))
-        base.append(stat_all([local / name for name in sample]))
+    b.add(b.r("3a", f"ls -l {n:,} files, cold", ls_cold, "s", baseline=ls_base, baseline_name=base_name,
+              target=Target("value", "<=", 1.0), peers=column(on_peers, 0)))
+    b.add(b.r("3b", f"ls -l {n:,} files, warm", ls_warm, "s", baseline=ls_base, baseline_name=base_name,
+              target=Target("value", "<=", 0.3), peers=column(on_peers, 1)))
     base_name = f"os.stat of {k:,} local files"
-    b.add(b.r("3c", f"stat {k:,} of them, cold", median(cold), "s", baseline=median(base), baseline_name=base_name))
-    b.add(b.r("3d", f"stat {k:,} of them, warm", median(warm), "s", baseline=median(base), baseline_name=base_name))
+    b.add(b.r("3c", f"stat {k:,} of them, cold", stat_cold, "s", baseline=stat_base, baseline_name=base_name,
+              peers=column(on_peers, 2)))
+    b.add(b.r("3d", f"stat {k:,} of them, warm", stat_warm, "s", baseline=stat_base, baseline_name=base_name,
+              peers=column(on_peers, 3)))
+
+
+def list_and_stat(b: Bench, mount: Mount | PeerMount, directory: Path,
+                  sample: list[str]) -> tuple[float, float, float, float]:
+    """Medians of (ls -l cold, ls -l warm, stat of the sample cold, warm), each repetition of each a
+    fresh mount with its cache emptied."""
+    ls_cold, ls_warm, stat_cold, stat_warm = [], [], [], []
+    for _ in range(b.sizes.reps):
+        mount.remount(clear_cache=True)
+        ls_cold.append(ls_l(directory))
+        ls_warm.append(ls_l(directory))
+    if len(os.listdir(directory)) != b.sizes.listing:
+        raise RuntimeError(f"{directory} lists {len(os.listdir(directory))} entries, expected {b.sizes.listing}")
+    for _ in range(b.sizes.reps):
+        mount.remount(clear_cache=True)
+        stat_cold.append(stat_all([directory / name for name in sample], SMALL))
+        stat_warm.append(stat_all([directory / name for name in sample], SMALL))
+    return median(ls_cold), median(ls_warm), median(stat_cold), median(stat_warm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,15 +501,12 @@ def cat_all(directory: Path) -> int:
 
 def small_files(b: Bench) -> None:
     n = b.sizes.small
-    directory = b.mount.published / SMALL_DIR
-    cold, warm = [], []
-    for _ in range(b.sizes.reps):
-        b.mount.remount(clear_cache=True)
-        took, total = timed(lambda: cat_all(directory))
-        if total != n * SMALL:
-            raise RuntimeError(f"read {total} bytes from {directory}, expected {n * SMALL}")
-        cold.append(n / took)
-        warm.append(n / timed(lambda: cat_all(directory))[0])
+
+    def measure(mount: Mount | PeerMount) -> tuple[float, float]:
+        return cat_cold_warm(b, mount.root / SMALL_DIR, mount)
+
+    cold, warm = measure(b.mount)
+    on_peers = measure_peers(b, "the small files", measure)
     keys = b.keys["small"]
 
     def get_all() -> float:
@@ -406,13 +517,27 @@ def small_files(b: Bench) -> None:
 
     base = reps(b, get_all)
     peer = BEST_PEER_FILES_PER_S.get(b.server)
-    b.add(b.r("4a", f"read {n:,} x 4 KiB files, cold", median(cold), "files/s", baseline=base,
+    b.add(b.r("4a", f"read {n:,} x 4 KiB files, cold", cold, "files/s", baseline=base,
               baseline_name="boto3 get_object of the same objects, one after another",
-              target=Target("value", ">=", 2 * peer) if peer else None,
+              target=Target("value", ">=", 2 * peer) if peer else None, peers=column(on_peers, 0),
               note=f"like cat DIR/* (listing included); target: 2 x best peer ({peer} files/s)"))
-    b.add(b.r("4b", f"read {n:,} x 4 KiB files, warm", median(warm), "files/s", baseline=base,
+    b.add(b.r("4b", f"read {n:,} x 4 KiB files, warm", warm, "files/s", baseline=base,
               baseline_name="boto3 get_object of the same objects, one after another",
-              target=Target("value", ">=", 3000)))
+              target=Target("value", ">=", 3000), peers=column(on_peers, 1)))
+
+
+def cat_cold_warm(b: Bench, directory: Path, mount: Mount | PeerMount) -> tuple[float, float]:
+    """Medians of files/s of cat_all over ``directory``: cold (fresh mount, cache emptied), then warm."""
+    n = b.sizes.small
+    cold, warm = [], []
+    for _ in range(b.sizes.reps):
+        mount.remount(clear_cache=True)
+        took, total = timed(lambda: cat_all(directory))
+        if total != n * SMALL:
+            raise RuntimeError(f"read {total} bytes from {directory}, expected {n * SMALL}")
+        cold.append(n / took)
+        warm.append(n / timed(lambda: cat_all(directory))[0])
+    return median(cold), median(warm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,21 +551,54 @@ def check_published(path: Path, size: int) -> None:
                            f"{size} bytes")
 
 
+def check_durable(b: Bench, mount: Mount | PeerMount, path: Path, size: int) -> None:
+    """That a file whose close() returned is durable: published for s3repofs; for a peer that stores a
+    file as one object, that object is in S3 with every byte (checked right after the close, so a
+    peer whose close returned before its upload fails here); JuiceFS's blocks have no such name, so
+    only its size is checked (it runs without --writeback: close() waits for the upload)."""
+    if not isinstance(mount, PeerMount):
+        check_published(path, size)
+        return
+    if mount.kind.plain:
+        key = path.relative_to(mount.root).as_posix()
+        stored = b.client.head_object(Bucket=mount.bucket, Key=key)["ContentLength"]
+        if stored != size:
+            raise RuntimeError(f"{mount.name}: s3://{mount.bucket}/{key} holds {stored} bytes after close, "
+                               f"expected {size}")
+    elif os.stat(path).st_size != size:
+        raise RuntimeError(f"{path}: {os.stat(path).st_size} bytes after close, expected {size}")
+
+
 def publish(b: Bench) -> None:
-    """Files written into published/ one after another (each close returns once durable) vs put_object."""
-    n, size = b.sizes.writes, WRITE_SMALL
-    base_dir = b.mount.published / "bench" / "writes"
-    base_dir.mkdir(parents=True, exist_ok=True)
+    """Files written one after another (each close returns once durable) vs put_object: into
+    s3repofs's published/, and into each peer's mount (a fresh mount for each repetition)."""
+    n, size, big = b.sizes.writes, WRITE_SMALL, b.sizes.write_big
     rep_no = iter(range(1_000))
 
-    def mount_small() -> float:
-        directory = base_dir / f"small{next(rep_no)}"
-        directory.mkdir()
+    def small_rate(mount: Mount | PeerMount) -> float:
+        directory = mount.root / "bench" / "writes" / f"small{next(rep_no)}"
+        directory.mkdir(parents=True)
         payloads = [os.urandom(size) for _ in range(n)]
-        took, _ = timed(lambda: [write_file(directory / f"w{i:05d}.bin", data) for i, data in enumerate(payloads)])
-        for i in range(n):
-            check_published(directory / f"w{i:05d}.bin", size)
+        paths = [directory / f"w{i:05d}.bin" for i in range(n)]
+        took, _ = timed(lambda: [write_file(path, data) for path, data in zip(paths, payloads)])
+        for path in reversed(paths):  # the last close first: its upload is the one that could still run
+            check_durable(b, mount, path, size)
         return n / took
+
+    def big_rate(mount: Mount | PeerMount) -> float:
+        path = mount.root / "bench" / "writes" / f"big{next(rep_no)}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = os.urandom(big)
+        took, _ = timed(lambda: write_file(path, data))
+        check_durable(b, mount, path, big)
+        return mb_per_s(big, took)
+
+    def on_peer(peer: PeerMount) -> tuple[float, float]:
+        return tuple(median([fresh(peer, rate) for _ in range(b.sizes.reps)]) for rate in (small_rate, big_rate))
+
+    def fresh(peer: PeerMount, rate: Callable[[PeerMount], float]) -> float:
+        peer.remount(clear_cache=True)
+        return rate(peer)
 
     def boto_small() -> float:
         prefix = f"baseline/put64k/{next(rep_no)}"
@@ -449,29 +607,21 @@ def publish(b: Bench) -> None:
                                  for i, data in enumerate(payloads)])
         return n / took
 
-    mounted, base = reps(b, mount_small), reps(b, boto_small)
-    b.add(b.r("5a", f"publish {n} x 64 KiB files", mounted, "files/s", baseline=base,
-              baseline_name="boto3 put_object of as many 64 KiB objects, one after another",
-              target=Target("ratio", ">=", 1.0), note="open, write, close (returns once durable), one after another"))
-
-    big = b.sizes.write_big
-
-    def mount_big() -> float:
-        path = base_dir / f"big{next(rep_no)}.bin"
-        data = os.urandom(big)
-        took, _ = timed(lambda: write_file(path, data))
-        check_published(path, big)
-        return mb_per_s(big, took)
-
     def boto_big() -> float:
         data = os.urandom(big)
         key = f"baseline/put-big/{next(rep_no)}"
         return mb_per_s(big, timed(lambda: b.client.put_object(Bucket=b.bucket, Key=key, Body=data))[0])
 
-    mounted, base = reps(b, mount_big), reps(b, boto_big)
-    b.add(b.r("5b", f"publish one {mib(big)} file", mounted, "MB/s", baseline=base,
+    mounted_small = reps(b, lambda: small_rate(b.mount))
+    mounted_big = reps(b, lambda: big_rate(b.mount))
+    on_peers = measure_peers(b, "the writes", on_peer)
+    b.add(b.r("5a", f"publish {n} x 64 KiB files", mounted_small, "files/s", baseline=reps(b, boto_small),
+              baseline_name="boto3 put_object of as many 64 KiB objects, one after another",
+              target=Target("ratio", ">=", 1.0), peers=column(on_peers, 0),
+              note="open, write, close (returns once durable), one after another"))
+    b.add(b.r("5b", f"publish one {mib(big)} file", mounted_big, "MB/s", baseline=reps(b, boto_big),
               baseline_name=f"boto3 put_object of one {mib(big)} body", target=Target("ratio", ">=", 1.0),
-              note="1 MiB writes, time from open() until close() returns"))
+              peers=column(on_peers, 1), note="1 MiB writes, time from open() until close() returns"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,6 +680,107 @@ def check_count(url: str, expected: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# 8. Parallel work
+# --------------------------------------------------------------------------------------------
+
+WORKERS = 8  # readers (cat processes under xargs -P) and writer processes of figure 8; boto3's threads
+
+
+def parallel(b: Bench) -> None:
+    """Eight readers over cold small files (`xargs -P8 cat`) and eight writer processes, beside boto3
+    with eight threads doing the same GETs / PUTs: a daemon that serialises its callers (a global
+    lock, one connection, one thread) falls behind here, however fast it is for one caller."""
+    n, writes = b.sizes.small, b.sizes.writes
+    rep_no = iter(range(1_000))
+
+    def read_rate(mount: Mount | PeerMount) -> float:
+        mount.remount(clear_cache=True)
+        return xargs_cat(mount.root / SMALL_DIR, n)
+
+    def write_rate(mount: Mount | PeerMount) -> float:
+        if isinstance(mount, PeerMount):
+            mount.remount(clear_cache=True)
+        directory = mount.root / "bench" / "parallel" / f"w{next(rep_no)}"
+        directory.mkdir(parents=True)
+        paths = [directory / f"p{i:05d}.bin" for i in range(writes)]
+        took = parallel_writes(paths, WRITE_SMALL)
+        for path in reversed(paths):
+            check_durable(b, mount, path, WRITE_SMALL)
+        return writes / took
+
+    def on_mount(mount: Mount | PeerMount) -> tuple[float, float]:
+        return reps(b, lambda: read_rate(mount)), reps(b, lambda: write_rate(mount))
+
+    mounted_read, mounted_write = on_mount(b.mount)
+    on_peers = measure_peers(b, "the parallel work", on_mount)
+    keys = b.keys["small"]
+
+    def boto_gets() -> float:
+        with ThreadPoolExecutor(WORKERS) as pool:
+            took, _ = timed(lambda: list(pool.map(
+                lambda key: b.client.get_object(Bucket=b.bucket, Key=key)["Body"].read(), keys)))
+        return n / took
+
+    def boto_puts() -> float:
+        prefix = f"baseline/parallel/{next(rep_no)}"
+        payloads = [os.urandom(WRITE_SMALL) for _ in range(writes)]
+        with ThreadPoolExecutor(WORKERS) as pool:
+            took, _ = timed(lambda: list(pool.map(
+                lambda item: b.client.put_object(Bucket=b.bucket, Key=f"{prefix}/{item[0]}", Body=item[1]),
+                enumerate(payloads))))
+        return writes / took
+
+    b.add(b.r("8a", f"read {n:,} x 4 KiB cold files, {WORKERS} readers", mounted_read, "files/s",
+              baseline=reps(b, boto_gets), baseline_name=f"boto3 get_object of the same objects, {WORKERS} threads",
+              peers=column(on_peers, 0), note=f"listing, then xargs -P{WORKERS} cat; fresh mount, cache emptied"))
+    b.add(b.r("8b", f"publish {writes} x 64 KiB files, {WORKERS} writer processes", mounted_write, "files/s",
+              baseline=reps(b, boto_puts), baseline_name=f"boto3 put_object of as many objects, {WORKERS} threads",
+              peers=column(on_peers, 1), note="each close() returns once durable"))
+
+
+def xargs_cat(directory: Path, n: int) -> float:
+    """files/s of listing ``directory`` and reading every file with ``xargs -P8 cat`` (to /dev/null)."""
+    batch = math.ceil(n / (4 * WORKERS))  # four batches per reader: none idles while others work
+    start = time.perf_counter()
+    names = sorted(os.listdir(directory))
+    result = subprocess.run(["xargs", "-0", f"-P{WORKERS}", f"-n{batch}", "cat"], input=b"\0".join(
+        name.encode() for name in names), cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    took = time.perf_counter() - start
+    if result.returncode != 0 or len(names) != n:
+        raise RuntimeError(f"xargs cat in {directory} ({len(names)} files, expected {n}) failed "
+                           f"({result.returncode}): {result.stderr.decode(errors='replace').strip()[-300:]}")
+    return n / took
+
+
+def parallel_writes(paths: list[Path], size: int) -> float:
+    """Seconds for WORKERS processes (forked, their data ready) to write ``paths`` between them, each
+    file opened, written and closed in turn; from the start signal until the last process exits."""
+    context = multiprocessing.get_context("fork")
+    ready = context.Barrier(WORKERS + 1)
+    workers = [context.Process(target=_writer, args=(paths[i::WORKERS], size, ready), daemon=True)
+               for i in range(WORKERS)]
+    for worker in workers:
+        worker.start()
+    ready.wait(timeout=60)
+    start = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    took = time.perf_counter() - start
+    failures = [w.exitcode for w in workers if w.exitcode != 0]
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {WORKERS} writer processes failed (exit {failures[0]})")
+    return took
+
+
+def _writer(paths: list[Path], size: int, ready: Any) -> None:
+    """One writer process: its payloads made before the start signal, then written one after another."""
+    payloads = [os.urandom(size) for _ in paths]
+    ready.wait(timeout=60)
+    for path, data in zip(paths, payloads):
+        write_file(path, data)
+
+
+# --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------
 
@@ -550,4 +801,5 @@ FIGURES: dict[str, tuple[str, Callable[[Bench], None]]] = {
     "small": ("4", small_files),
     "publish": ("5", publish),
     "scale": ("6", scale),
+    "parallel": ("8", parallel),
 }

@@ -228,16 +228,23 @@ def median(values: list[float]) -> float:
 # A mount
 # --------------------------------------------------------------------------------------------
 
+def mount_points() -> list[str]:
+    """Every mount point in the kernel's table."""
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1].encode().decode("unicode_escape") for line in f]  # \040 for a space, etc.
+
+
 def is_mounted(path: Path) -> bool:
     """Whether something is mounted at ``path``, from the kernel's table: os.path.ismount answers
     False for a FUSE mount whose daemon died (stat fails with ENOTCONN), which must be unmounted too."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            mountpoint = line.split()[1].encode().decode("unicode_escape")  # \040 for a space, etc.
-            if mountpoint == target:
-                return True
-    return False
+    return os.path.realpath(path) in mount_points()
+
+
+def mounts_under(base: Path) -> list[str]:
+    """Whatever is still mounted inside ``base``: such a directory must not be deleted, since deleting
+    would reach through the mount into a bucket or a repository."""
+    root = os.path.realpath(base) + os.sep
+    return [point for point in mount_points() if point.startswith(root)]
 
 
 class Mount:
@@ -257,6 +264,11 @@ class Mount:
     @property
     def published(self) -> Path:
         return self.mountpoint / "published"
+
+    @property
+    def root(self) -> Path:
+        """Where the files the figures read are (as ``PeerMount.root`` is a peer's)."""
+        return self.published
 
     @property
     def objects_dir(self) -> Path:

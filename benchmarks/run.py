@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Benchmarks of s3repofs through a real mount, each figure beside a baseline measured in the same run.
+"""Benchmarks of s3repofs through a real mount, each figure beside a baseline measured in the same run
+and beside its peers (s3fs, rclone, JuiceFS) over the same files.
 
 Starts everything itself on 127.0.0.1 (a private PostgreSQL cluster, moto and/or s3rver), mounts a
-repository, measures, unmounts and stops everything, on failure and Ctrl-C too. See
+repository and the peers, measures, unmounts and stops everything, on failure and Ctrl-C too. See
 benchmarks/README.md for what each figure means.
 """
 
@@ -24,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import figures  # noqa: E402
 import harness  # noqa: E402
+import peers  # noqa: E402
+import targets  # noqa: E402
 from figures import FIGURES, FULL, QUICK, Bench  # noqa: E402
-from harness import REPO_ROOT, RssSampler, check_drop_caches, log, use_code  # noqa: E402
-from report import failed, table, write_json  # noqa: E402
+from harness import REPO_ROOT, RssSampler, check_drop_caches, log, mounts_under, use_code  # noqa: E402
+from report import failed, peer_table, table, write_json  # noqa: E402
 from servers import running, start_postgres, start_s3  # noqa: E402
 
 SERVERS = ("moto", "s3rver")
@@ -44,12 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="FILE", type=Path, help="also write every figure to FILE as JSON")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and one repetition (16 MiB file, 500 listing files, 200 small files, "
-                             "20 writes, 20,000 versions); under 2 minutes for both servers")
+                             "20 writes, 20,000 versions); about 4 minutes for both servers with the peers")
     parser.add_argument("--only", metavar="NAME,...", help="run only these figures (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, daemon logs)")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="sample every daemon with py-spy (pip install py-spy) into DIR/<mount>-<pid>.txt, "
                              "collapsed stacks of wall-clock time (threads waiting included)")
+    parser.add_argument("--peers", metavar="NAME,...|none", default=",".join(peers.NAMES),
+                        help=f"the peers measured beside s3repofs (default: {','.join(peers.NAMES)}); a peer whose "
+                             "binary is missing is named and its column skipped")
     parser.add_argument("--code", metavar="DIR", type=Path, default=REPO_ROOT,
                         help="measure the s3repofs package in DIR, e.g. a snapshot made with "
                              "`git archive HEAD s3repofs | tar -x -C DIR` (default: this work tree)")
@@ -62,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"unknown figure {unknown[0]!r} (choose from {', '.join(FIGURES)})")
         args.figures = [name for name in FIGURES if name in wanted]
     args.servers = list(SERVERS) if args.server == "both" else [args.server]
+    try:
+        args.peers = peers.parse_names(args.peers)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -73,7 +83,7 @@ def run_server(kind: str, pg, base: Path, args: argparse.Namespace, drop_reason:
     log(f"[{kind}] starting the S3 server")
     with running(start_s3(kind, work / "s3")) as s3:
         sampler = RssSampler().start()
-        b = Bench(kind, s3, pg, work, sizes, sampler, drop_reason)
+        b = Bench(kind, s3, pg, work, sizes, sampler, drop_reason, peer_names=args.available_peers)
         try:
             sampler.phase = "set-up"
             figures.prepare(b, args.figures)
@@ -86,7 +96,7 @@ def run_server(kind: str, pg, base: Path, args: argparse.Namespace, drop_reason:
             log(f"  ! set-up failed: {exc}\n{traceback.format_exc(limit=6)}")
             b.add(failed(kind, "0", "set-up (failed)", "", f"error: {exc}"))
         finally:
-            for mount in b.mounts:
+            for mount in [*b.mounts, *b.peers]:
                 mount.cleanup()
             sampler.stop()
         b.results.append(figures.memory(b))
@@ -138,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt("SIGTERM")  # unwinds through every finally: unmount, stop servers
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    absent = peers.missing(args.peers)
+    for name, why in absent.items():
+        log(f"peer {name} is missing: {why}; its column is skipped")
+    args.available_peers = [name for name in args.peers if name not in absent]
+    peer_versions = {name: peers.version(name) for name in args.available_peers}
     started = time.perf_counter()
     base = Path(tempfile.mkdtemp(prefix="s3repofs-bench-"))
     benches: list[Bench] = []
@@ -156,18 +171,22 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: everything was unmounted and stopped")
         return 130
     finally:
-        if args.keep:
-            log(f"kept {base}")
+        left = mounts_under(base)
+        if args.keep or left:
+            log(f"kept {base}" + (f": still mounted there: {', '.join(left)}" if left else ""))
         else:
             shutil.rmtree(base, ignore_errors=True)
     elapsed = time.perf_counter() - started
-    print_tables(benches, args, elapsed)
+    checks = {b.server: targets.evaluate(b.results) for b in benches}
+    print_tables(benches, args, elapsed, checks, absent)
     if args.json:
         write_json(args.json, [r for b in benches for r in b.results], {
             "quick": args.quick, "servers": args.servers, "figures": args.figures, "seconds": round(elapsed, 1),
             "repetitions": (QUICK if args.quick else FULL).reps, "host": platform.node(), "cpus": os.cpu_count(),
             "drop_caches": drop_reason or "works", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "s3repofs": code_version(args.code), "notes": {b.server: b.notes for b in benches}})
+            "s3repofs": code_version(args.code), "notes": {b.server: b.notes for b in benches},
+            "peers": peer_versions, "peers_missing": absent},
+            [{"server": server, **c.as_json()} for server, found in checks.items() for c in found])
         log(f"wrote {args.json}")
     return 0
 
@@ -186,7 +205,8 @@ def code_version(code: Path) -> str:
     return commit + (" + uncommitted changes in s3repofs/" if git("status", "--porcelain", "s3repofs") else "")
 
 
-def print_tables(benches: list[Bench], args: argparse.Namespace, elapsed: float) -> None:
+def print_tables(benches: list[Bench], args: argparse.Namespace, elapsed: float,
+                 checks: dict[str, list[targets.Check]], absent: dict[str, str]) -> None:
     reps = (QUICK if args.quick else FULL).reps
     for b in benches:
         quick = "quick: reduced sizes, targets are for full sizes; " if args.quick else ""
@@ -194,6 +214,13 @@ def print_tables(benches: list[Bench], args: argparse.Namespace, elapsed: float)
         print(table(b.results))
         for note in b.notes:
             print(f"  {note}")
+        beside = peer_table(b.results, args.available_peers, targets.beside(checks[b.server]))
+        if beside:
+            print(f"\n== s3repofs beside its peers on {b.server}, and the targets of issue 16 ==")
+            print(beside)
+            for name, why in absent.items():
+                print(f"  peer {name} missing: {why}")
+            print("\n".join(["", "targets (ratios of this run):", *targets.summary(checks[b.server])]))
     print(f"\ns3repofs {code_version(args.code)}; total time {elapsed:.0f} s")
 
 
