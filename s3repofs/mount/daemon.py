@@ -9,6 +9,7 @@ and flushes every writer at unmount. Under systemd it reports readiness and what
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import hashlib
 import logging
 import os
@@ -73,6 +74,8 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None, me
     from .tree import Tree
 
     tune_malloc()
+    # A crash in C (libfuse, ctypes) leaves every thread's Python stack in the daemon's log, not just -11.
+    faulthandler.enable()
     notifier = Notifier()  # systemd's Type=notify, when $NOTIFY_SOCKET is set
     repo = S3Repo(config)
     repo.ensure_ready()
