@@ -247,6 +247,20 @@ def mounts_under(base: Path) -> list[str]:
     return [point for point in mount_points() if point.startswith(root)]
 
 
+def remount(mount, clear_cache: bool = False, drop: bool = False) -> None:
+    """A fresh daemon and fresh kernel state for ``mount`` (ours or a peer's: umount, clear_cache, mount).
+
+    ``clear_cache``: empty the daemon's cache, so the next open downloads; ``drop``: drop the page cache
+    while nothing is mounted.
+    """
+    mount.umount()
+    if clear_cache:
+        mount.clear_cache()
+    if drop:
+        drop_caches()
+    mount.mount()
+
+
 class Mount:
     """One repository mounted at ``mountpoint`` by a real daemon, remountable cold or warm."""
 
@@ -304,17 +318,8 @@ class Mount:
         self.pid = None
 
     def remount(self, clear_cache: bool = False, drop: bool = False) -> None:
-        """A fresh daemon and fresh kernel state for this mount.
-
-        ``clear_cache``: empty the daemon's cache (see ``clear_cache``), so the next open downloads;
-        ``drop``: drop the page cache while nothing is mounted.
-        """
-        self.umount()
-        if clear_cache:
-            self.clear_cache()
-        if drop:
-            drop_caches()
-        self.mount()
+        """A fresh daemon and fresh kernel state for this mount (``remount``)."""
+        remount(self, clear_cache, drop)
 
     def clear_cache(self) -> None:
         """Take every cached object out of the cache (the LAYOUT file and the directory stay): large

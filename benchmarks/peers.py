@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from harness import is_mounted, log
+from harness import is_mounted, log, remount
 
 PLAIN_BUCKET = "peers-plain"  # s3fs and rclone: one object per file, named by its path
 JUICEFS_BUCKET = "peers-juicefs"
@@ -165,15 +165,8 @@ class PeerMount:
             self.proc = None
 
     def remount(self, clear_cache: bool = False, drop: bool = False) -> None:
-        """A fresh daemon (and, with ``clear_cache``, an empty cache), as ``harness.Mount.remount``."""
-        self.umount()
-        if clear_cache:
-            self.clear_cache()
-        if drop:
-            from harness import drop_caches
-
-            drop_caches()
-        self.mount()
+        """A fresh daemon (and, with ``clear_cache``, an empty cache), as ours gets (``harness.remount``)."""
+        remount(self, clear_cache, drop)
 
     def cleanup(self) -> None:
         """Leave nothing mounted and no daemon running, whatever state we are in: after an interrupted
