@@ -75,11 +75,24 @@ class Entry:
     version: Version | None = None
     nlink: int = 1  # a file's: 0 once unlinked while open; a directory's: 2 + its subdirectories
 
+    @property
+    def st_mode(self) -> int:
+        return (stat.S_IFDIR if self.is_dir else stat.S_IFREG) | self.mode
+
     def stat(self) -> dict:
-        kind = stat.S_IFDIR if self.is_dir else stat.S_IFREG
-        return {"st_mode": kind | self.mode, "st_nlink": self.nlink, "st_uid": self.uid,
+        """The attributes as mfusepy's getattr takes them (a listing fills libfuse's struct from the same
+        fields: libfuse.fill_stat)."""
+        return {"st_mode": self.st_mode, "st_nlink": self.nlink, "st_uid": self.uid,
                 "st_gid": self.gid, "st_size": self.size, "st_mtime": self.mtime_ns, "st_ctime": self.ctime_ns,
-                "st_atime": self.mtime_ns, "st_blocks": (self.size + 511) // 512, "st_blksize": 1024 * 1024}
+                "st_atime": self.mtime_ns, "st_blocks": blocks(self.size), "st_blksize": BLOCK_SIZE}
+
+
+BLOCK_SIZE = 1024 * 1024  # st_blksize: the I/O size the kernel is told to prefer
+
+
+def blocks(size: int) -> int:
+    """st_blocks: 512-byte blocks, as if the file's bytes were all on disk."""
+    return (size + 511) // 512
 
 
 def ns(seconds: float | None) -> int:

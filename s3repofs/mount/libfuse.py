@@ -16,6 +16,8 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 import mfusepy  # noqa: E402  (must be imported after choosing the library)
 
+from .entries import BLOCK_SIZE, Entry, blocks  # noqa: E402
+
 log = logging.getLogger("s3repofs.mount")
 
 
@@ -156,24 +158,35 @@ class FUSE(mfusepy.FUSE):
     def readdir_fuse_3(self, path, buf, filler, offset, fip, flags):
         if not flags & FUSE_READDIR_PLUS:
             return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
-        # With offsets (each entry's position + 1): libfuse passes the attributes on to the kernel
-        # only in this mode (without offsets it sends them with inode 0, which the kernel ignores,
-        # and then looks every name up). The kernel asks batch after batch; the tree caches the
-        # listing, and only the batch's entries are converted.
-        entries = [(".", None), ("..", None)]
-        entries += self.operations.readdir_plus(path.decode(self.encoding, self.errors))
+        # With offsets (each entry's position + 1; "." and ".." are positions 0 and 1): libfuse passes the
+        # attributes on to the kernel only in this mode (without offsets it sends them with inode 0, which
+        # the kernel ignores, and then looks every name up). The kernel asks batch after batch (about 25
+        # entries in each); the tree caches the listing, and only the batch's entries are converted.
+        listed = self.operations.readdir_plus(path.decode(self.encoding, self.errors))
+        for position, dots in enumerate((b".", b"..")):
+            if position >= offset and filler(buf, dots, None, position + 1, 0):
+                return 0
         st = mfusepy.c_stat()
-        for position in range(offset, len(entries)):
-            name, entry = entries[position]
-            if entry is None:
-                full = filler(buf, name.encode(), None, position + 1, 0)
-            else:
-                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
-                mfusepy.set_st_attrs(st, entry.stat(), use_ns=True)
-                full = filler(buf, name.encode(self.encoding, self.errors), st, position + 1, FUSE_FILL_DIR_PLUS)
-            if full:
+        st_pointer = ctypes.pointer(st)
+        encoding, errors = self.encoding, self.errors
+        for position in range(max(offset, 2), len(listed) + 2):
+            name, entry = listed[position - 2]
+            fill_stat(st, entry)
+            if filler(buf, name.encode(encoding, errors), st_pointer, position + 1, FUSE_FILL_DIR_PLUS):
                 break
         return 0
+
+
+def fill_stat(st: mfusepy.c_stat, entry: Entry) -> None:
+    """Set the fields of ``st`` that ``entry.stat()`` names, from ``entry``: a listing's 10,000 entries
+    without 10,000 dicts for mfusepy.set_st_attrs to walk (a third of a cold ``ls -l``'s time in the
+    daemon). The fields set are the same for every entry, so a reused ``st`` needs no clearing."""
+    size = entry.size
+    st.st_mode, st.st_nlink, st.st_uid, st.st_gid = entry.st_mode, entry.nlink, entry.uid, entry.gid
+    st.st_size, st.st_blocks, st.st_blksize = size, blocks(size), BLOCK_SIZE
+    st.st_mtimespec.tv_sec, st.st_mtimespec.tv_nsec = st.st_atimespec.tv_sec, st.st_atimespec.tv_nsec = \
+        divmod(entry.mtime_ns, 1_000_000_000)
+    st.st_ctimespec.tv_sec, st.st_ctimespec.tv_nsec = divmod(entry.ctime_ns, 1_000_000_000)
 
 
 _libfuse.fuse_interrupted.argtypes = []
