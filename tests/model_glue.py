@@ -65,8 +65,8 @@ class Glue:
         found: dict[str, Attrs] = {}
 
         def filler(buf, name, st, offset, flags):
-            if name not in (b".", b".."):
-                found[name.decode()] = _stat_result(st)
+            if name not in (b".", b".."):  # the bindings pass a struct or a pointer to one, as ctypes allows
+                found[name.decode()] = _stat_result(st.contents if isinstance(st, ctypes._Pointer) else st)
             return 0
 
         info = mfusepy.fuse_file_info()

@@ -176,8 +176,12 @@ class Model:
                     handle.version.state = "gone"
         del self.handles[handle.fd]
         for key, fd in list(self.shown_writer.items()):
-            if fd == handle.fd:
-                del self.shown_writer[key]
+            if fd == handle.fd:  # the newest other writer of the name still open is shown again
+                others = [h for h in self.handles.values() if h.writer and not h.unlinked and (h.tree, h.name) == key]
+                if others:
+                    self.shown_writer[key] = others[-1].fd
+                else:
+                    del self.shown_writer[key]
 
 
 def _written(data: bytes, offset: int, piece: bytes) -> bytes:
