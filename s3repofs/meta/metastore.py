@@ -98,7 +98,17 @@ _DIR_COLUMNS = ", ".join(f.name for f in fields(Directory) if f.name != "subdirs
 
 
 def _version(row: dict | None) -> Version | None:
-    return Version(**row) if row else None
+    return _selected_version(row) if row else None
+
+
+def _selected_version(row: dict) -> Version:
+    """The Version of a row selected with ``_VERSION_COLUMNS`` (a fresh dict, one key per field): the dict
+    becomes the instance's attributes. Equal to ``Version(**row)`` at a fifth of its cost (a frozen
+    dataclass's __init__ sets its 25 fields one by one through object.__setattr__), which a listing
+    of 10,000 files paid 10,000 times."""
+    version = object.__new__(Version)
+    object.__setattr__(version, "__dict__", row)
+    return version
 
 
 def _directory(row: dict) -> Directory:
@@ -399,7 +409,7 @@ class MetaStore:
                           GROUP BY name)
                       ORDER BY name{page}"""
             params = (*at_dir, state, after, *limited)
-        return [Version(**r) for r in self.db.run(lambda tx: tx.all(sql, params), write=False)]
+        return [_selected_version(r) for r in self.db.run(lambda tx: tx.all(sql, params), write=False)]
 
     def search(self, file_type: str | None = None, dir_prefix: str | None = None,
                states: Iterable[str] = VISIBLE_STATES, limit: int | None = None) -> list[Version]:
