@@ -39,7 +39,8 @@ class MetadataView:
         self._root_time = root_time_ns
         self._lock = threading.Lock()
         self._entries: TTLCache = TTLCache(maxsize=200_000, ttl=ttl)
-        # Directory listings (mount path -> sorted (name, Entry)): a repeated `ls -l` is no query.
+        # Directory listings (mount path -> (sorted (name, Entry), {name: Entry})): a repeated `ls -l` is no
+        # query, and the lookups that follow a listing are answered from it (see _listed).
         self._listings: TTLCache = TTLCache(maxsize=64, ttl=ttl)
         # The last answers, however old: what reads are served from while the database is unreachable.
         self._known = LastKnown()
@@ -57,7 +58,7 @@ class MetadataView:
         """The stored entry at ``path`` (cached, queried, or last known while the database is down);
         NotFoundError if there is none."""
         with self._lock:
-            cached = self._entries.get(path)
+            cached = self._listed(path) or self._entries.get(path)
             generation = self._generation
         if cached is MISSING:
             raise NotFoundError(f"{path}: no such file or directory")
@@ -82,8 +83,17 @@ class MetadataView:
     def cached_file(self, path: str) -> Entry | None:
         """The cached entry of a file at ``path``, if any (None for a directory, a miss or nothing cached)."""
         with self._lock:
-            entry = self._entries.get(path)
+            entry = self._listed(path) or self._entries.get(path)
         return entry if isinstance(entry, Entry) and not entry.is_dir else None
+
+    def _listed(self, path: str) -> Entry | None:
+        """The entry of ``path`` in its directory's cached listing, if any (``_lock`` held). A listing
+        answers before the entries cache: it is the newer answer (a name missing before may be listed
+        now), and its 10,000 entries are not stored again one by one (3.4 us each in a TTLCache, a tenth
+        of a cold ``ls -l``'s time in the daemon)."""
+        parent, _, name = path.rpartition("/")
+        listed = self._listings.get(parent)
+        return listed[1].get(name) if listed is not None else None
 
     def query(self, loc: Location) -> Entry | None:
         """The entry at ``loc`` as the database has it now (None if there is none)."""
@@ -129,19 +139,17 @@ class MetadataView:
         """The stored entries of the directory ``base`` (at ``loc``, below a state) by name: cached, or one
         query whose entries also answer the lookups that follow (``ls -l``), or the last listing seen."""
         with self._lock:
-            listed = self._listings.get(base)
+            cached = self._listings.get(base)
             generation = self._generation
-        if listed is not None:
-            return listed
+        if cached is not None:
+            return cached[0]
         try:
             listed = self._list(loc)
         except DatabaseUnavailableError:
             return self._last_listing(base)
         with self._lock:
             if generation == self._generation:  # nothing changed here while we queried
-                self._listings[base] = listed
-                for name, child in listed:
-                    self._entries[f"{base}/{name}"] = child
+                self._listings[base] = (listed, dict(listed))
                 self._known.learn_listing(base, listed)
         return listed
 
