@@ -557,3 +557,28 @@ def test_chmod_racing_the_first_write_after_a_flush_leaves_the_new_bytes_to_be_s
     tree.release(fh)
     assert repo.get_file("t/f").read_bytes() == b"second"
     assert [v.state for v in repo.versions_at(RepoPath.parse("t/f"))][-1] == "published"
+
+
+def test_create_checks_its_parent_with_the_directory_query_alone(repo, monkeypatch):
+    """A create's parent is a directory or nothing: a file at its path, or none, refuses the create (ENOENT),
+    and a parent not cached costs one query (the directory's), asked while the kernel holds it locked."""
+    import errno
+
+    from s3repofs.errors import NotFoundError
+
+    tree, fh = _writing(repo)
+    tree.flush(fh)
+    tree.release(fh)
+    for parent in ("/published/t/f", "/published/t/none"):  # a file; nothing
+        with pytest.raises(NotFoundError) as info:
+            tree.create(f"{parent}/g", 0o644, 0, 0)
+        assert info.value.errno == errno.ENOENT
+    assert tree.lookup("/published/t/f").size == len(b"bytes")  # the file is still found as a file
+    tree.mkdir("/published/t/d", 0o755, 0, 0)
+    tree.metadata.forget("/published/t/d/x")  # drops the cached entry of /published/t/d
+    asked = []
+    monkeypatch.setattr(repo, "find_version", lambda *a: asked.append("file"))
+    real_get_dir = repo.get_dir
+    monkeypatch.setattr(repo, "get_dir", lambda d: asked.append("dir") or real_get_dir(d))
+    tree.release(tree.create("/published/t/d/g", 0o644, 0, 0))
+    assert asked == ["dir"]

@@ -80,6 +80,38 @@ class MetadataView:
             raise NotFoundError(f"{path}: no such file or directory")
         return entry
 
+    def lookup_dir(self, path: str) -> Entry | None:
+        """The directory at ``path``, None if there is none (a file, or nothing): for a create's parent,
+        asked while the kernel holds the parent locked against every other create in it, so one query
+        (the directory's) rather than ``lookup``'s two (the file's first, which a parent never is)."""
+        with self._lock:
+            cached = self._entries.get(path)
+            generation = self._generation
+        if cached is not None:
+            return cached if cached is not MISSING and cached.is_dir else None
+        loc = self.parse(path)
+        if loc.file is None:  # the root, a state's tree or a type: no file query anyway
+            try:
+                entry = self.lookup(path)
+            except NotFoundError:
+                return None
+            return entry if entry.is_dir else None
+        try:
+            directory = self._outage.ask(self.repo.get_dir, loc.directory)
+        except DatabaseUnavailableError:
+            known = self._known.path(path)
+            if known is None:
+                raise
+            return known if known is not MISSING and known.is_dir else None
+        if directory is None:
+            return None  # (not cached: a file may be there, which a lookup must find)
+        entry = dir_entry(directory, loc.state)
+        with self._lock:
+            if generation == self._generation:  # nothing changed here while we queried
+                self._entries[path] = entry
+                self._known.learn(path, entry)
+        return entry
+
     def cached_file(self, path: str) -> Entry | None:
         """The cached entry of a file at ``path``, if any (None for a directory, a miss or nothing cached)."""
         with self._lock:

@@ -195,11 +195,7 @@ class Tree:
         loc = self._writable(path)
         if loc.file is None:
             raise LifecycleError(f"{path}: files live under a type directory (<state>/<type>/<name>)")
-        try:  # the kernel looked the parent up just before: usually answered from the cache
-            parent = self.lookup(path.rstrip("/").rpartition("/")[0])
-        except NotFoundError:
-            parent = None
-        if parent is None or not parent.is_dir:
+        if self.metadata.lookup_dir(path.rstrip("/").rpartition("/")[0]) is None:
             raise NotFoundError(f"{path}: no such directory {loc.file.parent}")
         return self._start_writer(path, loc.state, *self.writes.new_version(loc.file, mode & 0o7777, uid, gid))
 
