@@ -227,9 +227,9 @@ def test_reconciling_a_large_cache_takes_a_few_statements(repo_config_pair, monk
         statements: list[str] = []
         execute, defer = Tx.execute, Tx.defer
 
-        def executed(tx, sql, params=()):
+        def executed(tx, sql, params=(), prepared=False):
             statements.append(sql)
-            return execute(tx, sql, params)
+            return execute(tx, sql, params, prepared)
 
         def deferred(tx, sql, params=()):
             if tx._dialect.batches:  # else it is executed at once, and counted there
