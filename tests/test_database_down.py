@@ -197,11 +197,22 @@ def test_what_is_known_is_bounded():
     for name in "abcd":
         known.learn(f"/published/t/{name}", name)
     assert known.path("/published/t/a") is None and known.path("/published/t/d") == "d"
-    known.learn_listing("/published/big", [(name, name) for name in "wxyz"])  # 4 names + 1 > 4: not kept
+    big = [(name, name) for name in "wxyz"]
+    known.learn_listing("/published/big", big, dict(big))  # 4 names + 1 > 4: not kept
     assert known.listing("/published/big") is None
-    known.learn_listing("/published/small", [("x", "x")])
+    known.learn_listing("/published/small", [("x", "x")], {"x": "x"})
     assert known.listing("/published/small") == [("x", "x")] and known.path("/published/small/x") == "x"
     assert known.describe() == "3 known paths and 1 directory listed"
+
+
+def test_the_newer_of_a_paths_answer_and_its_directorys_listing_is_known():
+    known = LastKnown()
+    known.learn("/published/t/a", "looked up first")
+    known.learn_listing("/published/t", [("a", "listed then")], {"a": "listed then"})
+    assert known.path("/published/t/a") == "listed then"
+    known.learn("/published/t/a", "looked up last")
+    assert known.path("/published/t/a") == "looked up last"
+    assert known.path("/published/t/b") is None
 
 
 # -- a real mount -------------------------------------------------------------------------------

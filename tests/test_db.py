@@ -14,8 +14,9 @@ class RecordingCursor:
     rowcount = 0
     description = [("x",)]
 
-    def __init__(self, sent: list[str]) -> None:
-        self.sent = sent
+    def __init__(self, connection: "RecordingConnection") -> None:
+        self.connection = connection
+        self.sent = connection.sent
 
     def execute(self, sql: str, params: tuple = ()) -> None:
         self.sent.append(sql)
@@ -27,9 +28,11 @@ class RecordingCursor:
 class RecordingConnection:
     def __init__(self) -> None:
         self.sent: list[str] = []
+        self.prepared: set[str] = set()
+        self.preparing = False
 
     def cursor(self) -> RecordingCursor:
-        return RecordingCursor(self.sent)
+        return RecordingCursor(self)
 
 
 def statements_of(write: bool, one_trip: bool, body) -> list[str]:
@@ -76,6 +79,42 @@ def test_a_failed_statement_leaves_the_pooled_connection_usable(pg_url, write):
             db.run(lambda tx: tx.one("SELECT 1 / 0 AS x"), write=write)
         assert db.run(lambda tx: tx.scalar("SELECT 41 + 1")) == 42
         assert db.run(lambda tx: tx.scalar("SELECT 7"), write=False) == 7
+    finally:
+        db.close()
+
+
+def test_a_prepared_statement_is_prepared_with_its_first_execute_then_only_executed():
+    dialect, conn = PostgresDialect("postgresql://u@127.0.0.1/db"), RecordingConnection()
+    for n in (1, 2):
+        tx = dialect.begin(conn, False)
+        tx.one("SELECT ? + 1, '100%' WHERE ? > 0", (n, n), prepared=True)
+        dialect.commit(tx)
+    assert conn.sent == ["PREPARE s3repofs_1 AS SELECT $1 + 1, '100%%' WHERE $2 > 0; EXECUTE s3repofs_1 (%s, %s)",
+                         "EXECUTE s3repofs_1 (%s, %s)"]
+
+
+def test_prepared_statements_answer_as_plain_ones(pg_url):
+    db = Database(pg_url, max_connections=1)
+    try:
+        for n in (1, 2, 3):
+            assert db.run(lambda tx: tx.one("SELECT ? + 1 AS x, '100%' AS y", (n,), prepared=True),
+                          write=False) == {"x": n + 1, "y": "100%"}
+        assert db.run(lambda tx: tx.scalar("SELECT COUNT(*) FROM pg_prepared_statements")) == 1
+    finally:
+        db.close()
+
+
+def test_a_failed_first_execute_leaves_the_statement_preparable_again(pg_url):
+    # The PREPARE took (PostgreSQL does not undo it), the EXECUTE failed: the connection forgets what it
+    # prepared, and the next use prepares it again rather than failing on "already exists".
+    db = Database(pg_url, max_connections=1)
+    try:
+        with pytest.raises(DatabaseUnavailableError, match="division by zero"):
+            db.run(lambda tx: tx.one("SELECT 1 / ? AS x", (0,), prepared=True), write=False)
+        assert db.run(lambda tx: tx.one("SELECT 1 / ? AS x", (1,), prepared=True), write=False) == {"x": 1}
+        with pytest.raises(DatabaseUnavailableError, match="division by zero"):  # in a write transaction too
+            db.run(lambda tx: (tx.defer("SELECT 1"), tx.one("SELECT 2 / ? AS x", (0,), prepared=True)))
+        assert db.run(lambda tx: tx.one("SELECT 2 / ? AS x", (2,), prepared=True)) == {"x": 1}
     finally:
         db.close()
 

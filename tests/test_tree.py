@@ -111,8 +111,8 @@ def test_a_flushed_writer_shows_its_stored_version_not_the_cache_files_times(rep
     published = repo.get_file("t/f")
     os.utime(repo.cache.object_path(published.s3_key), ns=(0, 0))  # what a cache checkpoint may do to it
     attrs = tree.getattr("/published/t/f", fh)
-    assert attrs["st_mtime"] == tree.getattr("/published/t/f")["st_mtime"] > 0
-    assert attrs["st_size"] == 5
+    assert attrs.mtime_ns == tree.getattr("/published/t/f").mtime_ns > 0
+    assert attrs.size == 5
     tree.release(fh)
 
 
@@ -456,7 +456,7 @@ def test_fstat_of_a_reader_of_an_unlinked_file_outlives_its_writer(repo):
     hidden = "/published/t/.fuse_hidden0000000100000001"
     tree.rename("/published/t/f", hidden)  # libfuse's unlink of an open file
     tree.release(writer)
-    assert tree.getattr(hidden, reader)["st_nlink"] == 0  # the reader is still open: fstat works
+    assert tree.getattr(hidden, reader).nlink == 0  # the reader is still open: fstat works
     tree.release(reader)
     tree.unlink(hidden)  # libfuse, at the last release
 

@@ -126,7 +126,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def start_mount(config, mountpoint: str | Path, options_text: str = "", log_file: str | Path | None = None,
                 foreground: bool = False) -> Mounted | None:
     """The one way to mount (``s3repofs mount`` and mount.fuse.s3repofs): check, fork the daemon, return once
-    the tree is mounted. In the foreground, serve until unmounted and return None."""
+    the tree is mounted. In the foreground, serve until unmounted, then end the process (exit status 0)."""
     mountpoint = Path(mountpoint).absolute()  # libfuse3 chdirs to /: every path must be absolute
     user_options = parse_options(options_text)
     check_mountpoint(mountpoint)
@@ -144,7 +144,12 @@ def start_mount(config, mountpoint: str | Path, options_text: str = "", log_file
         journal.log_to_journal()
     if foreground:
         run_daemon(config, mountpoint, options, ready_fd=None, metrics_target=metrics_target)
-        return None
+        # Unmounted and flushed: end as the forked daemon does, without the interpreter's finalization,
+        # which runs while threads of the mount (background passes, lease renewals) may still be in C code
+        # (seen once under systemd: SIGSEGV after a clean stop).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon

@@ -14,6 +14,8 @@ so it waits for a first attempt that is still running on a server that has not n
 SQLite runs in-process: it loses no answers, and retries only what did not commit.
 
 SQL is written with ``?`` placeholders and portable syntax; the few dialect differences live in ``Dialect``.
+The hot reads of the mount (a lookup, a listing) run ``prepared``: PostgreSQL parses and plans them once per
+connection, not at every call (planning cost more than executing a lookup: 0.17 ms against 0.04 ms).
 
 Thread safety: connections are never shared between threads at the same time; they come from a
 small blocking pool, one per running transaction.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -65,10 +68,13 @@ class Tx:
     def kind(self) -> str:
         return self._dialect.name
 
-    def execute(self, sql: str, params: tuple | list = ()) -> int:
+    def execute(self, sql: str, params: tuple | list = (), prepared: bool = False) -> int:
+        """Run ``sql`` (after anything deferred). ``prepared``: a statement run often, parsed and planned
+        once per connection (PostgreSQL; SQLite caches its statements itself)."""
         if self.one_trip and self.sent:
             raise RuntimeError("a one-trip transaction defers every statement but its last")
-        statements = [*self._deferred, (self._dialect.translate(sql), tuple(params))]
+        text = self._dialect.prepared(self._cursor, sql, len(params)) if prepared else self._dialect.translate(sql)
+        statements = [*self._deferred, (text, tuple(params))]
         if self._begin:
             statements.insert(0, (self._begin, ()))
             self._begin, self.opened = "", True
@@ -77,6 +83,8 @@ class Tx:
         self._cursor.execute("; ".join(text for text, _ in statements),
                              tuple(value for _, values in statements for value in values))
         self.sent = True
+        if prepared:
+            self._dialect.answered(self._cursor)
         return self._cursor.rowcount  # of the last statement
 
     def defer(self, sql: str, params: tuple | list = ()) -> None:
@@ -91,8 +99,8 @@ class Tx:
         """Are deferred statements waiting to be sent?"""
         return bool(self._deferred)
 
-    def all(self, sql: str, params: tuple | list = ()) -> list[dict]:
-        self.execute(sql, params)
+    def all(self, sql: str, params: tuple | list = (), prepared: bool = False) -> list[dict]:
+        self.execute(sql, params, prepared)
         names = [d[0] for d in self._cursor.description]
         return [dict(zip(names, row)) for row in self._cursor.fetchall()]
 
@@ -109,8 +117,8 @@ class Tx:
         rows there are. The transaction runs no other statement until the rows are consumed."""
         return self._dialect.stream(self, self._cursor, sql, params, batch)
 
-    def one(self, sql: str, params: tuple | list = ()) -> dict | None:
-        rows = self.all(sql, params)
+    def one(self, sql: str, params: tuple | list = (), prepared: bool = False) -> dict | None:
+        rows = self.all(sql, params, prepared)
         return rows[0] if rows else None
 
     def scalar(self, sql: str, params: tuple | list = ()) -> Any:
@@ -127,6 +135,14 @@ class Dialect:
 
     def translate(self, sql: str) -> str:
         return sql
+
+    def prepared(self, cursor: Any, sql: str, count: int) -> str:
+        """The text that runs ``sql`` (with ``count`` parameters) as a statement prepared on the cursor's
+        connection; ``answered(cursor)`` once the server has answered it."""
+        return self.translate(sql)
+
+    def answered(self, cursor: Any) -> None:
+        pass
 
     def ddl(self, sql: str) -> str:
         return sql.format(**self.types)
@@ -214,9 +230,43 @@ class PostgresDialect(Dialect):
 
         self._psycopg2 = psycopg2
         self.url = url
+        self._names: dict[str, str] = {}  # of each prepared statement's SQL, the same on every connection
+        self._naming = threading.Lock()
+
+        class Connection(psycopg2.extensions.connection):
+            """A connection that knows which statements it has prepared."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.prepared: set[str] = set()
+                self.preparing = False  # a PREPARE was sent and not answered: did it take?
+
+        self._connection_class = Connection
 
     def translate(self, sql: str) -> str:
         return sql.replace("%", "%%").replace("?", "%s")
+
+    def prepared(self, cursor: Any, sql: str, count: int) -> str:
+        """``EXECUTE name (%s, ...)``, preceded on the connection's first use of the statement by its
+        ``PREPARE``, in the same round trip. If that round trip fails, whether the PREPARE took is unknown:
+        the connection is marked, and forgets every statement it prepared before it is reused (``reusable``)."""
+        name = self._names.get(sql) or self._name(sql)
+        execute = f"EXECUTE {name} ({', '.join(['%s'] * count)})" if count else f"EXECUTE {name}"
+        conn = cursor.connection
+        if name in conn.prepared:
+            return execute
+        numbers = iter(range(1, count + 1))
+        numbered = re.sub(r"\?", lambda _: f"${next(numbers)}", sql.replace("%", "%%"))
+        conn.prepared.add(name)
+        conn.preparing = True
+        return f"PREPARE {name} AS {numbered}; {execute}"
+
+    def answered(self, cursor: Any) -> None:
+        cursor.connection.preparing = False
+
+    def _name(self, sql: str) -> str:
+        with self._naming:
+            return self._names.setdefault(sql, f"s3repofs_{len(self._names) + 1}")
 
     def insert_many(self, cursor: Any, table: str, columns: list[str], rows: list[tuple]) -> None:
         from psycopg2.extras import execute_values
@@ -242,7 +292,8 @@ class PostgresDialect(Dialect):
 
     def connect(self) -> Any:
         try:
-            conn = self._psycopg2.connect(self.url, connect_timeout=10, application_name="s3repofs")
+            conn = self._psycopg2.connect(self.url, connect_timeout=10, application_name="s3repofs",
+                                          connection_factory=self._connection_class)
             # We open transactions ourselves: psycopg2's implicit BEGIN and its COMMIT are a round
             # trip each, which a one-statement read does not need (its statement is atomic anyway).
             conn.autocommit = True
@@ -280,6 +331,10 @@ class PostgresDialect(Dialect):
             return False
         if status != extensions.TRANSACTION_STATUS_IDLE:
             conn.cursor().execute("ROLLBACK")
+        if conn.preparing:  # a PREPARE that may or may not have taken (PREPARE is not undone by a rollback)
+            conn.cursor().execute("DEALLOCATE ALL")
+            conn.prepared.clear()
+            conn.preparing = False
         return conn.get_transaction_status() == extensions.TRANSACTION_STATUS_IDLE
 
     def is_transient(self, exc: BaseException) -> bool:

@@ -198,7 +198,7 @@ class MetaStore:
         return self.db.run(lambda tx: _version(tx.one(
             f"""SELECT {_VERSION_COLUMNS} FROM versions WHERE {at_path} AND state = ?
                 ORDER BY id DESC LIMIT 1""",
-            (*params, state),
+            (*params, state), prepared=True,
         )), write=False)
 
     def history(self, path: RepoPath) -> list[Version]:
@@ -409,7 +409,7 @@ class MetaStore:
                           GROUP BY name)
                       ORDER BY name{page}"""
             params = (*at_dir, state, after, *limited)
-        return [_selected_version(r) for r in self.db.run(lambda tx: tx.all(sql, params), write=False)]
+        return [_selected_version(r) for r in self.db.run(lambda tx: tx.all(sql, params, prepared=True), write=False)]
 
     def search(self, file_type: str | None = None, dir_prefix: str | None = None,
                states: Iterable[str] = VISIBLE_STATES, limit: int | None = None) -> list[Version]:
@@ -645,13 +645,15 @@ class MetaStore:
 
     def list_types(self) -> list[Directory]:
         rows = self.db.run(lambda tx: tx.all(
-            f"SELECT {self._dir_columns} FROM directories WHERE parent IS NULL ORDER BY file_type"), write=False)
+            f"SELECT {self._dir_columns} FROM directories WHERE parent IS NULL ORDER BY file_type", prepared=True),
+            write=False)
         return [_directory(r) for r in rows]
 
     def list_subdirs(self, directory: DirPath) -> list[Directory]:
         under, params = self._under(directory)
         rows = self.db.run(lambda tx: tx.all(
-            f"SELECT {self._dir_columns} FROM directories WHERE {under} ORDER BY dir", params), write=False)
+            f"SELECT {self._dir_columns} FROM directories WHERE {under} ORDER BY dir", params, prepared=True),
+            write=False)
         return [_directory(r) for r in rows]
 
     def get_dir(self, directory: DirPath) -> Directory | None:
@@ -719,7 +721,7 @@ class MetaStore:
 
     def _get_dir(self, tx: Tx, directory: DirPath) -> Directory | None:
         in_dir, at_dir = self._in(directory)
-        row = tx.one(f"SELECT {self._dir_columns} FROM directories WHERE {in_dir}", at_dir)
+        row = tx.one(f"SELECT {self._dir_columns} FROM directories WHERE {in_dir}", at_dir, prepared=True)
         return _directory(row) if row else None
 
     def _lock_path(self, tx: Tx, path: RepoPath) -> None:

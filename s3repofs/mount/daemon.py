@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import gc
 import hashlib
 import logging
 import os
@@ -68,6 +69,15 @@ def tune_malloc() -> None:
 
 
 
+def freeze_startup_objects() -> None:
+    """Take what the daemon built to start (its modules, boto3's models: some 110,000 objects) out of the
+    garbage collector's sight, once the startup's garbage is collected. Otherwise the first full collection
+    comes during the first large listing and walks them all: a cold ``ls -l`` of 10,000 files spent 90-116
+    of its 290 ms of CPU in it (190-215 ms with them frozen)."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None, metrics_target=None) -> None:
     """``metrics_target``: where to serve the metrics besides ``.stats`` (``exporter.parse_target``), or None."""
     from .fuse import serve  # loads libfuse: only in the process that mounts
@@ -82,6 +92,7 @@ def run_daemon(config, mountpoint: Path, options: dict, ready_fd: int | None, me
     # Every path in the mount stays usable as an absolute path: at most PATH_MAX with the mount point's.
     tree = Tree(repo, metadata_ttl=repo.config.metadata_ttl / 2,
                 max_path_bytes=MAX_PATH_BYTES - len(os.fsencode(mountpoint)))
+    freeze_startup_objects()
     metrics.watch(repo.cache.usage, tree.upload_counts)
     exporter = Exporter(metrics_target) if metrics_target else None
     if exporter:

@@ -79,13 +79,6 @@ class Entry:
     def st_mode(self) -> int:
         return (stat.S_IFDIR if self.is_dir else stat.S_IFREG) | self.mode
 
-    def stat(self) -> dict:
-        """The attributes as mfusepy's getattr takes them (a listing fills libfuse's struct from the same
-        fields: libfuse.fill_stat)."""
-        return {"st_mode": self.st_mode, "st_nlink": self.nlink, "st_uid": self.uid,
-                "st_gid": self.gid, "st_size": self.size, "st_mtime": self.mtime_ns, "st_ctime": self.ctime_ns,
-                "st_atime": self.mtime_ns, "st_blocks": blocks(self.size), "st_blksize": BLOCK_SIZE}
-
 
 BLOCK_SIZE = 1024 * 1024  # st_blksize: the I/O size the kernel is told to prefer
 

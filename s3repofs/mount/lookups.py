@@ -56,7 +56,7 @@ class Lookups:
         current = self.writer_entry(writer) if writer is not None else None
         return replace(current or entry, nlink=0)
 
-    def getattr(self, path: str | None, fh: int | None = None) -> dict:
+    def getattr(self, path: str | None, fh: int | None = None) -> Entry:
         """The attributes of ``path``, or of an open handle's file (fstat): its own bytes, even once its
         name is gone (``path`` is None then)."""
         handle = self.handles.get(fh)
@@ -68,10 +68,10 @@ class Lookups:
             # serves every reader of the path; the older version's size would cut the newer's reads short).
             entry = handle.entry
         if entry is not None:
-            return replace(entry, nlink=0).stat() if handle.unlinked else entry.stat()
+            return replace(entry, nlink=0) if handle.unlinked else entry
         if path is None:
             raise BadHandleError(f"file handle {fh} is closed")
-        return self.lookup(path).stat()
+        return self.lookup(path)
 
     def readdir(self, path: str) -> list[tuple[str, Entry]]:
         """The directory's entries by name, with their attributes (one query, whatever their number)."""

@@ -212,8 +212,9 @@ class MetadataView:
             return self._last_listing(base)
         with self._lock:
             if generation == self._generation:  # nothing changed here while we queried
-                self._listings[base] = (listed, dict(listed))
-                self._known.learn_listing(base, listed)
+                by_name = dict(listed)
+                self._listings[base] = (listed, by_name)
+                self._known.learn_listing(base, listed, by_name)
         return listed
 
     def _last_listing(self, base: str) -> list[tuple[str, Entry]]:

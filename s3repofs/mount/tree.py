@@ -115,11 +115,11 @@ class Tree:
         """The entry at ``path``; NotFoundError if there is none."""
         return self.lookups.lookup(path)
 
-    def getattr(self, path: str | None, fh: int | None = None) -> dict:
+    def getattr(self, path: str | None, fh: int | None = None) -> Entry:
         """The attributes of ``path``, or of an open handle's file (fstat): its own bytes, even once its
         name is gone (``path`` is None then)."""
         if path == STATS_PATH:
-            return self.stats_file.entry().stat()
+            return self.stats_file.entry()
         return self.lookups.getattr(path, fh)
 
     def readdir(self, path: str) -> list[tuple[str, Entry]]:
