@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from cachetools import TTLCache
@@ -28,6 +28,16 @@ from .entries import STATES, Entry, Location, dir_entry, file_entry, parse_path
 from .lastknown import LastKnown, Outage
 
 MISSING = object()  # the cached answer for a path with nothing at it
+
+
+@dataclass(frozen=True)
+class Touched:
+    """The cached entry of a directory a file in which changed here since: its mtime moved (the database's
+    triggers move it), its link count did not (no subdirectory came or went). A look at it asks for the
+    directory alone (one query, not a file's and a directory's), and the link count says whether a name
+    in it can be a directory (``_holds_no_directories``)."""
+
+    entry: Entry
 
 
 class MetadataView:
@@ -62,10 +72,11 @@ class MetadataView:
             generation = self._generation
         if cached is MISSING:
             raise NotFoundError(f"{path}: no such file or directory")
-        if cached is not None:
+        if isinstance(cached, Entry):
             return cached
         try:
-            entry = self.query(self.parse(path))
+            loc = self.parse(path)
+            entry = (isinstance(cached, Touched) and self._directory(loc)) or self.query(loc)
         except InvalidPathError as exc:
             if isinstance(exc, NameTooLongError):
                 raise
@@ -87,7 +98,7 @@ class MetadataView:
         with self._lock:
             cached = self._entries.get(path)
             generation = self._generation
-        if cached is not None:
+        if cached is MISSING or isinstance(cached, Entry):
             return cached if cached is not MISSING and cached.is_dir else None
         loc = self.parse(path)
         if loc.file is None:  # the root, a state's tree or a type: no file query anyway
@@ -141,8 +152,28 @@ class MetadataView:
             version = self._outage.ask(self.repo.find_version, loc.file, loc.state)
             if version is not None:
                 return self.file_entry(version, loc.state)
+            if self._holds_no_directories(loc):
+                return None
         directory = self._outage.ask(self.repo.get_dir, loc.directory)
         return dir_entry(directory, loc.state) if directory else None
+
+    def _directory(self, loc: Location) -> Entry | None:
+        """The directory at ``loc`` (below a type), None if there is none (a file may be there)."""
+        if not loc.parts:
+            return None
+        directory = self._outage.ask(self.repo.get_dir, loc.directory)
+        return dir_entry(directory, loc.state) if directory else None
+
+    def _holds_no_directories(self, loc: Location) -> bool:
+        """Is the directory of ``loc`` known here (cached) to hold no directory (a link count of 2)? Then
+        a name in it that is no file is nothing, and a create's look for its new name costs one query,
+        not two. As fresh as the cached entry (the TTL): a directory made by this mount forgets it."""
+        parent = f"/{loc.state}/" + "/".join(loc.parts[:-1])
+        with self._lock:
+            entry = self._listed(parent) or self._entries.get(parent)
+        if isinstance(entry, Touched):
+            entry = entry.entry
+        return isinstance(entry, Entry) and entry.is_dir and entry.nlink == 2
 
     def last_known(self, path: str) -> Entry:
         """The entry this mount last knew at ``path``, stale, while the database cannot say:
@@ -223,9 +254,13 @@ class MetadataView:
 
     # -- invalidation ----------------------------------------------------------------------------
 
-    def forget(self, *paths: str) -> None:
+    def forget(self, *paths: str, parent_changed: bool = True) -> None:
         """Forget cached entries of these mount paths in every state's tree, after a change made here
-        (a publish changes published/ and expired/ at once). Other hosts' changes age out by TTL."""
+        (a publish changes published/ and expired/ at once). Other hosts' changes age out by TTL.
+
+        ``parent_changed=False``: only a file's versions changed (a writer's open, flush or release): its
+        directory's mtime moved, its link count did not; its entry becomes ``Touched``, so the kernel's look
+        at the directory after each create in it costs one query, and the lookup of the next new name one."""
         with self._lock:
             self._generation += 1  # a query begun before this change must not store its answer
             for path in paths:
@@ -234,10 +269,19 @@ class MetadataView:
                 for state in STATES:
                     same, above = f"/{state}/{below_state}".rstrip("/"), f"/{state}/{parent}".rstrip("/")
                     self._entries.pop(same, None)
-                    self._entries.pop(above, None)  # its mtime and link count move with its entries
+                    self._touch_or_forget(above, parent_changed)
                     self._listings.pop(same, None)
                     self._listings.pop(above, None)
                     self._known.forget(same, above)
+
+    def _touch_or_forget(self, directory: str, its_links_changed: bool) -> None:
+        """Its mtime (and perhaps link count) moved with its entries (``_lock`` held). A Touched entry
+        stays as it is: it keeps the time to live of the answer it holds."""
+        entry = self._entries.get(directory)
+        if its_links_changed or not (isinstance(entry, Touched) or isinstance(entry, Entry) and entry.is_dir):
+            self._entries.pop(directory, None)
+        elif isinstance(entry, Entry):
+            self._entries[directory] = Touched(entry)
 
     def changed_behind_kernel(self, path: str, *states: State) -> None:
         """``path`` (a mount path) changed in these state trees (all three if none are named) by something

@@ -226,7 +226,7 @@ class Tree:
                       stage: Stage = Stage.CHANGED) -> int:
         handle = WriteSession(path, state, version, fd, digest, stage=stage)
         fh = self.handles.start_writer(handle)
-        self.metadata.forget(path)
+        self.metadata.forget(path, parent_changed=False)
         return fh
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
@@ -276,7 +276,7 @@ class Tree:
             self.flocks.release_handle(fh)
             self.handles.drop(fh, handle)
             if isinstance(handle, WriteSession):
-                self.metadata.forget(handle.mount_path)
+                self.metadata.forget(handle.mount_path, parent_changed=False)
 
     def fsync(self, fh: int) -> None:
         self.flush(fh, final=True)

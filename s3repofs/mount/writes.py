@@ -235,7 +235,7 @@ class Writes:
                 if version is None:
                     raise
             finally:
-                self.metadata.forget(session.mount_path)
+                self.metadata.forget(session.mount_path, parent_changed=False)
             if session.state == State.PUBLISHED:  # it left unpublished/, and the version it replaced is in expired/
                 self.metadata.changed_behind_kernel(session.mount_path, State.UNPUBLISHED, State.EXPIRED)
             session.version = version
@@ -397,7 +397,7 @@ class Writes:
             with self._lock:
                 self._failed_uploads.discard(version.id)
             path = f"/{State.PUBLISHED}/{version.path}"
-            self.metadata.forget(path)
+            self.metadata.forget(path, parent_changed=False)
             self.metadata.changed_behind_kernel(path)
 
         return self.repo.retry_staged_uploads(self.retryable, done_with)
