@@ -108,15 +108,14 @@ class MetadataView:
                 return None
             return entry if entry.is_dir else None
         try:
-            directory = self._outage.ask(self.repo.get_dir, loc.directory)
+            entry = self._directory(loc)
         except DatabaseUnavailableError:
             known = self._known.path(path)
             if known is None:
                 raise
             return known if known is not MISSING and known.is_dir else None
-        if directory is None:
+        if entry is None:
             return None  # (not cached: a file may be there, which a lookup must find)
-        entry = dir_entry(directory, loc.state)
         with self._lock:
             if generation == self._generation:  # nothing changed here while we queried
                 self._entries[path] = entry
@@ -278,10 +277,12 @@ class MetadataView:
         """Its mtime (and perhaps link count) moved with its entries (``_lock`` held). A Touched entry
         stays as it is: it keeps the time to live of the answer it holds."""
         entry = self._entries.get(directory)
-        if its_links_changed or not (isinstance(entry, Touched) or isinstance(entry, Entry) and entry.is_dir):
-            self._entries.pop(directory, None)
-        elif isinstance(entry, Entry):
+        if not its_links_changed and isinstance(entry, Touched):
+            return
+        if not its_links_changed and isinstance(entry, Entry) and entry.is_dir:
             self._entries[directory] = Touched(entry)
+        else:
+            self._entries.pop(directory, None)
 
     def changed_behind_kernel(self, path: str, *states: State) -> None:
         """``path`` (a mount path) changed in these state trees (all three if none are named) by something
